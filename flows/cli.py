@@ -1,0 +1,180 @@
+"""`slmflow` command line: run the pipeline, see what the store holds, trace lineage."""
+
+from __future__ import annotations
+
+import os
+
+# Before Prefect is imported: no telemetry (no network here), and our progress lines shown.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "slmflow")
+
+import json  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Annotated, Optional  # noqa: E402
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+from rich.tree import Tree  # noqa: E402
+
+from flows.config import ConfigError, PipelineConfig, load_config  # noqa: E402
+from tasks.core.stage import StageError  # noqa: E402
+from tasks.core.store import Store  # noqa: E402
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+# Piped output (logs, CI) gets a wide fixed width so report cards don't wrap into columns.
+out = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="pipeline YAML")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override: stage.field=value (repeatable)")]
+DEFAULT_CONFIG = Path("configs/default.yaml")
+
+
+def fail(message: str) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def _names(values: list[str] | None) -> list[str]:
+    return [n for v in values or [] for n in v.split(",") if n]
+
+
+def _load(config: Path, sets: list[str] | None):
+    from flows.pipeline import make_plan
+
+    try:
+        cfg = load_config(config, sets or [])
+        return cfg, make_plan(cfg)
+    except ConfigError as e:
+        fail(str(e))
+
+
+def _store(cfg: PipelineConfig, planned) -> Store:
+    return Store(cfg.run.models_root if planned.stage.store == "models" else cfg.run.data_root)
+
+
+@app.command()
+def run(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    only: Annotated[Optional[list[str]], typer.Option(help="run only these stages (and what they need)")] = None,
+    force: Annotated[Optional[list[str]], typer.Option(help="recompute these stages even if cached")] = None,
+    set_: SetOpt = None,
+):
+    """Run the pipeline (cached stages are skipped) and print the report card."""
+    cfg, plan = _load(config, set_)
+    only, force = _names(only), _names(force)
+    try:
+        plan.check_names(force, "--force")
+        for name in plan.needed(only):  # bad paths and settings fail here, before anything runs
+            planned = plan.stages[name]
+            if planned.stage.check:
+                planned.stage.check(planned.cfg)
+    except (ConfigError, StageError) as e:
+        fail(str(e))
+
+    from flows.pipeline import pipeline
+
+    try:
+        result = pipeline(cfg.model_dump(mode="json"), only or None, force or None)
+    except (ConfigError, StageError) as e:
+        fail(str(e))
+    table = Table(title="slmflow report card")
+    for col in ("stage", "key", "cached", "rows", "metrics", "time (s)"):
+        table.add_column(col)
+    for r in result["report"]:
+        table.add_row(
+            r["stage"], r["key"], "yes" if r["cached"] else "no",
+            "\n".join(f"{k}: {v:,}" for k, v in r["rows"].items()),
+            "\n".join(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}" for k, v in r["metrics"].items()),
+            f"{r['seconds']:.1f}",
+        )
+    out.print(table)
+    out.print(f"report: {result['report_path']}   MLflow parent run: {result['mlflow_run_id']}")
+
+
+@app.command()
+def status(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None):
+    """Each stage of the configured pipeline: its key, whether the store has it, rows, created."""
+    cfg, plan = _load(config, set_)
+    table = Table(title=f"stages of {config}")
+    for col in ("stage", "key", "cached", "rows", "created"):
+        table.add_column(col)
+    for name, planned in plan.stages.items():
+        hit = _store(cfg, planned).get(name, planned.key)
+        rows = ", ".join(f"{k} {v:,}" for k, v in hit.rows.items()) if hit else ""
+        table.add_row(name, planned.key, "yes" if hit else "no", rows, hit.manifest.get("created", "") if hit else "")
+    out.print(table)
+
+
+def _artifact(cfg, plan, stage: str, key: str | None):
+    if stage not in plan.stages:
+        fail(f"no such stage: {stage} (stages: {', '.join(plan.stages)})")
+    planned = plan.stages[stage]
+    key = key or planned.key
+    hit = _store(cfg, planned).get(stage, key)
+    if hit is None:
+        fail(f"{stage} {key} is not in the store (run `slmflow run --only {stage}` first)")
+    return hit
+
+
+@app.command()
+def show(
+    stage: str,
+    config: ConfigOpt = DEFAULT_CONFIG,
+    set_: SetOpt = None,
+    key: Annotated[Optional[str], typer.Option(help="a stored key other than the configured one")] = None,
+    table: Annotated[Optional[str], typer.Option(help="which table of the output (default: first)")] = None,
+    rows: Annotated[int, typer.Option(help="rows to show")] = 5,
+):
+    """A stage output's manifest and its first rows (read with duckdb)."""
+    import duckdb
+
+    cfg, plan = _load(config, set_)
+    art = _artifact(cfg, plan, stage, key)
+    m = art.manifest
+    summary = {k: m.get(k) for k in ("stage", "key", "version", "inputs", "rows", "metrics", "created", "mlflow_run_id")}
+    out.print_json(json.dumps(summary, default=str))
+    tables = sorted({f.split("/")[0] for f in m["files"] if f.endswith(".parquet")})
+    if not tables:
+        return
+    name = table or tables[0]
+    if name not in tables:
+        fail(f"{stage} has no table {name!r} (tables: {', '.join(tables)})")
+    rel = duckdb.sql(f"SELECT * FROM read_parquet({art.files(name)!r}) LIMIT {int(rows)}")
+    grid = Table(title=f"{stage}/{name} ({art.rows.get(name, '?')} rows)")
+    for col in rel.columns:
+        grid.add_column(col, overflow="fold", max_width=60)
+    for row in rel.fetchall():
+        grid.add_row(*[(repr(v)[:200] if isinstance(v, str) else str(v)) for v in row])
+    out.print(grid)
+
+
+@app.command()
+def lineage(
+    stage: str,
+    config: ConfigOpt = DEFAULT_CONFIG,
+    set_: SetOpt = None,
+    key: Annotated[Optional[str], typer.Option(help="a stored key other than the configured one")] = None,
+):
+    """The chain of stages and keys that produced a stage's output."""
+    cfg, plan = _load(config, set_)
+
+    def node(art, tree):
+        rows = ", ".join(f"{k} {v:,}" for k, v in art.rows.items())
+        label = f"[bold]{art.stage}[/] {art.key}  {rows}  (MLflow run {art.manifest.get('mlflow_run_id')})"
+        branch = tree.add(label) if tree is not None else Tree(label)
+        for name, ref in art.manifest.get("inputs", {}).items():
+            up = _store(cfg, plan.stages[ref["stage"]]).get(ref["stage"], ref["key"]) if ref["stage"] in plan.stages else None
+            if up is None:
+                branch.add(f"{name}: {ref['stage']} {ref['key']} (not in the store)")
+            else:
+                node(up, branch)
+        return branch
+
+    out.print(node(_artifact(cfg, plan, stage, key), None))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,133 @@
+"""The slmflow pipeline as a Prefect flow: `dag` below reads top to bottom, raw data to model.
+
+`dag` is written once and interpreted twice: `make_plan` walks it to compute every stage key
+without running anything (for `status`, `lineage` and `--only`), and `pipeline` walks it
+with a runner that submits each stage as a Prefect task.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import yaml
+from prefect import flow
+from prefect.runtime import flow_run
+
+from flows.config import ConfigError, PipelineConfig
+from flows.report import report_card, write_report
+from tasks import dedup, ingest
+from tasks.core.lineage import Tracker, tracking_uri
+from tasks.core.orchestration import RunContext, stage_task
+from tasks.core.stage import Outcome, Stage, StageConfig
+from tasks.core.store import stage_key
+
+
+class StageCall(Protocol):
+    def __call__(self, stage: Stage, cfg: StageConfig, **inputs: Any) -> Any: ...
+
+
+def dag(cfg: PipelineConfig, stage: StageCall) -> None:
+    """Each line: one stage, its config section, and the upstream outputs it reads."""
+    documents = stage(ingest.STAGE, cfg.ingest)
+    stage(dedup.STAGE, cfg.dedup, documents=documents)
+
+
+@dataclass
+class PlannedStage:
+    stage: Stage
+    cfg: StageConfig
+    key: str
+    inputs: dict[str, str]  # input name -> upstream stage name
+
+
+@dataclass
+class Plan:
+    stages: dict[str, PlannedStage] = field(default_factory=dict)
+
+    def __call__(self, stage: Stage, cfg: StageConfig, **inputs: PlannedStage) -> PlannedStage:
+        key = stage_key(stage.name, stage.version, cfg, {k: p.key for k, p in inputs.items()})
+        planned = PlannedStage(stage, cfg, key, {k: p.stage.name for k, p in inputs.items()})
+        self.stages[stage.name] = planned
+        return planned
+
+    def check_names(self, names: list[str], option: str) -> None:
+        for name in names:
+            if name not in self.stages:
+                raise ConfigError(f"{option} {name}: no such stage (stages: {', '.join(self.stages)})")
+
+    def needed(self, only: list[str] | None) -> list[str]:
+        """`--only X`: X and everything upstream of it (cache hits where the store has them)."""
+        if not only:
+            return list(self.stages)
+        self.check_names(only, "--only")
+        todo, seen = list(only), set()
+        while todo:
+            name = todo.pop()
+            if name not in seen:
+                seen.add(name)
+                todo.extend(self.stages[name].inputs.values())
+        return [n for n in self.stages if n in seen]
+
+
+def make_plan(cfg: PipelineConfig) -> Plan:
+    plan = Plan()
+    dag(cfg, plan)
+    return plan
+
+
+@dataclass
+class PrefectRunner:
+    """Runs each needed stage as its Prefect task; records outcomes for the report card."""
+
+    plan: Plan
+    run: RunContext
+    tracker: Tracker
+    needed: list[str]
+    force: set[str]
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    def __call__(self, stage: Stage, cfg: StageConfig, **inputs: Any):
+        if stage.name not in self.needed:
+            return None
+        key = self.plan.stages[stage.name].key
+        forced = stage.name in self.force
+        # The store is the truth: Prefect may serve its cache only when the store has the output.
+        refresh = forced or self.run.store(stage).get(stage.name, key) is None
+        task = stage_task(stage).with_options(refresh_cache=refresh, task_run_name=f"{stage.name}-{key[:8]}")
+        state = task(self.run, cfg, inputs, forced, return_state=True)
+        outcome: Outcome = state.result()
+        if state.name == "Cached":  # the task body did not run: log the cache hit here
+            outcome = outcome.model_copy(update={"cached": True, "seconds": 0.0})
+            self.tracker.log_cached(self.run.parent_run_id, outcome.artifact, inputs, {"prefect.cached": "true"})
+        self.outcomes.append(outcome)
+        return outcome.artifact
+
+
+@flow(name="slmflow-pipeline")
+def pipeline(config: dict, only: list[str] | None = None, force: list[str] | None = None) -> dict:
+    cfg = PipelineConfig.model_validate(config)
+    plan = make_plan(cfg)
+    plan.check_names(force or [], "--force")
+    needed = plan.needed(only)
+    tracker = Tracker(tracking_uri(cfg.run.mlflow_uri), cfg.run.experiment)
+    parent = tracker.start_parent(
+        f"pipeline-{flow_run.name or 'local'}",
+        {"prefect.flow_run_id": str(flow_run.id or ""), "only": ",".join(only or []), "force": ",".join(force or [])},
+    )
+    tracker.log_text(parent, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
+    run = RunContext(
+        data_root=cfg.run.data_root, models_root=cfg.run.models_root, mlflow_uri=cfg.run.mlflow_uri,
+        experiment=cfg.run.experiment, parent_run_id=parent,
+    )
+    runner = PrefectRunner(plan, run, tracker, needed, set(force or []))
+    try:
+        dag(cfg, runner)
+    except BaseException:
+        tracker.end(parent, "FAILED")
+        raise
+    card = report_card(runner.outcomes, plan)
+    path = write_report(card, cfg.run.data_root, parent)
+    tracker.log_text(parent, path.read_text(), "report.md")
+    tracker.end(parent, "FINISHED")
+    return {"report": card, "report_path": str(path), "mlflow_run_id": parent}

@@ -1,0 +1,51 @@
+"""The report card: one row per stage (key, cached?, rows, headline metrics, time)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+from tasks.core.stage import Outcome
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def report_card(outcomes: list[Outcome], plan) -> list[dict]:
+    rows = []
+    for o in outcomes:
+        stage = plan.stages[o.artifact.stage].stage
+        metrics = o.artifact.manifest.get("metrics", {})
+        rows.append({
+            "stage": o.artifact.stage,
+            "key": o.artifact.key,
+            "cached": o.cached,
+            "rows": dict(o.artifact.rows),
+            "metrics": {m: metrics[m] for m in stage.report_metrics if m in metrics},
+            "seconds": round(o.seconds, 1),
+            "path": o.artifact.path,
+        })
+    return rows
+
+
+def to_markdown(card: list[dict]) -> str:
+    lines = ["| stage | key | cached | rows | metrics | time (s) |", "|---|---|---|---|---|---|"]
+    for r in card:
+        rows = ", ".join(f"{k} {_fmt(v)}" for k, v in r["rows"].items())
+        metrics = ", ".join(f"{k} {_fmt(v)}" for k, v in r["metrics"].items())
+        lines.append(f"| {r['stage']} | `{r['key']}` | {'yes' if r['cached'] else 'no'} | {rows} | {metrics} | {r['seconds']} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(card: list[dict], data_root: str, run_id: str) -> Path:
+    """`<data_root>/runs/<UTC time>-<run>/report.md` (a local directory even for remote stores)."""
+    base = Path(data_root) if "://" not in data_root else Path("runs")
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = (base / "runs" if base.name != "runs" else base) / f"{stamp}-{run_id[:8]}"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "report.md"
+    path.write_text(f"# slmflow report card\n\nMLflow run `{run_id}`\n\n" + to_markdown(card))
+    return path

@@ -1,0 +1,118 @@
+"""MLflow lineage (DESIGN.md, "Lineage in MLflow").
+
+One experiment per pipeline, a parent run per pipeline run, a child run per stage (cache
+hits too, tagged `cached=true` and linked to the run that produced the output). Stage
+inputs and outputs are MLflow datasets whose digest is the stage key and whose source is
+the store path, so producer and consumer share one dataset record (`dataset.digest`).
+Uses MlflowClient with explicit run ids, never the fluent API's thread-local active run,
+so stages may run in worker threads or processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from typing import Iterable
+
+from mlflow import MlflowClient
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
+
+from tasks.core.store import Artifact
+
+log = logging.getLogger("slmflow")
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def tracking_uri(configured: str | None = None) -> str:
+    """Config beats `MLFLOW_TRACKING_URI`, which beats a SQLite file in the working directory."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{name}."))
+        else:
+            out[name] = str(v)[:6000]  # MLflow's param value limit
+    return out
+
+
+class Tracker:
+    def __init__(self, uri: str, experiment: str):
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        found = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+
+    def start_parent(self, name: str, tags: dict[str, str]) -> str:
+        return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+
+    def _child(self, parent_run_id: str | None, stage: str, key: str, tags: dict[str, str] | None) -> str:
+        all_tags = {"stage": stage, "stage_key": key, **(tags or {})}
+        if parent_run_id:
+            all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+        return self.client.create_run(self.experiment_id, run_name=stage, tags=all_tags).info.run_id
+
+    def start_stage(self, parent_run_id, stage, key, cfg, tags=None) -> str:
+        run_id = self._child(parent_run_id, stage, key, {"cached": "false", **(tags or {})})
+        params = [Param(k, v) for k, v in flatten(cfg.model_dump(mode="json")).items()]
+        self.client.log_batch(run_id, params=params)
+        return run_id
+
+    def log_cached(self, parent_run_id, artifact: Artifact, inputs: dict[str, Artifact], tags=None) -> str:
+        """A child run for a cache hit: inputs, output and a link to the producing run."""
+        producer = artifact.manifest.get("mlflow_run_id") or ""
+        run_id = self._child(parent_run_id, artifact.stage, artifact.key, {
+            "cached": "true", "produced_by_run": producer, **(tags or {}),
+            MLFLOW_RUN_NOTE: f"Cache hit: output produced by run [{producer}](#/experiments/"
+                             f"{self.experiment_id}/runs/{producer}).",
+        })
+        self.log_datasets(run_id, inputs.values(), "input")
+        self.finish_stage(run_id, artifact, log_metrics=False)
+        return run_id
+
+    def log_datasets(self, run_id: str, artifacts: Iterable[Artifact], context: str) -> None:
+        """MLflow has no dataset outputs: outputs are dataset inputs with context `output`."""
+        entries = []
+        for a in artifacts:
+            with warnings.catch_warnings():  # a local path matches two equal source classes
+                warnings.simplefilter("ignore", UserWarning)
+                source = resolve_dataset_source(a.path)
+            ds = MetaDataset(source=source, name=a.stage, digest=a.key)
+            entries.append(DatasetInput(ds._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+        if entries:
+            self.client.log_inputs(run_id, datasets=entries)
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+        ts = int(time.time() * 1000)
+        batch = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items()]
+        for i in range(0, len(batch), 1000):  # MLflow's batch limit
+            self.client.log_batch(run_id, metrics=batch[i : i + 1000])
+
+    def log_figure(self, run_id: str, fig, name: str) -> None:
+        import matplotlib.pyplot as plt
+
+        self.client.log_figure(run_id, fig, f"plots/{name}.png")
+        plt.close(fig)
+
+    def finish_stage(self, run_id: str, artifact: Artifact, log_metrics: bool = True) -> None:
+        self.log_datasets(run_id, [artifact], "output")
+        rows = {f"rows.{k}": v for k, v in artifact.rows.items()}
+        metrics = {k: v for k, v in artifact.manifest.get("metrics", {}).items() if isinstance(v, (int, float))}
+        self.log_metrics(run_id, {**rows, **(metrics if log_metrics else {})})
+        self.client.log_batch(run_id, tags=[RunTag("store_path", artifact.path)])
+        self.end(run_id, "FINISHED")
+
+    def log_text(self, run_id: str, text: str, name: str) -> None:
+        self.client.log_text(run_id, text, name)
+
+    def end(self, run_id: str, status: str) -> None:
+        self.client.set_terminated(run_id, status)
+

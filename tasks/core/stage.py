@@ -1,0 +1,151 @@
+"""A stage: (name, VERSION, config, inputs) -> output directory in the store.
+
+`run_stage` is the whole contract without Prefect (tests call it directly); `stage_task`
+wraps it as a Prefect task whose cache key is the stage key.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+
+from tasks.core.lineage import Tracker
+from tasks.core.store import Artifact, Store, stage_key
+
+log = logging.getLogger("slmflow")
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class StageConfig(BaseModel):
+    """Base of every stage's config: unknown fields are errors, so a typo never passes silently."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StageError(ValueError):
+    """Bad input or settings: one line naming the file, row or setting. Nothing is written."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    version: int
+    config: type[StageConfig]
+    # fn(cfg, inputs, ctx) writes into ctx.out and returns {"rows": {...}, "metrics": {...}}
+    fn: Callable[..., dict]
+    store: str = "data"  # which store root: "data" (Parquet) or "models" (weights)
+    check: Callable[[Any], None] | None = None  # cheap up-front validation of settings/paths
+    report_metrics: tuple[str, ...] = ()  # metrics shown on the report card
+
+
+class Outcome(BaseModel):
+    """What a stage task returns: the output's identity, whether it was a cache hit, and time."""
+
+    artifact: Artifact
+    cached: bool
+    seconds: float
+
+
+def _map_threads(fn: Callable[..., R], items: list[T], **common: Any) -> list[R]:
+    """`[fn(x, **common) for x in items]`, on threads (numpy and arrow release the GIL)."""
+    if len(items) <= 1:
+        return [fn(x, **common) for x in items]
+    with ThreadPoolExecutor() as pool:
+        return list(pool.map(lambda x: fn(x, **common), items))
+
+
+@dataclass
+class StageContext:
+    """What a stage function gets besides its config and inputs."""
+
+    stage: str
+    out: Path
+    tracker: Tracker | None = None
+    run_id: str | None = None
+    map: Callable[..., list] = _map_threads  # map(fn, items, **common); Prefect swaps in task.map
+    figures: list[Path] = field(default_factory=list)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if self.tracker and self.run_id:
+            self.tracker.log_metrics(self.run_id, metrics, step)
+
+    def log_figure(self, fig, name: str) -> None:
+        """Save a matplotlib figure as PNG to MLflow (not the store: plots are not data)."""
+        if self.tracker and self.run_id:
+            self.tracker.log_figure(self.run_id, fig, name)
+
+    def progress(self, items: Iterable[T], total: int | None, what: str, every_s: float = 5.0) -> Iterator[T]:
+        """Yield items, logging `stage: n/total what, rate/s, ETA` every few seconds."""
+        start = last = time.monotonic()
+        n = 0
+        for n, item in enumerate(items, 1):
+            yield item
+            now = time.monotonic()
+            if now - last >= every_s:
+                last = now
+                rate = n / (now - start)
+                eta = f", ETA {(total - n) / rate:.0f}s" if total and rate > 0 else ""
+                of = f"/{total}" if total else ""
+                log.info("%s: %d%s %s, %.0f/s%s", self.stage, n, of, what, rate, eta)
+        log.info("%s: %d %s in %.1fs", self.stage, n, what, time.monotonic() - start)
+
+
+def run_stage(
+    stage: Stage,
+    cfg: StageConfig,
+    inputs: dict[str, Artifact],
+    store: Store,
+    *,
+    tracker: Tracker | None = None,
+    parent_run_id: str | None = None,
+    force: bool = False,
+    map_fn: Callable[..., list] | None = None,
+    tags: dict[str, str] | None = None,
+) -> Outcome:
+    """Return the stage's output, computing it unless the store already holds it."""
+    key = stage_key(stage.name, stage.version, cfg, {k: a.key for k, a in inputs.items()})
+    start = time.monotonic()
+    hit = None if force else store.get(stage.name, key)
+    if hit is not None:
+        log.info("%s: cache hit %s", stage.name, key)
+        if tracker:
+            tracker.log_cached(parent_run_id, hit, inputs, tags)
+        return Outcome(artifact=hit, cached=True, seconds=time.monotonic() - start)
+
+    scratch = store.scratch(stage.name)
+    run_id = tracker.start_stage(parent_run_id, stage.name, key, cfg, tags) if tracker else None
+    ctx = StageContext(stage.name, scratch, tracker, run_id, map_fn or _map_threads)
+    try:
+        if tracker:
+            tracker.log_datasets(run_id, inputs.values(), "input")
+        result = stage.fn(cfg, inputs, ctx) or {}
+        manifest = {
+            "stage": stage.name,
+            "key": key,
+            "version": stage.version,
+            "config": cfg.model_dump(mode="json"),
+            "inputs": {k: {"stage": a.stage, "key": a.key} for k, a in inputs.items()},
+            "rows": result.get("rows", {}),
+            "metrics": result.get("metrics", {}),
+            "mlflow_run_id": run_id,
+            "prefect": tags or {},
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "seconds": round(time.monotonic() - start, 3),
+        }
+        artifact = store.commit(scratch, stage.name, key, manifest)
+    except BaseException:
+        store.discard(scratch)
+        if tracker and run_id:
+            tracker.end(run_id, "FAILED")
+        raise
+    if tracker and run_id:
+        tracker.finish_stage(run_id, artifact)
+    return Outcome(artifact=artifact, cached=False, seconds=time.monotonic() - start)

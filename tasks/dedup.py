@@ -1,0 +1,177 @@
+"""Dedup: exact duplicates (normalized text), then MinHash-LSH near-duplicates (PAPERS.md).
+
+Per shard (mapped over workers): a digest of each document's normalized text and its MinHash
+signature of word n-gram shingles. Globally: exact groups, LSH with explicit `bands` x `rows`
+over the exact-group representatives, optional true-Jaccard verification of candidate
+pairs, union-find clusters. Each cluster keeps one document: the smallest id (a rule that
+does not depend on shard order). Outputs: kept `documents` (+ `dup_cluster`) and `clusters`
+(`doc_id`, `cluster_id`, `kind` exact/near, `kept`) for every member of a cluster of size > 1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from tasks.core.minhash import (
+    connected_components,
+    lsh_candidate_pairs,
+    minhash_signatures,
+    shingle_jaccard,
+    word_shingle_hashes,
+)
+from tasks.core.orchestration import stage_task
+from tasks.core.stage import Stage, StageConfig, StageContext
+
+VERSION = 1
+_SPACE = re.compile(r"\s+")
+
+
+class DedupConfig(StageConfig):
+    exact: bool = Field(True, description="drop exact duplicates of the normalized text first")
+    near: bool = Field(True, description="MinHash-LSH near-duplicate removal")
+    lowercase: bool = Field(True, description="lowercase when normalizing and shingling")
+    ngram: int = Field(5, ge=1, description="word n-gram shingle length")
+    bands: int = Field(14, ge=1, description="LSH bands (b)")
+    rows: int = Field(8, ge=1, description="rows per band (r); num_perm = bands * rows")
+    seed: int = Field(1, description="seed of the MinHash permutations")
+    verify: bool = Field(False, description="keep only candidate pairs whose true shingle Jaccard >= verify_threshold")
+    verify_threshold: float = Field(0.7, gt=0, le=1)
+
+
+def normalize(text: str, lowercase: bool) -> str:
+    """Whitespace folded and stripped (NFC was applied at ingest), optionally lowercased."""
+    text = _SPACE.sub(" ", text).strip()
+    return text.lower() if lowercase else text
+
+
+def shard_signatures(path: str, cfg: DedupConfig) -> dict:
+    """One shard: ids, sources, exact digests and MinHash signatures (mapped over workers)."""
+    table = pq.read_table(path, columns=["id", "source", "text"])
+    texts = table["text"].combine_chunks()
+    digests = [hashlib.blake2b(normalize(t, cfg.lowercase).encode(), digest_size=16).hexdigest()
+               for t in texts.to_pylist()]
+    out = {"id": table["id"].to_pylist(), "source": table["source"].to_pylist(), "digest": digests}
+    if cfg.near:
+        hashes, offsets = word_shingle_hashes(texts, cfg.ngram, cfg.lowercase)
+        out["signatures"] = minhash_signatures(hashes, offsets, cfg.bands * cfg.rows, cfg.seed)
+        out["valid"] = np.diff(offsets) > 0
+        if cfg.verify:
+            out["hashes"], out["offsets"] = hashes, offsets
+    return out
+
+
+def _concat_shingles(parts: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    hashes = np.concatenate([p["hashes"] for p in parts])
+    offsets, base = [np.zeros(1, np.int64)], 0
+    for p in parts:
+        offsets.append(p["offsets"][1:] + base)
+        base += p["offsets"][-1]
+    return hashes, np.concatenate(offsets)
+
+
+def find_clusters(parts: list[dict], cfg: DedupConfig) -> tuple[pl.DataFrame, dict]:
+    """Per document: its cluster id (smallest id in the cluster), kind, kept; plus pair counts."""
+    docs = pl.DataFrame({
+        "id": [i for p in parts for i in p["id"]],
+        "source": [s for p in parts for s in p["source"]],
+        "digest": [d for p in parts for d in p["digest"]],
+    }).with_row_index("idx")
+    if cfg.exact:
+        docs = docs.with_columns(exact_rep=pl.col("id").min().over("digest"))
+    else:
+        docs = docs.with_columns(exact_rep=pl.col("id"))
+    rep_idx = docs.join(docs.select(exact_rep="id", rep_idx="idx"), on="exact_rep", how="left").sort("idx")["rep_idx"]
+    rep_idx = rep_idx.to_numpy().astype(np.int64)
+    n = len(docs)
+    stats = {"candidate_pairs": 0}
+    labels = np.arange(n, dtype=np.int64)
+    if cfg.near:
+        signatures = np.concatenate([p["signatures"] for p in parts])
+        is_rep = rep_idx == np.arange(n)
+        valid = np.concatenate([p["valid"] for p in parts]) & is_rep  # exact copies take no part in LSH
+        pairs = lsh_candidate_pairs(signatures, cfg.bands, cfg.rows, valid)
+        stats["candidate_pairs"] = len(pairs)
+        if cfg.verify and len(pairs):
+            hashes, offsets = _concat_shingles(parts)
+            pairs = pairs[shingle_jaccard(hashes, offsets, pairs) >= cfg.verify_threshold]
+            stats["verified_pairs"] = len(pairs)
+        labels = connected_components(n, pairs)
+    docs = docs.with_columns(component=pl.Series(labels[rep_idx]))  # an exact copy joins its rep's cluster
+    docs = docs.with_columns(
+        cluster_id=pl.col("id").min().over("component"),
+        cluster_size=pl.len().over("component"),
+        kind=pl.when(pl.col("exact_rep") != pl.col("id")).then(pl.lit("exact")).otherwise(pl.lit("near")),
+    ).with_columns(kept=pl.col("id") == pl.col("cluster_id"))
+    # A kept representative is "exact" when every other member of its cluster is an exact copy.
+    only_exact = ((pl.col("kind") == "exact") | pl.col("kept")).all().over("component")
+    docs = docs.with_columns(kind=pl.when(pl.col("kept") & only_exact).then(pl.lit("exact")).otherwise(pl.col("kind")))
+    return docs.drop("digest", "component"), stats
+
+
+def cluster_size_figure(sizes: np.ndarray):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bins = np.unique(np.geomspace(2, max(3, sizes.max() + 1), 30).astype(int))
+    ax.hist(sizes, bins=bins, color="tab:blue")
+    ax.set(xscale="log", yscale="log", xlabel="cluster size (documents)", ylabel="clusters",
+           title=f"duplicate clusters: {len(sizes)}")
+    fig.tight_layout()
+    return fig
+
+
+def dedup(cfg: DedupConfig, inputs: dict, ctx: StageContext) -> dict:
+    files = inputs["documents"].files("documents")
+    parts = ctx.map(shard_signatures, files, cfg=cfg)
+    docs, stats = find_clusters(parts, cfg)
+
+    # Kept documents, shard by shard in the input's layout, with their cluster id when clustered.
+    start = 0
+    for i, (path, part) in enumerate(zip(files, parts)):
+        rows = docs.slice(start, len(part["id"]))
+        start += len(part["id"])
+        table = pq.read_table(path)
+        keep = rows["kept"].to_numpy()
+        cluster = rows.select(pl.when(pl.col("cluster_size") > 1).then(pl.col("cluster_id")))["cluster_id"]
+        table = table.append_column("dup_cluster", pa.array(cluster.to_list(), pa.string())).filter(pa.array(keep))
+        Path(ctx.out / "documents").mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, ctx.out / "documents" / f"part-{i:05d}.parquet", compression="zstd")
+
+    clustered = docs.filter(pl.col("cluster_size") > 1).sort("cluster_id", "id")
+    (ctx.out / "clusters").mkdir(parents=True, exist_ok=True)
+    clustered.select(doc_id="id", cluster_id="cluster_id", kind="kind", kept="kept").write_parquet(
+        ctx.out / "clusters" / "part-00000.parquet", compression="zstd")
+
+    removed = docs.filter(~pl.col("kept"))
+    metrics = {
+        "docs_in": len(docs),
+        "docs_out": len(docs) - len(removed),
+        "exact_duplicates": int((removed["kind"] == "exact").sum()),
+        "near_duplicates": int((removed["kind"] == "near").sum()),
+        "duplicate_rate": len(removed) / max(1, len(docs)),
+        "clusters": clustered["cluster_id"].n_unique(),
+        "largest_cluster": int(clustered["cluster_size"].max() or 0),
+        **stats,
+    }
+    per_source = docs.group_by("source").agg(rate=(~pl.col("kept")).mean()).sort("source")
+    metrics.update({f"duplicate_rate.{s}": r for s, r in per_source.iter_rows()})
+    if len(clustered):
+        sizes = clustered.unique("cluster_id")["cluster_size"].to_numpy()
+        ctx.log_figure(cluster_size_figure(sizes), "cluster_sizes")
+    return {"rows": {"documents": metrics["docs_out"], "clusters": len(clustered)}, "metrics": metrics}
+
+
+STAGE = Stage("dedup", VERSION, DedupConfig, dedup,
+              report_metrics=("exact_duplicates", "near_duplicates", "duplicate_rate", "clusters"))
+dedup_task = stage_task(STAGE)

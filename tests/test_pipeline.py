@@ -1,0 +1,109 @@
+"""The pipeline flow under Prefect: caching, --only/--force, reproducibility, MLflow lineage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from flows.config import load_config
+from flows.pipeline import make_plan, pipeline
+from tasks.core.store import Store
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+def run(project: Path, sets=(), only=None, force=None) -> dict:
+    cfg = load_config(project / "tiny.yaml", list(sets))
+    return pipeline(cfg.model_dump(mode="json"), only, force)
+
+
+def by_stage(result: dict) -> dict:
+    return {r["stage"]: r for r in result["report"]}
+
+
+def test_tiny_pipeline_end_to_end_then_all_cache_hits(project):
+    first = by_stage(run(project))
+    assert list(first) == ["ingest", "dedup"]
+    assert not first["ingest"]["cached"] and not first["dedup"]["cached"]
+    assert first["ingest"]["rows"]["documents"] > 200
+    assert 0 < first["dedup"]["rows"]["documents"] < first["ingest"]["rows"]["documents"]
+    assert Path(run(project)["report_path"]).read_text().count("| yes |") == 2  # every stage a hit
+    second = by_stage(run(project))
+    assert all(r["cached"] for r in second.values())
+    assert {s: r["key"] for s, r in second.items()} == {s: r["key"] for s, r in first.items()}
+    report = Path(run(project)["report_path"]).read_text()
+    assert "| ingest |" in report and "| dedup |" in report
+
+
+def test_changing_dedup_setting_reruns_only_dedup(project):
+    base = by_stage(run(project))
+    changed = by_stage(run(project, ["dedup.rows=4", "dedup.bands=20"], only=["dedup"]))
+    assert changed["ingest"]["cached"] and changed["ingest"]["key"] == base["ingest"]["key"]
+    assert not changed["dedup"]["cached"] and changed["dedup"]["key"] != base["dedup"]["key"]
+    # --only ingest runs nothing downstream of it
+    assert list(by_stage(run(project, only=["ingest"]))) == ["ingest"]
+    # --force recomputes a hit under the same key, and nothing else
+    forced = by_stage(run(project, force=["dedup"]))
+    assert forced["ingest"]["cached"] and not forced["dedup"]["cached"]
+    assert forced["dedup"]["key"] == base["dedup"]["key"]
+
+
+def test_only_computes_missing_upstream(project):
+    result = by_stage(run(project, only=["dedup"]))
+    assert not result["ingest"]["cached"] and not result["dedup"]["cached"]
+
+
+def test_same_config_same_keys_and_bytes_in_two_stores(project, tmp_path):
+    a = by_stage(run(project))
+    b = by_stage(run(project, [f"run.data_root={tmp_path / 'other'}"]))
+    for stage in ("ingest", "dedup"):
+        assert a[stage]["key"] == b[stage]["key"]
+        ma = Store(project / "data").get(stage, a[stage]["key"]).manifest
+        mb = Store(tmp_path / "other").get(stage, b[stage]["key"]).manifest
+        assert ma["files"] == mb["files"] and ma["files"]  # sha256 of every data file
+
+
+def test_plan_keys_match_run_and_upstream_keys_are_stable(project):
+    cfg = load_config(project / "tiny.yaml")
+    plan = make_plan(cfg)
+    ran = by_stage(run(project))
+    assert {n: p.key for n, p in plan.stages.items()} == {n: r["key"] for n, r in ran.items()}
+    other = make_plan(load_config(project / "tiny.yaml", ["dedup.ngram=3"]))
+    assert other.stages["ingest"].key == plan.stages["ingest"].key
+    assert other.stages["dedup"].key != plan.stages["dedup"].key
+
+
+def test_mlflow_lineage(project):
+    result = run(project)
+    run(project)  # second run: cache hits are child runs too
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("slmflow-tiny")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 2
+    first_children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == result["mlflow_run_id"]]
+    assert sorted(r.data.tags["stage"] for r in first_children) == ["dedup", "ingest"]
+    assert all(r.data.tags["cached"] == "false" and r.info.status == "FINISHED" for r in first_children)
+    second_parent = next(p for p in parents if p.info.run_id != result["mlflow_run_id"])
+    hits = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == second_parent.info.run_id]
+    assert sorted(r.data.tags["cached"] for r in hits) == ["true", "true"]
+    producers = {r.data.tags["stage"]: r.info.run_id for r in first_children}
+    assert {r.data.tags["stage"]: r.data.tags["produced_by_run"] for r in hits} == producers
+
+    def datasets(run_id, context):
+        inputs = client.get_run(run_id).inputs.dataset_inputs
+        return [d.dataset for d in inputs if {t.key: t.value for t in d.tags}["mlflow.data.context"] == context]
+
+    ingest_out = datasets(producers["ingest"], "output")
+    dedup_in = datasets(producers["dedup"], "input")
+    assert len(ingest_out) == 1 and len(dedup_in) == 1
+    assert dedup_in[0].digest == ingest_out[0].digest == by_stage(result)["ingest"]["key"]
+    assert json.loads(ingest_out[0].source)["uri"] == str(project / "data" / "ingest" / ingest_out[0].digest)
+    # the same dataset record joins producer and consumer: search by digest finds both
+    found = client.search_runs([exp.experiment_id], f"dataset.digest = '{ingest_out[0].digest}'")
+    assert {producers["ingest"], producers["dedup"]} <= {r.info.run_id for r in found}
+    # the cluster-size histogram is a PNG on dedup's run
+    assert [a.path for a in client.list_artifacts(producers["dedup"], "plots")] == ["plots/cluster_sizes.png"]
