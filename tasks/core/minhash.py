@@ -7,12 +7,15 @@ and optionally shingle_jaccard to verify candidate pairs.
 Everything is vectorized over a whole shard; the only Python loops run over chunks, over
 `ngram`/`rows`/`bands`, over candidate edges (union-find) and over pairs (verification).
 All hashes are fixed arithmetic on the UTF-8 bytes, so they are identical across runs,
-processes, machines and library versions (no Python `hash()`, no polars/arrow hashing).
+processes, machines and library versions (no Python `hash()`, no polars/arrow hashing). Only the
+word/non-word class of code points comes from the Unicode database of the running Python, so a
+code point newly assigned in a later Unicode version could tokenize differently.
 """
 
 from __future__ import annotations
 
 import unicodedata
+from functools import lru_cache
 
 import numpy as np
 import pyarrow as pa
@@ -25,8 +28,6 @@ _SHINGLE_MUL = _U64(0x9E3779B97F4A7C15)  # odd multiplier folding word hashes in
 _BYTE_CHUNK = 1 << 19                # bytes per polynomial-hash chunk (bounds temporaries)
 _SIG_CHUNK_BYTES = 8 << 20           # uint64 work block per signature chunk (stays in L3 cache)
 _EMPTY = np.uint32(0xFFFFFFFF)
-_WORD_TABLE: np.ndarray | None = None
-_POW: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def _splitmix64(z: np.ndarray) -> np.ndarray:
@@ -39,32 +40,27 @@ def _splitmix64(z: np.ndarray) -> np.ndarray:
     return z
 
 
+@lru_cache(maxsize=1)
 def _word_table() -> np.ndarray:
     """Bool table over all code points: Python's `re` \\w (str.isalnum() or '_') plus Unicode
     marks (M*), as in Unicode TR#18 / the `regex` module, so that words of scripts written with
     combining marks (Devanagari, decomposed accents) are not cut apart. Built once (~50 ms)."""
-    global _WORD_TABLE
-    if _WORD_TABLE is None:
-        cps = np.arange(0x110000, dtype=np.uint32)
-        cps[0xD800:0xE000] = 0                        # surrogates never occur in valid UTF-8
-        chars = cps.view("<U1")
-        table = np.char.isalnum(chars) | (chars == "_")
-        # marks live below U+20000 and in U+E0100..E01EF: look up only non-alnum ones there
-        cand = np.flatnonzero(~table[:0x20000]).tolist() + list(range(0xE0100, 0xE01F0))
-        table[[c for c in cand if unicodedata.category(chr(c))[0] == "M"]] = True
-        _WORD_TABLE = table
-    return _WORD_TABLE
+    cps = np.arange(0x110000, dtype=np.uint32)
+    cps[0xD800:0xE000] = 0                            # surrogates never occur in valid UTF-8
+    chars = cps.view("<U1")
+    table = np.char.isalnum(chars) | (chars == "_")
+    # marks live below U+20000 and in U+E0100..E01EF: look up only non-alnum ones there
+    cand = np.flatnonzero(~table[:0x20000]).tolist() + list(range(0xE0100, 0xE01F0))
+    table[[c for c in cand if unicodedata.category(chr(c))[0] == "M"]] = True
+    return table
 
 
+@lru_cache(maxsize=1)
 def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """BASE**k and BASE**-k mod 2^64 for k < n (cached, grown by doubling)."""
-    global _POW
-    if _POW is None or len(_POW[0]) < n:
-        m = max(n, 2 * len(_POW[0]) if _POW else 2 * _BYTE_CHUNK)
-        pw, ipw = np.full(m, _BASE), np.full(m, _BASE_INV)
-        pw[0] = ipw[0] = 1
-        _POW = (np.cumprod(pw), np.cumprod(ipw))     # uint64 products wrap = mod 2^64
-    return _POW
+    """BASE**k and BASE**-k mod 2^64 for k < n (n a power of two: the cache is rarely rebuilt)."""
+    pw, ipw = np.full(n, _BASE), np.full(n, _BASE_INV)
+    pw[0] = ipw[0] = 1
+    return np.cumprod(pw), np.cumprod(ipw)            # uint64 products wrap = mod 2^64
 
 
 def _utf8_buffers(texts, lowercase: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -81,11 +77,9 @@ def _utf8_buffers(texts, lowercase: bool) -> tuple[np.ndarray, np.ndarray]:
         texts = pc.utf8_lower(texts)                 # Unicode-aware, vectorized in C++
     _, off_buf, data_buf = texts.buffers()
     off_type = np.int32 if texts.type == pa.string() else np.int64
-    offsets = np.frombuffer(off_buf, off_type)[texts.offset:texts.offset + len(texts) + 1]
-    offsets = offsets.astype(np.int64)
+    offsets = np.frombuffer(off_buf, off_type)[texts.offset:texts.offset + len(texts) + 1].astype(np.int64)
     data = np.frombuffer(data_buf, np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
-    data = data[offsets[0]:offsets[-1]]
-    return data, offsets - offsets[0]
+    return data[offsets[0]:offsets[-1]], offsets - offsets[0]
 
 
 def _word_spans(data: np.ndarray, doc_off: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -98,24 +92,21 @@ def _word_spans(data: np.ndarray, doc_off: np.ndarray) -> tuple[np.ndarray, np.n
     is_word |= data == ord("_")
     lead = np.flatnonzero(data >= 0xC0)               # non-ASCII: decode each code point
     if len(lead):
-        b = [data[np.minimum(lead + k, n - 1)].astype(np.int64) for k in range(4)]
-        width = 2 + (b[0] >= 0xE0) + (b[0] >= 0xF0)
-        cp = np.where(width == 2, ((b[0] & 0x1F) << 6) | (b[1] & 0x3F),
-             np.where(width == 3, ((b[0] & 0x0F) << 12) | ((b[1] & 0x3F) << 6) | (b[2] & 0x3F),
-                      ((b[0] & 0x07) << 18) | ((b[1] & 0x3F) << 12) | ((b[2] & 0x3F) << 6)
-                      | (b[3] & 0x3F)))
+        b0, b1, b2, b3 = (data[np.minimum(lead + k, n - 1)].astype(np.int64) for k in range(4))
+        width = 2 + (b0 >= 0xE0) + (b0 >= 0xF0)
+        # decode as if 4 bytes long, then shift out the bytes that belong to the next character
+        cp = (((b0 & (0x7F >> width)) << 18) | ((b1 & 0x3F) << 12) | ((b2 & 0x3F) << 6)
+              | (b3 & 0x3F)) >> (6 * (4 - width))
         flag = _word_table()[np.minimum(cp, 0x10FFFF)]
         for k in range(4):                            # every byte of the sequence gets its flag
             m = width > k
             is_word[lead[m] + k] = flag[m]
-    prev = np.zeros(n, bool)
-    prev[1:] = is_word[:-1]
-    prev[doc_off[:-1][doc_off[:-1] < n]] = False      # words never cross document boundaries
-    cont = is_word & prev                             # byte continues the word before it
-    starts = np.flatnonzero(is_word & ~cont)
-    endm = is_word.copy()
-    endm[:-1] &= ~cont[1:]
-    return starts, np.flatnonzero(endm) + 1
+    cont = np.zeros(n, bool)                          # byte continues the word before it ...
+    cont[1:] = is_word[1:] & is_word[:-1]
+    cont[doc_off[:-1][doc_off[:-1] < n]] = False      # ... unless it starts a document
+    last = is_word.copy()                             # last byte of a word: next byte no `cont`
+    last[:-1] &= ~cont[1:]
+    return np.flatnonzero(is_word & ~cont), np.flatnonzero(last) + 1
 
 
 def _word_hashes(data: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
@@ -123,13 +114,10 @@ def _word_hashes(data: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.n
     buffer, normalized by BASE**-start, then length-salted and splitmix64-finalized.
     Processed in word-aligned chunks of ~0.5 MiB so that position powers stay small."""
     out = np.empty(len(starts), _U64)
-    cuts = np.unique(np.r_[0, np.searchsorted(starts, np.arange(_BYTE_CHUNK, len(data), _BYTE_CHUNK)),
-                           len(starts)])
+    cuts = np.unique(np.r_[0, np.searchsorted(starts, np.arange(0, len(data), _BYTE_CHUNK)), len(starts)])
     for w0, w1 in zip(cuts[:-1], cuts[1:]):
-        if w0 == w1:
-            continue
         lo, hi = starts[w0], ends[w1 - 1]
-        pw, ipw = _powers(hi - lo + 1)
+        pw, ipw = _powers(max(2 * _BYTE_CHUNK, 1 << int(hi - lo).bit_length()))
         prefix = np.zeros(hi - lo + 1, _U64)
         np.cumsum(data[lo:hi] * pw[:hi - lo], out=prefix[1:])
         s, e = starts[w0:w1] - lo, ends[w0:w1] - lo
@@ -180,7 +168,6 @@ def minhash_signatures(hashes: np.ndarray, offsets: np.ndarray, num_perm: int, s
     a = rng.integers(0, 2**64, num_perm, dtype=_U64) | _U64(1)
     b = rng.integers(0, 2**64, num_perm, dtype=_U64)
     hashes, offsets = np.asarray(hashes, _U64), np.asarray(offsets, np.int64)
-    n_docs = len(offsets) - 1
     valid = np.flatnonzero(np.diff(offsets) > 0)
     v_start = offsets[valid]                           # strictly increasing
     acc = np.full((len(valid), num_perm), _EMPTY, np.uint32)
@@ -197,9 +184,9 @@ def minhash_signatures(hashes: np.ndarray, offsets: np.ndarray, num_perm: int, s
         np.add(v, b[:, None], out=v)
         mins = (np.minimum.reduceat(v, seg, axis=1) >> _U64(32)).astype(np.uint32)
         np.minimum(acc[j0:j1], mins.T, out=acc[j0:j1])  # docs split across chunks merge here
-    if len(valid) == n_docs:
+    if len(valid) == len(offsets) - 1:
         return acc
-    sig = np.full((n_docs, num_perm), _EMPTY, np.uint32)
+    sig = np.full((len(offsets) - 1, num_perm), _EMPTY, np.uint32)
     sig[valid] = acc
     return sig
 
@@ -224,6 +211,8 @@ def lsh_candidate_pairs(signatures: np.ndarray, bands: int, rows: int, valid=Non
     if valid is None:
         valid = ~np.all(sig == _EMPTY, axis=1)
     docs = np.flatnonzero(valid)
+    if len(docs) < 2:
+        return np.zeros((0, 2), np.int64)
     sig = sig[docs, :bands * rows].astype(_U64).reshape(len(docs), bands, rows)
     keys = np.full((len(docs), bands), _U64(0x243F6A8885A308D3))
     for k in range(rows):
@@ -266,10 +255,7 @@ def connected_components(n: int, pairs: np.ndarray) -> np.ndarray:
             parent[rj] = ri
             size[ri] += size[rj]
     roots = np.array(parent, np.int64)
-    while True:                                        # finish path compression vectorized
-        up = roots[roots]
-        if np.array_equal(up, roots):
-            break
+    while not np.array_equal(up := roots[roots], roots):   # finish path compression, vectorized
         roots = up
     smallest = np.full(n, n, np.int64)
     np.minimum.at(smallest, roots, np.arange(n))
@@ -278,17 +264,12 @@ def connected_components(n: int, pairs: np.ndarray) -> np.ndarray:
 
 def shingle_jaccard(hashes: np.ndarray, offsets: np.ndarray, pairs: np.ndarray) -> np.ndarray:
     """Exact Jaccard of the shingle SETS of each pair (float64; two empty sets give 1.0)."""
+    pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
+    docs = np.unique(pairs)
+    sets = {d: np.unique(hashes[offsets[d]:offsets[d + 1]]) for d in docs.tolist()}
     out = np.empty(len(pairs), np.float64)
-    sets: dict[int, np.ndarray] = {}
-
-    def shingles(d: int) -> np.ndarray:
-        if d not in sets:
-            sets[d] = np.unique(hashes[offsets[d]:offsets[d + 1]])
-        return sets[d]
-
-    for k, (i, j) in enumerate(np.asarray(pairs, np.int64).reshape(-1, 2).tolist()):
-        a, b = shingles(i), shingles(j)
-        inter = len(np.intersect1d(a, b, assume_unique=True))
-        union = len(a) + len(b) - inter
+    for k, (i, j) in enumerate(pairs.tolist()):
+        inter = len(np.intersect1d(sets[i], sets[j], assume_unique=True))
+        union = len(sets[i]) + len(sets[j]) - inter
         out[k] = inter / union if union else 1.0
     return out
