@@ -11,6 +11,7 @@ does not depend on shard order). Outputs: kept `documents` (+ `dup_cluster`) and
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from tasks.core.orchestration import stage_task
 from tasks.core.stage import Stage, StageConfig, StageContext
 
 VERSION = 1
+log = logging.getLogger("slmflow")
 _SPACE = re.compile(r"\s+")
 
 
@@ -65,6 +67,7 @@ def shard_signatures(path: str, cfg: DedupConfig) -> dict:
         out["valid"] = np.diff(offsets) > 0
         if cfg.verify:
             out["hashes"], out["offsets"] = hashes, offsets
+        log.info("dedup: %s: %d documents, %d shingles", Path(path).name, len(texts), len(hashes))
     return out
 
 
