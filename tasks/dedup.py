@@ -30,6 +30,7 @@ from tasks.core.minhash import (
 )
 from tasks.core.orchestration import stage_task
 from tasks.core.stage import Stage, StageConfig, StageContext
+from tasks.core.store import write_parquet
 
 VERSION = 1
 log = logging.getLogger("slmflow")
@@ -148,13 +149,11 @@ def dedup(cfg: DedupConfig, inputs: dict, ctx: StageContext) -> dict:
         keep = rows["kept"].to_numpy()
         cluster = rows.select(pl.when(pl.col("cluster_size") > 1).then(pl.col("cluster_id")))["cluster_id"]
         table = table.append_column("dup_cluster", pa.array(cluster.to_list(), pa.string())).filter(pa.array(keep))
-        Path(ctx.out / "documents").mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, ctx.out / "documents" / f"part-{i:05d}.parquet", compression="zstd")
+        write_parquet(table, ctx.out / "documents" / f"part-{i:05d}.parquet")
 
     clustered = docs.filter(pl.col("cluster_size") > 1).sort("cluster_id", "id")
-    (ctx.out / "clusters").mkdir(parents=True, exist_ok=True)
-    clustered.select(doc_id="id", cluster_id="cluster_id", kind="kind", kept="kept").write_parquet(
-        ctx.out / "clusters" / "part-00000.parquet", compression="zstd")
+    write_parquet(clustered.select(doc_id="id", cluster_id="cluster_id", kind="kind", kept="kept").to_arrow(),
+                  ctx.out / "clusters" / "part-00000.parquet")
 
     removed = docs.filter(~pl.col("kept"))
     metrics = {

@@ -12,11 +12,11 @@ import unicodedata
 from collections import Counter
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from pydantic import Field
 
 from tasks.core.orchestration import stage_task
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError
+from tasks.core.store import write_parquet
 from tasks.sources import SourceConfig, SourceError, estimate_count, read_source, validate
 
 VERSION = 1
@@ -42,12 +42,6 @@ def decode(data: bytes | str) -> tuple[str, bool]:
         return data.decode("utf-8", errors="replace"), True
 
 
-def write_table(rows: dict[str, list], path, schema: pa.Schema = SCHEMA) -> None:
-    """One Parquet shard, written the same way everywhere (same bytes for the same rows)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table(rows, schema=schema), path, compression="zstd")
-
-
 def check(cfg: IngestConfig) -> None:
     try:
         for src in cfg.sources:
@@ -66,7 +60,7 @@ def ingest(cfg: IngestConfig, inputs: dict, ctx: StageContext) -> dict:
     def flush():
         nonlocal n_shards
         if shard["id"]:
-            write_table(shard, ctx.out / "documents" / f"part-{n_shards:05d}.parquet")
+            write_parquet(pa.table(shard, schema=SCHEMA), ctx.out / "documents" / f"part-{n_shards:05d}.parquet")
             n_shards += 1
             for col in shard.values():
                 col.clear()

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pytest
 
 from tasks.core.stage import run_stage
-from tasks.core.store import Artifact, Store
+from tasks.core.store import Artifact, Store, write_parquet
 from tasks.dedup import STAGE, DedupConfig, normalize
-from tasks.ingest import write_table
+from tasks.ingest import SCHEMA
 
 RNG_WORDS = [f"w{i}" for i in range(5000)]
 
@@ -21,7 +22,7 @@ def make_documents(tmp_path, texts: list[str], shard_rows: int = 40) -> Artifact
     ids = [f"d{i:05d}" for i in np.random.default_rng(0).permutation(len(texts))]
     for s in range(0, len(texts), shard_rows):
         rows = {"id": ids[s:s + shard_rows], "text": texts[s:s + shard_rows], "source": ["t"] * len(texts[s:s + shard_rows])}
-        write_table(rows, out / "documents" / f"part-{s // shard_rows:05d}.parquet")
+        write_parquet(pa.table(rows, schema=SCHEMA), out / "documents" / f"part-{s // shard_rows:05d}.parquet")
     files = {f"documents/{p.name}": "" for p in sorted((out / "documents").iterdir())}
     return Artifact(stage="ingest", key="k", path=str(out), manifest={"files": files, "rows": {}}), ids, store
 

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
 
 MANIFEST = "manifest.json"
@@ -42,6 +44,12 @@ def file_digest(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def write_parquet(table: pa.Table, path: Path) -> None:
+    """The one way stages write a Parquet shard: zstd, and the same bytes for the same rows."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, compression="zstd")
 
 
 class Artifact(BaseModel):
