@@ -19,6 +19,7 @@ from rich.table import Table  # noqa: E402
 from rich.tree import Tree  # noqa: E402
 
 from flows.config import ConfigError, PipelineConfig, load_config  # noqa: E402
+from flows.report import fmt  # noqa: E402
 from tasks.core.stage import StageError  # noqa: E402
 from tasks.core.store import Store  # noqa: E402
 
@@ -87,7 +88,7 @@ def run(
         table.add_row(
             r["stage"], r["key"], "yes" if r["cached"] else "no",
             "\n".join(f"{k}: {v:,}" for k, v in r["rows"].items()),
-            "\n".join(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}" for k, v in r["metrics"].items()),
+            "\n".join(f"{k}: {fmt(v)}" for k, v in r["metrics"].items()),
             f"{r['seconds']:.1f}",
         )
     out.print(table)

@@ -8,7 +8,7 @@ from pathlib import Path
 from tasks.core.stage import Outcome
 
 
-def _fmt(v) -> str:
+def fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return f"{v:,}" if isinstance(v, int) else str(v)
@@ -34,8 +34,8 @@ def report_card(outcomes: list[Outcome], plan) -> list[dict]:
 def to_markdown(card: list[dict]) -> str:
     lines = ["| stage | key | cached | rows | metrics | time (s) |", "|---|---|---|---|---|---|"]
     for r in card:
-        rows = ", ".join(f"{k} {_fmt(v)}" for k, v in r["rows"].items())
-        metrics = ", ".join(f"{k} {_fmt(v)}" for k, v in r["metrics"].items())
+        rows = ", ".join(f"{k} {fmt(v)}" for k, v in r["rows"].items())
+        metrics = ", ".join(f"{k} {fmt(v)}" for k, v in r["metrics"].items())
         lines.append(f"| {r['stage']} | `{r['key']}` | {'yes' if r['cached'] else 'no'} | {rows} | {metrics} | {r['seconds']} |")
     return "\n".join(lines) + "\n"
 
