@@ -177,5 +177,31 @@ def lineage(
     out.print(node(_artifact(cfg, plan, stage, key), None))
 
 
+@app.command()
+def export(
+    stage: str,
+    directory: Path,
+    config: ConfigOpt = DEFAULT_CONFIG,
+    set_: SetOpt = None,
+    key: Annotated[Optional[str], typer.Option(help="a stored key other than the configured one")] = None,
+):
+    """Write a model stage's weights in the Hugging Face layout (loads as LlamaForCausalLM)."""
+    from tasks.core.export import export_hf
+
+    cfg, plan = _load(config, set_)
+    art = _artifact(cfg, plan, stage, key)
+    model_dir = Path(art.path) / "model"
+    if not (model_dir / "model.safetensors").exists():
+        fail(f"{stage} has no model to export (not a training stage)")
+    from tasks.tokenizer import BOS, END, PAD
+
+    special = {"bos_token": BOS, "eos_token": END, "pad_token": PAD}
+    try:
+        out_dir = export_hf(model_dir, directory, tokenizer_json=model_dir / "tokenizer.json", special_tokens=special)
+    except ValueError as e:
+        fail(f"export {stage}: {e}")
+    out.print(f"exported {stage} {art.key} to {out_dir} (Hugging Face Llama layout)")
+
+
 if __name__ == "__main__":
     app()

@@ -10,6 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tasks.dedup import DedupConfig
 from tasks.ingest import IngestConfig
+from tasks.pack import PackConfig
+from tasks.pretrain import PretrainConfig
+from tasks.tokenizer import TokenizerConfig
 
 
 class ConfigError(ValueError):
@@ -33,6 +36,9 @@ class PipelineConfig(BaseModel):
     run: RunSettings = RunSettings()
     ingest: IngestConfig
     dedup: DedupConfig = DedupConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    pack: PackConfig = PackConfig()
+    pretrain: PretrainConfig = PretrainConfig()
 
 
 def _set(tree: dict, dotted: str, value: Any, origin: str) -> None:

@@ -16,7 +16,7 @@ from prefect.runtime import flow_run
 
 from flows.config import ConfigError, PipelineConfig
 from flows.report import report_card, write_report
-from tasks import dedup, ingest
+from tasks import dedup, ingest, pack, pretrain, tokenizer
 from tasks.core.lineage import Tracker, tracking_uri
 from tasks.core.orchestration import RunContext, stage_task
 from tasks.core.stage import Outcome, Stage, StageConfig
@@ -30,7 +30,10 @@ class StageCall(Protocol):
 def dag(cfg: PipelineConfig, stage: StageCall) -> None:
     """Each line: one stage, its config section, and the upstream outputs it reads."""
     documents = stage(ingest.STAGE, cfg.ingest)
-    stage(dedup.STAGE, cfg.dedup, documents=documents)
+    deduped = stage(dedup.STAGE, cfg.dedup, documents=documents)
+    bpe = stage(tokenizer.STAGE, cfg.tokenizer, documents=deduped)
+    packed = stage(pack.STAGE, cfg.pack, documents=deduped, tokenizer=bpe)
+    stage(pretrain.STAGE, cfg.pretrain, packed=packed, tokenizer=bpe)
 
 
 @dataclass

@@ -13,6 +13,7 @@ from flows.pipeline import make_plan, pipeline
 from tasks.core.store import Store
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
+STAGES = ["ingest", "dedup", "tokenizer", "pack", "pretrain"]
 
 
 def run(project: Path, sets=(), only=None, force=None) -> dict:
@@ -26,11 +27,11 @@ def by_stage(result: dict) -> dict:
 
 def test_tiny_pipeline_end_to_end_then_all_cache_hits(project):
     first = by_stage(run(project))
-    assert list(first) == ["ingest", "dedup"]
-    assert not first["ingest"]["cached"] and not first["dedup"]["cached"]
+    assert list(first) == STAGES
+    assert not any(r["cached"] for r in first.values())
     assert first["ingest"]["rows"]["documents"] > 200
     assert 0 < first["dedup"]["rows"]["documents"] < first["ingest"]["rows"]["documents"]
-    assert Path(run(project)["report_path"]).read_text().count("| yes |") == 2  # every stage a hit
+    assert Path(run(project)["report_path"]).read_text().count("| yes |") == len(STAGES)  # all hits
     second = by_stage(run(project))
     assert all(r["cached"] for r in second.values())
     assert {s: r["key"] for s, r in second.items()} == {s: r["key"] for s, r in first.items()}
@@ -58,12 +59,13 @@ def test_only_computes_missing_upstream(project):
 
 def test_same_config_same_keys_and_bytes_in_two_stores(project, tmp_path):
     a = by_stage(run(project))
-    b = by_stage(run(project, [f"run.data_root={tmp_path / 'other'}"]))
-    for stage in ("ingest", "dedup"):
+    b = by_stage(run(project, [f"run.data_root={tmp_path / 'other'}", f"run.models_root={tmp_path / 'other_models'}"]))
+    for stage in STAGES:
         assert a[stage]["key"] == b[stage]["key"]
-        ma = Store(project / "data").get(stage, a[stage]["key"]).manifest
-        mb = Store(tmp_path / "other").get(stage, b[stage]["key"]).manifest
-        assert ma["files"] == mb["files"] and ma["files"]  # sha256 of every data file
+        root_a, root_b = (("models", "other_models") if stage == "pretrain" else ("data", "other"))
+        ma = Store(project / root_a).get(stage, a[stage]["key"]).manifest
+        mb = Store(tmp_path / root_b).get(stage, b[stage]["key"]).manifest
+        assert ma["files"] == mb["files"] and ma["files"]  # sha256 of every file, model weights included
 
 
 def test_plan_keys_match_run_and_upstream_keys_are_stable(project):
@@ -85,11 +87,11 @@ def test_mlflow_lineage(project):
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 2
     first_children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == result["mlflow_run_id"]]
-    assert sorted(r.data.tags["stage"] for r in first_children) == ["dedup", "ingest"]
+    assert sorted(r.data.tags["stage"] for r in first_children) == sorted(STAGES)
     assert all(r.data.tags["cached"] == "false" and r.info.status == "FINISHED" for r in first_children)
     second_parent = next(p for p in parents if p.info.run_id != result["mlflow_run_id"])
     hits = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == second_parent.info.run_id]
-    assert sorted(r.data.tags["cached"] for r in hits) == ["true", "true"]
+    assert [r.data.tags["cached"] for r in hits] == ["true"] * len(STAGES)
     producers = {r.data.tags["stage"]: r.info.run_id for r in first_children}
     assert {r.data.tags["stage"]: r.data.tags["produced_by_run"] for r in hits} == producers
 

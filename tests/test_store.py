@@ -105,7 +105,7 @@ def test_stage_killed_mid_write_leaves_no_done_directory(tmp_path):
     key = stage_key("toy", 1, Cfg(), {})
     assert store.get("toy", key) is None and store.keys("toy") == []
     leftovers = list((tmp_path / "toy").iterdir())
-    assert leftovers and all(p.name.startswith(".tmp-") for p in leftovers)  # hidden scratch only
+    assert leftovers and all(p.name.startswith((".tmp-", ".work-")) for p in leftovers)  # hidden only
     # and the next run computes it properly
     done = run_stage(Stage("toy", 1, Cfg, write_rows), Cfg(), {}, store)
     assert not done.cached and store.keys("toy") == [key]

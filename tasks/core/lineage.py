@@ -14,12 +14,13 @@ import logging
 import os
 import time
 import warnings
+from pathlib import Path
 from typing import Iterable
 
 from mlflow import MlflowClient
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
-from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.entities import DatasetInput, InputTag, LoggedModelOutput, Metric, Param, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 
 from tasks.core.store import Artifact
@@ -46,7 +47,7 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
 
 class Tracker:
     def __init__(self, uri: str, experiment: str):
-        self.uri = uri
+        self.uri, self.experiment = uri, experiment
         self.client = MlflowClient(tracking_uri=uri)
         found = self.client.get_experiment_by_name(experiment)
         self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
@@ -91,10 +92,22 @@ class Tracker:
             self.client.log_inputs(run_id, datasets=entries)
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+        self.log_history(run_id, [(step or 0, metrics)])
+
+    def log_history(self, run_id: str, rows: list[tuple[int, dict[str, float]]]) -> None:
         ts = int(time.time() * 1000)
-        batch = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items()]
+        batch = [Metric(k, float(v), ts, step) for step, metrics in rows for k, v in metrics.items()]
         for i in range(0, len(batch), 1000):  # MLflow's batch limit
             self.client.log_batch(run_id, metrics=batch[i : i + 1000])
+
+    def log_model(self, run_id: str, local_dir: Path, name: str, step: int = 0, params: dict | None = None) -> str:
+        """An MLflow logged model made of our own files (safetensors + JSON): nothing pickled."""
+        model = self.client.create_logged_model(self.experiment_id, name=name, source_run_id=run_id,
+                                                params={k: str(v) for k, v in (params or {}).items()})
+        self.client.log_model_artifacts(model.model_id, str(local_dir))
+        self.client.finalize_logged_model(model.model_id, "READY")
+        self.client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])
+        return model.model_id
 
     def log_figure(self, run_id: str, fig, name: str) -> None:
         import matplotlib.pyplot as plt
@@ -106,7 +119,9 @@ class Tracker:
         self.log_datasets(run_id, [artifact], "output")
         rows = {f"rows.{k}": v for k, v in artifact.rows.items()}
         metrics = {k: v for k, v in artifact.manifest.get("metrics", {}).items() if isinstance(v, (int, float))}
-        self.log_metrics(run_id, {**rows, **(metrics if log_metrics else {})})
+        logged = self.client.get_run(run_id).data.metrics  # a training loop already logged its history
+        summary = {k: v for k, v in metrics.items() if k not in logged} if log_metrics else {}
+        self.log_metrics(run_id, {**rows, **summary})
         self.client.log_batch(run_id, tags=[RunTag("store_path", artifact.path)])
         self.end(run_id, "FINISHED")
 

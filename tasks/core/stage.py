@@ -6,10 +6,12 @@ wraps it as a Prefect task whose cache key is the stage key.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
@@ -20,6 +22,7 @@ from tasks.core.lineage import Tracker
 from tasks.core.store import Artifact, Store, stage_key
 
 log = logging.getLogger("slmflow")
+log.setLevel(logging.INFO)  # progress lines; Prefect forwards this logger (PREFECT_LOGGING_EXTRA_LOGGERS)
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -71,11 +74,19 @@ class StageContext:
     tracker: Tracker | None = None
     run_id: str | None = None
     map: Callable[..., list] = _map_threads  # map(fn, items, **common); Prefect swaps in task.map
-    figures: list[Path] = field(default_factory=list)
+    work: Path | None = None  # survives a crash of this stage key (checkpoints); see Store.work_dir
+
+    def work_dir(self) -> Path:
+        assert self.work is not None, "run_stage sets ctx.work"
+        return self.work
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        if self.tracker and self.run_id:
-            self.tracker.log_metrics(self.run_id, metrics, step)
+        self.log_history([(step or 0, metrics)])
+
+    def log_history(self, rows: list[tuple[int, dict[str, float]]]) -> None:
+        """Many steps' metrics in one batched MLflow call."""
+        if self.tracker and self.run_id and rows:
+            self.tracker.log_history(self.run_id, rows)
 
     def log_figure(self, fig, name: str) -> None:
         """Save a matplotlib figure as PNG to MLflow (not the store: plots are not data)."""
@@ -122,7 +133,7 @@ def run_stage(
 
     scratch = store.scratch(stage.name)
     run_id = tracker.start_stage(parent_run_id, stage.name, key, cfg, tags) if tracker else None
-    ctx = StageContext(stage.name, scratch, tracker, run_id, map_fn or _map_threads)
+    ctx = StageContext(stage.name, scratch, tracker, run_id, map_fn or _map_threads, store.work_dir(stage.name, key))
     try:
         if tracker:
             tracker.log_datasets(run_id, inputs.values(), "input")
@@ -141,8 +152,11 @@ def run_stage(
             "seconds": round(time.monotonic() - start, 3),
         }
         artifact = store.commit(scratch, stage.name, key, manifest)
+        shutil.rmtree(ctx.work, ignore_errors=True)
     except BaseException:
         store.discard(scratch)
+        with contextlib.suppress(OSError):  # keep checkpoints for a resume; drop an empty work dir
+            ctx.work.rmdir()
         if tracker and run_id:
             tracker.end(run_id, "FAILED")
         raise

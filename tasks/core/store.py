@@ -114,6 +114,16 @@ class Store:
             return Path(tempfile.mkdtemp(prefix=".tmp-", dir=parent))
         return Path(tempfile.mkdtemp(prefix=f"slmflow-{stage}-"))
 
+    def work_dir(self, stage: str, key: str) -> Path:
+        """A directory that survives a crash of this (stage, key): training checkpoints live here
+        so a rerun resumes. Hidden, so it never counts as an output; dropped after commit."""
+        if self.local:
+            path = Path(self._root_path) / stage / f".work-{key}"
+        else:  # resuming across machines needs a shared disk; a remote root resumes per machine
+            path = Path(tempfile.gettempdir()) / "slmflow-work" / stage / key
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
     def commit(self, scratch: Path, stage: str, key: str, manifest: dict) -> Artifact:
         """Write the manifest (with file digests) and move the finished directory into place."""
         files = sorted(p for p in scratch.rglob("*") if p.is_file() and p.name != MANIFEST)

@@ -1,0 +1,343 @@
+"""The training loop shared by the training stages: one process, or DDP under torchrun.
+
+Everything needed to resume exactly lives in a checkpoint: weights (safetensors), optimizer
+state and RNG states (`torch.save`, loaded with `weights_only=True`), and `state.json` (step,
+history). The data order and the LR are pure functions of (seed, step), so a resumed run sees
+the same batches and learning rates as an uninterrupted one.
+
+Run as `python -m torch.distributed.run ... -m tasks.core.train SPEC.json` for DDP: the stage
+writes the spec and launches it (see `launch`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.core.model import GPT, ModelConfig, load_model, load_weights, save_model
+
+log = logging.getLogger("slmflow")
+IGNORE = -100
+
+
+class TrainConfig(BaseModel):
+    """Optimization settings (the pretrain and SFT stage configs extend this)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    batch_size: int = Field(16, gt=0, description="sequences per optimizer step (global, all processes)")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    max_steps: int = Field(200, gt=0)
+    lr: float = Field(3e-3, gt=0)
+    schedule: Literal["wsd", "cosine", "linear"] = "wsd"
+    warmup_steps: int = Field(20, ge=0)
+    decay_frac: float = Field(0.3, ge=0, le=1, description="WSD: final fraction of steps that decays linearly")
+    min_lr_frac: float = Field(0.1, ge=0, le=1, description="LR at the end, as a fraction of lr")
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 = off")
+    eval_every: int = Field(50, gt=0)
+    eval_rows: int = Field(64, gt=0, description="validation rows per evaluation")
+    checkpoint_every: int = Field(100, gt=0)
+    log_every: int = Field(10, gt=0)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = False
+    nproc: int = Field(1, gt=0, description="processes; > 1 runs DDP under torchrun (gloo on CPU, nccl on GPU)")
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Warmup, then WSD (constant, linear decay over the last decay_frac) or cosine or linear."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    floor = cfg.lr * cfg.min_lr_frac
+    if cfg.schedule == "wsd":
+        decay_start = cfg.max_steps * (1 - cfg.decay_frac)
+        if step < decay_start:
+            return cfg.lr
+        frac = (step - decay_start) / max(1.0, cfg.max_steps - decay_start)
+        return cfg.lr - (cfg.lr - floor) * min(1.0, frac)
+    frac = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    if cfg.schedule == "cosine":
+        return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * frac))
+    return cfg.lr - (cfg.lr - floor) * frac
+
+
+class BatchOrder:
+    """Row indices of each step's global batch: a fresh permutation per epoch, from (seed, epoch)."""
+
+    def __init__(self, n_rows: int, batch_size: int, seed: int):
+        self.n, self.batch, self.seed, self._perms = n_rows, batch_size, seed, {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
+        return self._perms[epoch]
+
+    def rows(self, step: int) -> np.ndarray:
+        flat = np.arange(step * self.batch, (step + 1) * self.batch)
+        return np.array([self._perm(int(g // self.n))[g % self.n] for g in flat], dtype=np.int64)
+
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}  # bf16 dense
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+class TrainSpec(BaseModel):
+    """Everything a training process needs (JSON, so torchrun workers can read it)."""
+
+    cfg: TrainConfig
+    model: ModelConfig
+    init_from: str | None = None  # a model directory to start from (SFT, RL); None = random init
+    train_path: str  # .npy of token rows [n, seq_len+1]
+    val_path: str | None = None
+    pad_id: int
+    tokens_per_byte: float | None = None  # val tokens / val bytes, for bits-per-byte
+    out: str  # where the final model goes
+    work: str  # checkpoints
+    mlflow_uri: str | None = None
+    mlflow_experiment: str | None = None
+    mlflow_run_id: str | None = None
+
+
+def targets_of(rows: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    inputs, targets = rows[:, :-1], rows[:, 1:].clone()
+    targets[targets == pad_id] = IGNORE  # padding only fills the last packed row
+    return inputs, targets
+
+
+def checkpoints(work: Path) -> list[Path]:
+    return sorted(work.glob("ckpt-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(work: Path, step: int, model: GPT, opt, history: list[dict], keep: int = 2) -> None:
+    tmp = work / f".ckpt-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(model, tmp)
+    torch.save({"optimizer": opt.state_dict(), "cpu_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+               tmp / "train_state.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, "history": history}))
+    os.replace(tmp, work / f"ckpt-{step}")  # atomic: a checkpoint directory is always complete
+    for old in checkpoints(work)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, model: GPT, opt) -> tuple[int, list[dict]]:
+    load_weights(model, path)
+    state = torch.load(path / "train_state.pt", weights_only=True)  # never unpickle arbitrary objects
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["cpu_rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    meta = json.loads((path / "state.json").read_text())
+    return meta["step"], meta["history"]
+
+
+class DivergedError(RuntimeError):
+    pass
+
+
+@torch.no_grad()
+def evaluate(model, val: np.ndarray, spec: TrainSpec, device, autocast) -> float:
+    model.eval()
+    rows = torch.from_numpy(np.asarray(val[: spec.cfg.eval_rows])).to(device).long()
+    total, count = 0.0, 0
+    for i in range(0, len(rows), spec.cfg.batch_size):
+        inputs, targets = targets_of(rows[i : i + spec.cfg.batch_size], spec.pad_id)
+        with autocast:
+            _, loss = model(inputs, targets, reduction="none")
+        mask = targets != IGNORE
+        total += float(loss[mask].sum())
+        count += int(mask.sum())
+    model.train()
+    return total / max(1, count)
+
+
+def train(spec: TrainSpec, mlflow_log=None) -> dict:
+    """Train to cfg.max_steps, resuming from the latest checkpoint in spec.work; rank 0 writes."""
+    cfg = spec.cfg
+    ddp = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else nullcontext()
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise ValueError(f"batch_size {cfg.batch_size} must divide by nproc x grad_accum = {world * cfg.grad_accum}")
+    micro = cfg.batch_size // (world * cfg.grad_accum)
+
+    torch.manual_seed(cfg.seed)
+    model = load_model(spec.init_from) if spec.init_from else GPT(spec.model)
+    model.to(device)
+    opt = model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), fused=use_cuda)
+    work = Path(spec.work)
+    step, history = 0, []
+    if found := checkpoints(work):
+        step, history = load_checkpoint(found[-1], model, opt)
+        if rank == 0:
+            log.info("resuming from %s (step %d)", found[-1].name, step)
+    resumed_from = step
+    net = model
+    if ddp:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if use_cuda else None)
+    if cfg.compile:
+        net = torch.compile(net)
+
+    train_rows = np.load(spec.train_path, mmap_mode="r")
+    val_rows = np.load(spec.val_path) if spec.val_path else None
+    order = BatchOrder(len(train_rows), cfg.batch_size, cfg.seed)
+    seq_len = train_rows.shape[1] - 1
+    flops_tok = model.flops_per_token(seq_len)
+    peak = peak_flops(device)
+    pending, t_last, tokens_last = [], time.perf_counter(), 0
+    start_time = time.perf_counter()
+
+    def flush():
+        if mlflow_log and pending:
+            mlflow_log(list(pending))
+        pending.clear()
+
+    while step < cfg.max_steps:
+        lr = lr_at(cfg, step)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        rows = order.rows(step)[rank::world]  # this process's share of the global batch
+        loss_sum = torch.zeros((), device=device)
+        for m in range(cfg.grad_accum):
+            batch = torch.from_numpy(np.asarray(train_rows[np.sort(rows[m * micro : (m + 1) * micro])])).to(device)
+            inputs, targets = targets_of(batch.long(), spec.pad_id)
+            sync = nullcontext() if (not ddp or m == cfg.grad_accum - 1) else net.no_sync()
+            with sync, autocast:
+                _, loss = net(inputs, targets)
+                (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach() / cfg.grad_accum
+        if ddp:
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        train_loss = float(loss_sum)
+        if not math.isfinite(train_loss) or not math.isfinite(float(grad_norm)):
+            what = f"loss became {train_loss}" if not math.isfinite(train_loss) else f"gradient norm became {float(grad_norm)}"
+            last = checkpoints(work)
+            raise DivergedError(f"{what} at step {step}; last good checkpoint: {last[-1] if last else 'none'} (kept)")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        tokens_last += cfg.batch_size * seq_len
+
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            if use_cuda:
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            row = {"step": step, "loss": train_loss, "lr": lr, "grad_norm": float(grad_norm),
+                   "tokens_per_s": tokens_last / (now - t_last)}
+            if peak:
+                row["mfu"] = row["tokens_per_s"] * flops_tok / (peak * world)
+            t_last, tokens_last = now, 0
+            if rank == 0:
+                eta = (now - start_time) / (step - resumed_from) * (cfg.max_steps - step)
+                log.info("train step %d/%d loss %.4f lr %.2e %.0f tok/s ETA %.0fs",
+                         step, cfg.max_steps, train_loss, lr, row["tokens_per_s"], eta)
+            history.append(row)
+            pending.append((step, {k: v for k, v in row.items() if k != "step"}))
+        if val_rows is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            val_loss = evaluate(model, val_rows, spec, device, autocast)
+            evals = {"val_loss": val_loss}
+            if spec.tokens_per_byte:
+                evals["val_bpb"] = val_loss / math.log(2) * spec.tokens_per_byte
+            history.append({"step": step, **evals})
+            pending.append((step, evals))
+            flush()
+        if rank == 0 and (step % cfg.checkpoint_every == 0) and step < cfg.max_steps:
+            save_checkpoint(work, step, model, opt, history)
+            flush()
+    flush()
+    if rank == 0:
+        save_model(model, Path(spec.out))
+    evals = [h for h in history if "val_loss" in h]
+    trains = [h for h in history if "loss" in h]
+    return {
+        "steps": step, "resumed_from_step": resumed_from, "train_loss": trains[-1]["loss"] if trains else None,
+        "val_loss": evals[-1]["val_loss"] if evals else None, "val_bpb": evals[-1].get("val_bpb") if evals else None,
+        "tokens_per_s": float(np.median([h["tokens_per_s"] for h in trains])) if trains else None,
+        "mfu": float(np.median([h["mfu"] for h in trains])) if trains and "mfu" in trains[0] else None,
+        "params": model.num_params(), "history": history,
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(spec: TrainSpec) -> dict:
+    """Run `train` in-process, or under torchrun with DDP when cfg.nproc > 1; returns its result."""
+    work = Path(spec.work)
+    work.mkdir(parents=True, exist_ok=True)
+    if spec.cfg.nproc == 1:
+        return train(spec, _mlflow_logger(spec))
+    spec_path, result_path = work / "spec.json", work / "result.json"
+    spec_path.write_text(spec.model_dump_json())
+    result_path.unlink(missing_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // spec.cfg.nproc)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={spec.cfg.nproc}",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}", "-m", "tasks.core.train", str(spec_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = [ln for ln in proc.stderr.splitlines() if ln.strip()][-1:] or ["(no output)"]
+        raise RuntimeError(f"torchrun with {spec.cfg.nproc} processes failed: {tail[0]}")
+    return json.loads(result_path.read_text())
+
+
+def _mlflow_logger(spec: TrainSpec):
+    if not (spec.mlflow_run_id and spec.mlflow_experiment):
+        return None
+    from tasks.core.lineage import Tracker, tracking_uri
+
+    tracker = Tracker(tracking_uri(spec.mlflow_uri), spec.mlflow_experiment)
+    return lambda rows: tracker.log_history(spec.mlflow_run_id, rows)
+
+
+def _worker(spec_path: str) -> None:
+    """torchrun entry point: one DDP process."""
+    spec = TrainSpec.model_validate_json(Path(spec_path).read_text())
+    use_cuda = spec.cfg.device == "cuda" or (spec.cfg.device == "auto" and torch.cuda.is_available())
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    try:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        rank0 = dist.get_rank() == 0
+        result = train(spec, _mlflow_logger(spec) if rank0 else None)
+        if rank0:
+            (Path(spec.work) / "result.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])

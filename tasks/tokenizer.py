@@ -1,0 +1,267 @@
+"""Tokenizer: a byte-level BPE trained on a deterministic sample of the documents.
+
+The pre-tokenizer is GPT-2's byte-level one (regex split, no prefix space) and the initial
+alphabet is all 256 byte symbols, so every string is representable and decode(encode(x))
+== x exactly (no normalizer). Special tokens take ids 0..k-1 in config order: `<|bos|>`
+starts every document (pack), `<|pad|>` fills the last row of a split, and the chat roles
+`<|system|>`, `<|user|>`, `<|assistant|>` and `<|end|>` (end of turn) are for SFT/RL.
+
+Sampling: each document gets a 64-bit hash of (seed, id) (`doc_hash`). Documents whose hash
+falls in the lowest `heldout_fraction` of the range (at least one document) are held out:
+never trained on, used to measure compression. The rest are taken in hash order until
+`max_train_chars` characters (the last one cut to fit), so the sample depends on ids and
+the seed only, never on sharding or input order. pack splits val by the same hash and
+threshold rule, so with equal seeds and `pack.val_fraction <= heldout_fraction` pack's val
+documents are among the ones held out here and the tokenizer never saw them.
+
+Determinism: the BPE trainer's result depends only on word counts (ties broken by pair
+ids), so the same sample gives a byte-identical tokenizer.json whatever the thread count
+(RAYON_NUM_THREADS 1, 2, 8), process (hash seeds) or input order: checked on the default
+corpus and in tests/test_tokenizer.py; nothing needs pinning.
+
+Outputs: `tokenizer.json` (the `tokenizers` serialization) and `special_tokens.json`
+({token: id}); their ids are also metrics (`bos_id`, `pad_id`, ...).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Iterator
+
+import fsspec
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import Field
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from tasks.core.orchestration import stage_task
+from tasks.core.stage import Stage, StageConfig, StageContext, StageError
+from tasks.core.store import Artifact
+
+VERSION = 1
+log = logging.getLogger("slmflow")
+
+BOS, PAD, SYSTEM, USER, ASSISTANT, END = "<|bos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
+TOKENIZER_FILE = "tokenizer.json"
+SPECIAL_FILE = "special_tokens.json"
+BYTE_ALPHABET = 256
+_BATCH = 512  # documents per batch handed to the trainer / encoder
+
+
+class TokenizerConfig(StageConfig):
+    vocab_size: int = Field(4096, gt=0, description="vocabulary size including the 256 bytes and the special tokens")
+    min_frequency: int = Field(2, ge=1, description="a pair must occur this often to be merged")
+    max_train_chars: int = Field(20_000_000, gt=0, description="train on documents in hash order up to this many characters")
+    heldout_fraction: float = Field(0.02, gt=0, lt=1, description="documents (by hash) never trained on; compression is measured on them")
+    special_tokens: list[str] = Field([BOS, PAD, SYSTEM, USER, ASSISTANT, END], description="ids 0..k-1 in this order; must include <|bos|> and <|pad|>")
+    seed: int = Field(0, description="seed of the document hash; keep equal to pack.seed")
+
+
+def check(cfg: TokenizerConfig) -> None:
+    missing = [t for t in (BOS, PAD) if t not in cfg.special_tokens]
+    if missing:
+        raise StageError(f"tokenizer.special_tokens: must include {', '.join(missing)} (pack needs them)")
+    if len(set(cfg.special_tokens)) != len(cfg.special_tokens) or any(not t for t in cfg.special_tokens):
+        raise StageError("tokenizer.special_tokens: tokens must be distinct and non-empty")
+    least = BYTE_ALPHABET + len(cfg.special_tokens)
+    if cfg.vocab_size < least:
+        raise StageError(f"tokenizer.vocab_size: {cfg.vocab_size} < {least} (256 bytes + {len(cfg.special_tokens)} special tokens)")
+
+
+# ---------------------------------------------------------------------------------------
+# Document hashing and sampling (shared with pack)
+
+
+def doc_hash(ids: list[str], seed: int) -> np.ndarray:
+    """A stable uint64 per document id: blake2b of (seed, id)."""
+    prefix = f"{seed}\0".encode()
+    return np.array([int.from_bytes(hashlib.blake2b(prefix + i.encode(), digest_size=8).digest(), "big") for i in ids],
+                    dtype=np.uint64)
+
+
+def below_fraction(hashes: np.ndarray, fraction: float) -> np.ndarray:
+    """Mask of documents whose hash lies in the lowest `fraction` of the range; at least one
+    (the smallest hash) when there are documents. Growing `fraction` only adds documents."""
+    threshold = np.uint64(min(int(fraction * 2.0**64), 2**64 - 1))
+    mask = hashes < threshold
+    if len(hashes) and not mask.any():
+        mask[np.argmin(hashes)] = True
+    return mask
+
+
+def hash_order(hashes: np.ndarray, ids: list[str]) -> np.ndarray:
+    """Indices sorted by (hash, id): independent of input order and sharding."""
+    return np.lexsort((np.array(ids, dtype=object), hashes)) if len(ids) else np.zeros(0, np.int64)
+
+
+def _shard_index(path: str, seed: int) -> dict:
+    """One shard: ids, hashes, characters and UTF-8 bytes per document (mapped over workers)."""
+    table = pq.read_table(path, columns=["id", "text"])
+    ids = table["id"].to_pylist()
+    return {
+        "path": path,
+        "id": ids,
+        "hash": doc_hash(ids, seed),
+        "chars": pc.utf8_length(table["text"]).to_numpy().astype(np.int64),
+        "bytes": pc.binary_length(table["text"]).to_numpy().astype(np.int64),
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Loading (for other stages)
+
+
+def _file(artifact_or_dir: Artifact | str | Path, name: str) -> str:
+    base = artifact_or_dir.path if isinstance(artifact_or_dir, Artifact) else str(artifact_or_dir)
+    return f"{base.rstrip('/')}/{name}"
+
+
+def _read_text(artifact_or_dir: Artifact | str | Path, name: str) -> str:
+    with fsspec.open(_file(artifact_or_dir, name), "r", encoding="utf-8") as f:
+        return f.read()
+
+
+def tokenizer_path(artifact_or_dir: Artifact | str | Path) -> str:
+    """Where a tokenizer output's `tokenizer.json` is (a local path for a local store, else a URI)."""
+    return _file(artifact_or_dir, TOKENIZER_FILE)
+
+
+def load_tokenizer(artifact_or_dir: Artifact | str | Path) -> Tokenizer:
+    """The trained tokenizer of a tokenizer-stage output (an Artifact, or its directory/URI).
+
+    Special-token strings in the input are matched as special tokens (what chat templates
+    want); set `tok.encode_special_tokens = True` to encode them as plain text (pack does,
+    for raw documents).
+    """
+    return Tokenizer.from_str(_read_text(artifact_or_dir, TOKENIZER_FILE))
+
+
+def special_ids(source: Artifact | str | Path | Tokenizer) -> dict[str, int]:
+    """{special token: id}, from an output (its special_tokens.json) or a loaded Tokenizer."""
+    if isinstance(source, Tokenizer):
+        return {t.content: i for i, t in sorted(source.get_added_tokens_decoder().items()) if t.special}
+    return json.loads(_read_text(source, SPECIAL_FILE))
+
+
+def metric_name(token: str) -> str:
+    """`<|bos|>` -> `bos_id` (MLflow metric names allow no `<|>`)."""
+    return (re.sub(r"[^A-Za-z0-9_]+", "", token) or "special") + "_id"
+
+
+# ---------------------------------------------------------------------------------------
+# The stage
+
+
+def new_tokenizer() -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _batches(texts: Iterator[str], size: int = _BATCH) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for t in texts:
+        batch.append(t)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def train_tokenizer(cfg: TokenizerConfig, inputs: dict, ctx: StageContext) -> dict:
+    check(cfg)
+    files = inputs["documents"].files("documents")
+    if not files:
+        raise StageError("tokenizer: input 'documents' has no documents/*.parquet shards")
+    parts = ctx.map(_shard_index, files, seed=cfg.seed)
+    ids = [i for p in parts for i in p["id"]]
+    hashes = np.concatenate([p["hash"] for p in parts])
+    chars = np.concatenate([p["chars"] for p in parts])
+    nbytes = np.concatenate([p["bytes"] for p in parts])
+    if len(ids) < 2:
+        raise StageError(f"tokenizer: input 'documents' has {len(ids)} documents; need 2 (one is held out)")
+
+    heldout = below_fraction(hashes, cfg.heldout_fraction)
+    candidates = hash_order(hashes, ids)
+    candidates = candidates[~heldout[candidates]]
+    before = np.cumsum(chars[candidates]) - chars[candidates]  # characters taken before each candidate
+    taken = candidates[before < cfg.max_train_chars]
+    if len(taken) == 0:
+        raise StageError("tokenizer: every document is held out; lower tokenizer.heldout_fraction")
+    # {id: characters to keep}: all of each taken document, the last one cut at max_train_chars.
+    budget = {ids[i]: None for i in taken}
+    last = taken[-1]
+    cut = int(cfg.max_train_chars - before[len(taken) - 1])
+    if cut < chars[last]:
+        budget[ids[last]] = cut
+    heldout_ids = {ids[i] for i in np.flatnonzero(heldout)}
+
+    heldout_texts: list[str] = []
+    train_chars = train_bytes = 0
+
+    def train_texts() -> Iterator[str]:
+        nonlocal train_chars, train_bytes
+        for path in ctx.progress(files, len(files), "shards read for training"):
+            table = pq.read_table(path, columns=["id", "text"])
+            for doc, text in zip(table["id"].to_pylist(), table["text"].to_pylist()):
+                if doc in heldout_ids:
+                    heldout_texts.append(text)
+                elif doc in budget:
+                    if budget[doc] is not None:
+                        text = text[: budget[doc]]
+                    train_chars += len(text)
+                    train_bytes += len(text.encode())
+                    yield text
+
+    tok = new_tokenizer()
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency, special_tokens=list(cfg.special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    start = time.monotonic()
+    tok.train_from_iterator(_batches(train_texts()), trainer, length=len(taken))
+    train_seconds = time.monotonic() - start
+    log.info("tokenizer: trained vocab %d on %d documents, %d chars in %.1fs",
+             tok.get_vocab_size(), len(taken), train_chars, train_seconds)
+
+    specials = {t: tok.token_to_id(t) for t in cfg.special_tokens}
+    if list(specials.values()) != list(range(len(specials))):  # the trainer's documented layout
+        raise StageError(f"tokenizer: special tokens got ids {specials}, expected 0..{len(specials) - 1}")
+    tok.save(str(ctx.out / TOKENIZER_FILE))
+    (ctx.out / SPECIAL_FILE).write_text(json.dumps(specials, indent=2, ensure_ascii=False) + "\n")
+
+    # Compression on the held-out documents, encoded as plain text (specials not matched).
+    tok.encode_special_tokens = True
+    heldout_tokens = sum(len(e.ids) for b in _batches(iter(heldout_texts)) for e in tok.encode_batch_fast(b))
+    held = np.flatnonzero(heldout)
+    held_chars, held_bytes = int(chars[held].sum()), int(nbytes[held].sum())
+    metrics = {
+        "vocab_size": tok.get_vocab_size(),
+        "merges": tok.get_vocab_size() - BYTE_ALPHABET - len(specials),
+        "documents": len(ids),
+        "train_docs": len(taken),
+        "train_chars": train_chars,
+        "train_bytes": train_bytes,
+        "train_seconds": round(train_seconds, 3),
+        "heldout_docs": len(held),
+        "heldout_chars": held_chars,
+        "heldout_bytes": held_bytes,
+        "heldout_tokens": heldout_tokens,
+        "chars_per_token": held_chars / max(1, heldout_tokens),
+        "bytes_per_token": held_bytes / max(1, heldout_tokens),
+        **{metric_name(t): i for t, i in specials.items()},
+    }
+    return {"rows": {}, "metrics": metrics}
+
+
+STAGE = Stage("tokenizer", VERSION, TokenizerConfig, train_tokenizer, check=check,
+              report_metrics=("vocab_size", "train_chars", "chars_per_token", "bytes_per_token"))
+tokenizer_task = stage_task(STAGE)

@@ -1,0 +1,141 @@
+"""The tokenizer -> pack -> pretrain part of the pipeline on configs/tiny.yaml, under Prefect."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+from mlflow.entities import LoggedModelStatus
+from typer.testing import CliRunner
+
+from flows.cli import app
+from flows.config import load_config
+from flows.pipeline import pipeline
+from tasks.core.model import load_model
+from tasks.core.store import Store
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+
+def run(root: Path, sets=(), only=None) -> dict:
+    cfg = load_config(root / "tiny.yaml", list(sets))
+    return {r["stage"]: r for r in pipeline(cfg.model_dump(mode="json"), only)["report"]}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, prefect_server):
+    root = tmp_path_factory.mktemp("tiny")
+    raw = yaml.safe_load(TINY.read_text())
+    raw["run"].update(data_root=str(root / "data"), models_root=str(root / "models"),
+                      mlflow_uri=f"sqlite:///{root / 'mlflow.db'}")
+    (root / "tiny.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return root, run(root)
+
+
+def test_pretraining_beats_unigram_entropy(trained):
+    _, report = trained
+    assert list(report) == ["ingest", "dedup", "tokenizer", "pack", "pretrain"]
+    m = Store(trained[0] / "models").get("pretrain", report["pretrain"]["key"]).manifest["metrics"]
+    assert m["steps"] == 200 and m["resumed_from_step"] == 0
+    # well below the loss of the best context-free model of the same data
+    assert m["val_loss"] < m["unigram_entropy"] - 0.5, m
+    assert 0 < m["val_bpb"] < 8 and m["tokens_per_s"] > 0 and m["params"] > 0
+    assert report["pretrain"]["metrics"]["val_bpb"] == m["val_bpb"]  # on the report card
+
+
+def test_outputs_weights_tokenizer_history_and_mlflow(trained):
+    root, report = trained
+    art = Store(root / "models").get("pretrain", report["pretrain"]["key"])
+    model_dir = Path(art.path) / "model"
+    assert {p.name for p in model_dir.iterdir()} == {"model.safetensors", "config.json", "tokenizer.json"}
+    model = load_model(model_dir)
+    assert model.dims.vocab_size == 512 and model.dims.max_seq_len == 64
+    assert set(art.manifest["files"]) == {"model/model.safetensors", "model/config.json", "model/tokenizer.json",
+                                          "history/part-00000.parquet"}
+    assert not any(p.name.startswith(".") for p in (root / "models" / "pretrain").iterdir())  # work dir cleaned
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    run_id = art.manifest["mlflow_run_id"]
+    losses = client.get_metric_history(run_id, "loss")
+    assert [h.step for h in losses] == list(range(10, 201, 10))
+    assert [h.step for h in client.get_metric_history(run_id, "val_loss")] == [100, 200]
+    assert "plots/loss_curve.png" in [a.path for a in client.list_artifacts(run_id, "plots")]
+    outputs = client.get_run(run_id).outputs.model_outputs
+    assert len(outputs) == 1 and outputs[0].step == 200
+    logged = client.get_logged_model(outputs[0].model_id)
+    assert logged.source_run_id == run_id and logged.status == LoggedModelStatus.READY
+    inputs = {d.dataset.name for d in client.get_run(run_id).inputs.dataset_inputs}
+    assert inputs == {"pack", "tokenizer", "pretrain"}  # inputs + its own output dataset
+
+
+def test_changing_a_pretrain_setting_reruns_only_pretrain(trained):
+    root, base = trained
+    again = run(root, ["pretrain.max_steps=20", "pretrain.checkpoint_every=10", "pretrain.eval_every=10"])
+    assert [s for s, r in again.items() if not r["cached"]] == ["pretrain"]
+    assert again["pretrain"]["key"] != base["pretrain"]["key"]
+    assert all(again[s]["key"] == base[s]["key"] for s in ("ingest", "dedup", "tokenizer", "pack"))
+
+
+def test_interrupted_stage_resumes_from_its_checkpoint(trained):
+    """Kill the pretrain stage after its first checkpoint; the rerun resumes instead of starting over."""
+    root, _ = trained
+    sets = ["pretrain.max_steps=60", "pretrain.checkpoint_every=20", "pretrain.seed=5"]
+    script = (
+        "import sys, time\n"
+        "import tasks.core.train as t\n"
+        "orig = t.save_checkpoint\n"
+        "def slow(*a, **k):\n"
+        "    orig(*a, **k); time.sleep(60)\n"
+        "t.save_checkpoint = slow\n"
+        "from flows.config import load_config\n"
+        "from flows.pipeline import make_plan\n"
+        "from tasks.core.stage import run_stage\n"
+        "from tasks.core.store import Store\n"
+        f"cfg = load_config({str(root / 'tiny.yaml')!r}, {sets!r})\n"
+        "plan = make_plan(cfg)\n"
+        "data = Store(cfg.run.data_root)\n"
+        "inputs = {'packed': data.get('pack', plan.stages['pack'].key), 'tokenizer': data.get('tokenizer', plan.stages['tokenizer'].key)}\n"
+        "run_stage(plan.stages['pretrain'].stage, plan.stages['pretrain'].cfg, inputs, Store(cfg.run.models_root))\n"
+    )
+    cfg = load_config(root / "tiny.yaml", sets)
+    from flows.pipeline import make_plan
+
+    key = make_plan(cfg).stages["pretrain"].key
+    work = root / "models" / "pretrain" / f".work-{key}"
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.monotonic() + 120
+    while not (work / "ckpt-20").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert (work / "ckpt-20" / "state.json").exists()
+    assert Store(root / "models").get("pretrain", key) is None
+    resumed = run(root, sets, only=["pretrain"])["pretrain"]
+    assert not resumed["cached"] and resumed["key"] == key
+    manifest = Store(root / "models").get("pretrain", key).manifest
+    assert manifest["metrics"]["resumed_from_step"] == 20 and manifest["metrics"]["steps"] == 60
+    assert not work.exists()
+
+
+def test_export_loads_in_transformers_with_matching_logits(trained, tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    root, report = trained
+    monkeypatch.chdir(root)
+    result = CliRunner().invoke(app, ["export", "pretrain", str(tmp_path / "hf"), "-c", str(root / "tiny.yaml")])
+    assert result.exit_code == 0, result.output
+    ours = load_model(Path(Store(root / "models").get("pretrain", report["pretrain"]["key"]).path) / "model").eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = torch.tensor([tok("def f(x):\n    return x + 1\n")["input_ids"][:60]])
+    with torch.no_grad():
+        diff = (ours(ids) - hf(ids).logits).abs().max().item()
+    assert diff < 1e-4
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
