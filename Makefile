@@ -33,6 +33,7 @@ test: $(VENV)/.installed-dev
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/dedup.py
+	$(BIN)/python benchmarks/train.py
 
 clean-venv:
 	rm -rf $(VENV)
