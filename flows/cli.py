@@ -52,8 +52,8 @@ def _load(config: Path, sets: list[str] | None):
         fail(str(e))
 
 
-def _store(cfg: PipelineConfig, planned) -> Store:
-    return Store(cfg.run.models_root if planned.stage.store == "models" else cfg.run.data_root)
+def _store(cfg: PipelineConfig, plan, stage_name: str) -> Store:
+    return Store(cfg.run.models_root if plan.store_of(stage_name) == "models" else cfg.run.data_root)
 
 
 @app.command()
@@ -103,7 +103,7 @@ def status(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None):
     for col in ("stage", "key", "cached", "rows", "created"):
         table.add_column(col)
     for name, planned in plan.stages.items():
-        hit = _store(cfg, planned).get(name, planned.key)
+        hit = _store(cfg, plan, planned.stage.name).get(planned.stage.name, planned.key)
         rows = ", ".join(f"{k} {v:,}" for k, v in hit.rows.items()) if hit else ""
         table.add_row(name, planned.key, "yes" if hit else "no", rows, hit.manifest.get("created", "") if hit else "")
     out.print(table)
@@ -114,7 +114,7 @@ def _artifact(cfg, plan, stage: str, key: str | None):
         fail(f"no such stage: {stage} (stages: {', '.join(plan.stages)})")
     planned = plan.stages[stage]
     key = key or planned.key
-    hit = _store(cfg, planned).get(stage, key)
+    hit = _store(cfg, plan, planned.stage.name).get(planned.stage.name, key)
     if hit is None:
         fail(f"{stage} {key} is not in the store (run `slmflow run --only {stage}` first)")
     return hit
@@ -167,7 +167,7 @@ def lineage(
         label = f"[bold]{art.stage}[/] {art.key}  {rows}  (MLflow run {art.manifest.get('mlflow_run_id')})"
         branch = tree.add(label) if tree is not None else Tree(label)
         for name, ref in art.manifest.get("inputs", {}).items():
-            up = _store(cfg, plan.stages[ref["stage"]]).get(ref["stage"], ref["key"]) if ref["stage"] in plan.stages else None
+            up = _store(cfg, plan, ref["stage"]).get(ref["stage"], ref["key"])
             if up is None:
                 branch.add(f"{name}: {ref['stage']} {ref['key']} (not in the store)")
             else:

@@ -24,7 +24,9 @@ from tasks.core.store import stage_key
 
 
 class StageCall(Protocol):
-    def __call__(self, stage: Stage, cfg: StageConfig, **inputs: Any) -> Any: ...
+    """`stage(STAGE, cfg, name=..., **inputs)`: name an instance when a stage appears more than once."""
+
+    def __call__(self, stage: Stage, cfg: StageConfig, name: str | None = None, **inputs: Any) -> Any: ...
 
 
 def dag(cfg: PipelineConfig, stage: StageCall) -> None:
@@ -38,21 +40,29 @@ def dag(cfg: PipelineConfig, stage: StageCall) -> None:
 
 @dataclass
 class PlannedStage:
+    name: str  # the instance name in this DAG (the stage's name unless given)
     stage: Stage
     cfg: StageConfig
     key: str
-    inputs: dict[str, str]  # input name -> upstream stage name
+    inputs: dict[str, str]  # input name -> upstream instance name
 
 
 @dataclass
 class Plan:
     stages: dict[str, PlannedStage] = field(default_factory=dict)
 
-    def __call__(self, stage: Stage, cfg: StageConfig, **inputs: PlannedStage) -> PlannedStage:
+    def __call__(self, stage: Stage, cfg: StageConfig, name: str | None = None, **inputs: PlannedStage) -> PlannedStage:
+        name = name or stage.name
+        if name in self.stages:
+            raise ValueError(f"the DAG names two stages {name!r}: give one a name=")
         key = stage_key(stage.name, stage.version, cfg, {k: p.key for k, p in inputs.items()})
-        planned = PlannedStage(stage, cfg, key, {k: p.stage.name for k, p in inputs.items()})
-        self.stages[stage.name] = planned
+        planned = PlannedStage(name, stage, cfg, key, {k: p.name for k, p in inputs.items()})
+        self.stages[name] = planned
         return planned
+
+    def store_of(self, stage_name: str) -> str:
+        """"data" or "models": where outputs of a stage (by its stage name) live."""
+        return next((p.stage.store for p in self.stages.values() if p.stage.name == stage_name), "data")
 
     def check_names(self, names: list[str], option: str) -> None:
         for name in names:
@@ -88,22 +98,23 @@ class PrefectRunner:
     tracker: Tracker
     needed: list[str]
     force: set[str]
-    outcomes: list[Outcome] = field(default_factory=list)
+    outcomes: list[tuple[str, Outcome]] = field(default_factory=list)
 
-    def __call__(self, stage: Stage, cfg: StageConfig, **inputs: Any):
-        if stage.name not in self.needed:
+    def __call__(self, stage: Stage, cfg: StageConfig, name: str | None = None, **inputs: Any):
+        name = name or stage.name
+        if name not in self.needed:
             return None
-        key = self.plan.stages[stage.name].key
-        forced = stage.name in self.force
+        key = self.plan.stages[name].key
+        forced = name in self.force
         # The store is the truth: Prefect may serve its cache only when the store has the output.
         refresh = forced or self.run.store(stage).get(stage.name, key) is None
-        task = stage_task(stage).with_options(refresh_cache=refresh, task_run_name=f"{stage.name}-{key[:8]}")
-        state = task(self.run, cfg, inputs, forced, return_state=True)
+        task = stage_task(stage).with_options(refresh_cache=refresh, task_run_name=f"{name}-{key[:8]}")
+        state = task(self.run, cfg, inputs, forced, name, return_state=True)
         outcome: Outcome = state.result()
         if state.name == "Cached":  # the task body did not run: log the cache hit here
             outcome = outcome.model_copy(update={"cached": True, "seconds": 0.0})
-            self.tracker.log_cached(self.run.parent_run_id, outcome.artifact, inputs, {"prefect.cached": "true"})
-        self.outcomes.append(outcome)
+            self.tracker.log_cached(self.run.parent_run_id, outcome.artifact, inputs, {"prefect.cached": "true"}, label=name)
+        self.outcomes.append((name, outcome))
         return outcome.artifact
 
 

@@ -14,13 +14,13 @@ def fmt(v) -> str:
     return f"{v:,}" if isinstance(v, int) else str(v)
 
 
-def report_card(outcomes: list[Outcome], plan) -> list[dict]:
+def report_card(outcomes: list[tuple[str, Outcome]], plan) -> list[dict]:
     rows = []
-    for o in outcomes:
-        stage = plan.stages[o.artifact.stage].stage
+    for name, o in outcomes:
+        stage = plan.stages[name].stage
         metrics = o.artifact.manifest.get("metrics", {})
         rows.append({
-            "stage": o.artifact.stage,
+            "stage": name,
             "key": o.artifact.key,
             "cached": o.cached,
             "rows": dict(o.artifact.rows),

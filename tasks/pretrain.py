@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -43,7 +44,7 @@ def save_array(path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def loss_curve_figure(history: list[dict]):
+def loss_curve_figure(history: list[dict], title: str):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -56,31 +57,26 @@ def loss_curve_figure(history: list[dict]):
         ax.plot(*zip(*train), label="train loss")
     if val:
         ax.plot(*zip(*val), "o-", label="validation loss")
-    ax.set(xlabel="step", ylabel="loss (nats/token)", title="pretraining")
+    ax.set(xlabel="step", ylabel="loss (nats/token)", title=title)
     ax.legend()
     fig.tight_layout()
     return fig
 
 
-def train_stage(cfg, inputs: dict[str, Artifact], ctx: StageContext, init_from: str | None = None) -> dict:
-    """Shared by the training stages: prepare arrays, launch, write model + history, log to MLflow."""
-    packed, tok = inputs["packed"], inputs["tokenizer"]
-    meta = packed.manifest["metrics"]
-    work = ctx.work_dir()
-    arrays = {}
-    for split in ("train", "val"):
-        arrays[split] = work / f"{split}.npy"
-        if not arrays[split].exists():
-            save_array(arrays[split], load_tokens(packed, split))
-    train_rows = np.load(arrays["train"], mmap_mode="r")
-    if len(train_rows) < cfg.batch_size:
-        raise StageError(f"{ctx.stage}: batch_size {cfg.batch_size} exceeds the {len(train_rows)} packed training rows")
-    model_cfg = cfg.model.model_copy(update={"vocab_size": meta["vocab_size"], "max_seq_len": meta["seq_len"]})
+def run_training(cfg: TrainConfig, ctx: StageContext, model_cfg: ModelConfig, arrays: dict[str, Path],
+                 pad_id: int, tokenizer_json: str, tokens_per_byte: float | None = None,
+                 init_from: Artifact | None = None) -> dict:
+    """Shared by the training stages: launch the loop, then write model + history and log to MLflow.
+
+    arrays: `train`, `val` (token rows, .npy) and optionally `train_mask`, `val_mask`.
+    init_from: the upstream model stage to start from (logged as the run's input model)."""
     spec = TrainSpec(
         cfg=TrainConfig.model_validate(cfg.model_dump(include=set(TrainConfig.model_fields))),
-        model=model_cfg, init_from=init_from, train_path=str(arrays["train"]), val_path=str(arrays["val"]),
-        pad_id=meta["pad_id"], tokens_per_byte=meta["val_targets"] / max(1, meta["val_bytes"]),
-        out=str(ctx.out / "model"), work=str(work),
+        model=model_cfg, init_from=f"{init_from.path}/model" if init_from else None,
+        train_path=str(arrays["train"]), val_path=str(arrays["val"]),
+        train_mask_path=str(arrays["train_mask"]) if "train_mask" in arrays else None,
+        val_mask_path=str(arrays["val_mask"]) if "val_mask" in arrays else None,
+        pad_id=pad_id, tokens_per_byte=tokens_per_byte, out=str(ctx.out / "model"), work=str(ctx.work_dir()),
         mlflow_uri=ctx.tracker.uri if ctx.tracker else None,
         mlflow_experiment=ctx.tracker.experiment if ctx.tracker else None, mlflow_run_id=ctx.run_id,
     )
@@ -88,24 +84,41 @@ def train_stage(cfg, inputs: dict[str, Artifact], ctx: StageContext, init_from: 
         result = launch(spec)
     except (DivergedError, RuntimeError, ValueError) as e:
         raise StageError(f"{ctx.stage}: {e}") from None
-    shutil.copy(tokenizer_path(tok), ctx.out / "model" / "tokenizer.json")
+    shutil.copy(tokenizer_json, ctx.out / "model" / "tokenizer.json")
     history = result.pop("history")
     # Timings stay out of the stored table (they go to MLflow and the manifest's metrics), so the
     # same config gives the same bytes on CPU.
     table = pl.DataFrame(history).drop("tokens_per_s", "mfu", strict=False)
     write_parquet(table.to_arrow(), ctx.out / "history" / "part-00000.parquet")
-    ctx.log_figure(loss_curve_figure(history), "loss_curve")
+    ctx.log_figure(loss_curve_figure(history, ctx.stage), "loss_curve")
+    info = {}
     if ctx.tracker and ctx.run_id:
-        ctx.tracker.log_model(ctx.run_id, ctx.out / "model", ctx.stage, step=result["steps"],
-                              params={"params": result["params"], **model_cfg.model_dump()})
+        if init_from and init_from.manifest.get("info", {}).get("mlflow_model_id"):
+            ctx.tracker.log_model_input(ctx.run_id, init_from.manifest["info"]["mlflow_model_id"])
+        info["mlflow_model_id"] = ctx.tracker.log_model(
+            ctx.run_id, ctx.out / "model", ctx.stage, step=result["steps"],
+            params={"params": result["params"], **model_cfg.model_dump()})
     metrics = {k: v for k, v in result.items() if v is not None}
-    metrics["unigram_entropy"] = unigram_entropy(np.asarray(train_rows), meta["pad_id"])
-    metrics["tokens_seen"] = result["steps"] * cfg.batch_size * meta["seq_len"]
-    return {"rows": {"history": len(history)}, "metrics": metrics}
+    return {"rows": {"history": len(history)}, "metrics": metrics, "info": info}
 
 
 def pretrain(cfg: PretrainConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
-    return train_stage(cfg, inputs, ctx)
+    packed, tok = inputs["packed"], inputs["tokenizer"]
+    meta = packed.manifest["metrics"]
+    arrays = {}
+    for split in ("train", "val"):
+        arrays[split] = ctx.work_dir() / f"{split}.npy"
+        if not arrays[split].exists():
+            save_array(arrays[split], load_tokens(packed, split))
+    train_rows = np.load(arrays["train"], mmap_mode="r")
+    if len(train_rows) < cfg.batch_size:
+        raise StageError(f"pretrain: batch_size {cfg.batch_size} exceeds the {len(train_rows)} packed training rows")
+    model_cfg = cfg.model.model_copy(update={"vocab_size": meta["vocab_size"], "max_seq_len": meta["seq_len"]})
+    result = run_training(cfg, ctx, model_cfg, arrays, meta["pad_id"], tokenizer_path(tok),
+                          tokens_per_byte=meta["val_targets"] / max(1, meta["val_bytes"]))
+    result["metrics"]["unigram_entropy"] = unigram_entropy(np.asarray(train_rows), meta["pad_id"])
+    result["metrics"]["tokens_seen"] = result["metrics"]["steps"] * cfg.batch_size * meta["seq_len"]
+    return result
 
 
 def check(cfg: PretrainConfig) -> None:

@@ -20,7 +20,7 @@ from typing import Iterable
 from mlflow import MlflowClient
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
-from mlflow.entities import DatasetInput, InputTag, LoggedModelOutput, Metric, Param, RunTag
+from mlflow.entities import DatasetInput, InputTag, LoggedModelInput, LoggedModelOutput, Metric, Param, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 
 from tasks.core.store import Artifact
@@ -55,26 +55,28 @@ class Tracker:
     def start_parent(self, name: str, tags: dict[str, str]) -> str:
         return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
 
-    def _child(self, parent_run_id: str | None, stage: str, key: str, tags: dict[str, str] | None) -> str:
-        all_tags = {"stage": stage, "stage_key": key, **(tags or {})}
+    def _child(self, parent_run_id: str | None, stage: str, key: str, tags: dict[str, str] | None,
+               label: str | None = None) -> str:
+        all_tags = {"stage": stage, "stage_key": key, "instance": label or stage, **(tags or {})}
         if parent_run_id:
             all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
-        return self.client.create_run(self.experiment_id, run_name=stage, tags=all_tags).info.run_id
+        return self.client.create_run(self.experiment_id, run_name=label or stage, tags=all_tags).info.run_id
 
-    def start_stage(self, parent_run_id, stage, key, cfg, tags=None) -> str:
-        run_id = self._child(parent_run_id, stage, key, {"cached": "false", **(tags or {})})
+    def start_stage(self, parent_run_id, stage, key, cfg, tags=None, label=None) -> str:
+        run_id = self._child(parent_run_id, stage, key, {"cached": "false", **(tags or {})}, label)
         params = [Param(k, v) for k, v in flatten(cfg.model_dump(mode="json")).items()]
         self.client.log_batch(run_id, params=params)
         return run_id
 
-    def log_cached(self, parent_run_id, artifact: Artifact, inputs: dict[str, Artifact], tags=None) -> str:
+    def log_cached(self, parent_run_id, artifact: Artifact, inputs: dict[str, Artifact], tags=None,
+                   label: str | None = None) -> str:
         """A child run for a cache hit: inputs, output and a link to the producing run."""
         producer = artifact.manifest.get("mlflow_run_id") or ""
         run_id = self._child(parent_run_id, artifact.stage, artifact.key, {
             "cached": "true", "produced_by_run": producer, **(tags or {}),
             MLFLOW_RUN_NOTE: f"Cache hit: output produced by run [{producer}](#/experiments/"
                              f"{self.experiment_id}/runs/{producer}).",
-        })
+        }, label)
         self.log_datasets(run_id, inputs.values(), "input")
         self.finish_stage(run_id, artifact, log_metrics=False)
         return run_id
@@ -114,6 +116,10 @@ class Tracker:
 
         self.client.log_figure(run_id, fig, f"plots/{name}.png")
         plt.close(fig)
+
+    def log_model_input(self, run_id: str, model_id: str) -> None:
+        """The upstream model a training stage starts from: MLflow's model-to-model lineage."""
+        self.client.log_inputs(run_id, models=[LoggedModelInput(model_id)])
 
     def finish_stage(self, run_id: str, artifact: Artifact, log_metrics: bool = True) -> None:
         self.log_datasets(run_id, [artifact], "output")

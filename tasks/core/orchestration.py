@@ -61,11 +61,12 @@ def stage_task(stage: Stage):
         return prefect_cache_key(stage, params["run"], params["cfg"], params["inputs"])
 
     @task(name=stage.name, cache_key_fn=_key, persist_result=True, result_serializer="json")
-    def _stage(run: RunContext, cfg: StageConfig, inputs: dict[str, Artifact], force: bool = False) -> Outcome:
+    def _stage(run: RunContext, cfg: StageConfig, inputs: dict[str, Artifact], force: bool = False,
+               label: str | None = None) -> Outcome:
         tags = {"prefect.flow_run_id": str(flow_run.id or ""), "prefect.task_run_id": str(task_run.id or "")}
         return run_stage(
             stage, cfg, inputs, run.store(stage), tracker=run.tracker(), parent_run_id=run.parent_run_id,
-            force=force, map_fn=prefect_map(stage.name), tags=tags,
+            force=force, map_fn=prefect_map(stage.name), tags=tags, label=label,
         )
 
     return _stage

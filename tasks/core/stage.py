@@ -120,19 +120,22 @@ def run_stage(
     force: bool = False,
     map_fn: Callable[..., list] | None = None,
     tags: dict[str, str] | None = None,
+    label: str | None = None,
 ) -> Outcome:
-    """Return the stage's output, computing it unless the store already holds it."""
+    """Return the stage's output, computing it unless the store already holds it.
+
+    label: the instance name in the DAG (MLflow run name), when a stage appears more than once."""
     key = stage_key(stage.name, stage.version, cfg, {k: a.key for k, a in inputs.items()})
     start = time.monotonic()
     hit = None if force else store.get(stage.name, key)
     if hit is not None:
         log.info("%s: cache hit %s", stage.name, key)
         if tracker:
-            tracker.log_cached(parent_run_id, hit, inputs, tags)
+            tracker.log_cached(parent_run_id, hit, inputs, tags, label=label)
         return Outcome(artifact=hit, cached=True, seconds=time.monotonic() - start)
 
     scratch = store.scratch(stage.name)
-    run_id = tracker.start_stage(parent_run_id, stage.name, key, cfg, tags) if tracker else None
+    run_id = tracker.start_stage(parent_run_id, stage.name, key, cfg, tags, label=label) if tracker else None
     ctx = StageContext(stage.name, scratch, tracker, run_id, map_fn or _map_threads, store.work_dir(stage.name, key))
     try:
         if tracker:
@@ -146,6 +149,7 @@ def run_stage(
             "inputs": {k: {"stage": a.stage, "key": a.key} for k, a in inputs.items()},
             "rows": result.get("rows", {}),
             "metrics": result.get("metrics", {}),
+            "info": result.get("info", {}),  # non-numeric facts, e.g. the MLflow logged model id
             "mlflow_run_id": run_id,
             "prefect": tags or {},
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

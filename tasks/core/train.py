@@ -112,6 +112,10 @@ class TrainSpec(BaseModel):
     init_from: str | None = None  # a model directory to start from (SFT, RL); None = random init
     train_path: str  # .npy of token rows [n, seq_len+1]
     val_path: str | None = None
+    # .npy of 0/1 rows like the token rows: 1 where the token is a target to learn (SFT: the
+    # completion); None = every non-pad token
+    train_mask_path: str | None = None
+    val_mask_path: str | None = None
     pad_id: int
     tokens_per_byte: float | None = None  # val tokens / val bytes, for bits-per-byte
     out: str  # where the final model goes
@@ -121,9 +125,11 @@ class TrainSpec(BaseModel):
     mlflow_run_id: str | None = None
 
 
-def targets_of(rows: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def targets_of(rows: torch.Tensor, pad_id: int, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     inputs, targets = rows[:, :-1], rows[:, 1:].clone()
     targets[targets == pad_id] = IGNORE  # padding only fills the last packed row
+    if mask is not None:
+        targets[mask[:, 1:] == 0] = IGNORE  # e.g. prompt tokens in SFT: no loss, no gradient
     return inputs, targets
 
 
@@ -160,13 +166,19 @@ class DivergedError(RuntimeError):
     pass
 
 
+def _rows(array: np.ndarray | None, index, device) -> torch.Tensor | None:
+    return None if array is None else torch.from_numpy(np.asarray(array[index])).to(device).long()
+
+
 @torch.no_grad()
-def evaluate(model, val: np.ndarray, spec: TrainSpec, device, autocast) -> float:
+def evaluate(model, val: np.ndarray, val_mask: np.ndarray | None, spec: TrainSpec, device, autocast) -> float:
     model.eval()
-    rows = torch.from_numpy(np.asarray(val[: spec.cfg.eval_rows])).to(device).long()
+    rows = _rows(val, slice(0, spec.cfg.eval_rows), device)
+    masks = _rows(val_mask, slice(0, spec.cfg.eval_rows), device)
     total, count = 0.0, 0
     for i in range(0, len(rows), spec.cfg.batch_size):
-        inputs, targets = targets_of(rows[i : i + spec.cfg.batch_size], spec.pad_id)
+        part = slice(i, i + spec.cfg.batch_size)
+        inputs, targets = targets_of(rows[part], spec.pad_id, None if masks is None else masks[part])
         with autocast:
             _, loss = model(inputs, targets, reduction="none")
         mask = targets != IGNORE
@@ -209,7 +221,9 @@ def train(spec: TrainSpec, mlflow_log=None) -> dict:
         net = torch.compile(net)
 
     train_rows = np.load(spec.train_path, mmap_mode="r")
+    train_mask = np.load(spec.train_mask_path, mmap_mode="r") if spec.train_mask_path else None
     val_rows = np.load(spec.val_path) if spec.val_path else None
+    val_mask = np.load(spec.val_mask_path) if spec.val_mask_path else None
     order = BatchOrder(len(train_rows), cfg.batch_size, cfg.seed)
     seq_len = train_rows.shape[1] - 1
     flops_tok = model.flops_per_token(seq_len)
@@ -229,8 +243,8 @@ def train(spec: TrainSpec, mlflow_log=None) -> dict:
         rows = order.rows(step)[rank::world]  # this process's share of the global batch
         loss_sum = torch.zeros((), device=device)
         for m in range(cfg.grad_accum):
-            batch = torch.from_numpy(np.asarray(train_rows[np.sort(rows[m * micro : (m + 1) * micro])])).to(device)
-            inputs, targets = targets_of(batch.long(), spec.pad_id)
+            index = np.sort(rows[m * micro : (m + 1) * micro])
+            inputs, targets = targets_of(_rows(train_rows, index, device), spec.pad_id, _rows(train_mask, index, device))
             sync = nullcontext() if (not ddp or m == cfg.grad_accum - 1) else net.no_sync()
             with sync, autocast:
                 _, loss = net(inputs, targets)
@@ -265,7 +279,7 @@ def train(spec: TrainSpec, mlflow_log=None) -> dict:
             history.append(row)
             pending.append((step, {k: v for k, v in row.items() if k != "step"}))
         if val_rows is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-            val_loss = evaluate(model, val_rows, spec, device, autocast)
+            val_loss = evaluate(model, val_rows, val_mask, spec, device, autocast)
             evals = {"val_loss": val_loss}
             if spec.tokens_per_byte:
                 evals["val_bpb"] = val_loss / math.log(2) * spec.tokens_per_byte
