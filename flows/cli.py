@@ -7,6 +7,7 @@ import os
 # Before Prefect is imported: no telemetry (no network here), and our progress lines shown.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "slmflow")
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
 import json  # noqa: E402
 import sys  # noqa: E402
@@ -19,7 +20,7 @@ from rich.table import Table  # noqa: E402
 from rich.tree import Tree  # noqa: E402
 
 from flows.config import ConfigError, PipelineConfig, load_config  # noqa: E402
-from flows.report import fmt  # noqa: E402
+from flows.report import accuracy_table, fmt  # noqa: E402
 from tasks.core.stage import StageError  # noqa: E402
 from tasks.core.store import Store  # noqa: E402
 
@@ -92,6 +93,14 @@ def run(
             f"{r['seconds']:.1f}",
         )
     out.print(table)
+    header, acc = accuracy_table(result["report"])
+    if acc:
+        grid = Table(title="held-out accuracy (greedy pass@1)")
+        for col in header:
+            grid.add_column(col)
+        for row in acc:
+            grid.add_row(*row)
+        out.print(grid)
     out.print(f"report: {result['report_path']}   MLflow parent run: {result['mlflow_run_id']}")
 
 

@@ -8,10 +8,15 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tasks.decontaminate import DecontaminateConfig
 from tasks.dedup import DedupConfig
+from tasks.difficulty import DifficultyConfig
+from tasks.eval import EvalConfig
 from tasks.ingest import IngestConfig
 from tasks.pack import PackConfig
 from tasks.pretrain import PretrainConfig
+from tasks.prompts import PromptsConfig
+from tasks.sft import SFTConfig
 from tasks.tokenizer import TokenizerConfig
 
 
@@ -36,9 +41,14 @@ class PipelineConfig(BaseModel):
     run: RunSettings = RunSettings()
     ingest: IngestConfig
     dedup: DedupConfig = DedupConfig()
+    prompts: PromptsConfig = PromptsConfig()
+    decontaminate: DecontaminateConfig = DecontaminateConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     pack: PackConfig = PackConfig()
     pretrain: PretrainConfig = PretrainConfig()
+    difficulty: DifficultyConfig = DifficultyConfig()
+    sft: SFTConfig = SFTConfig()
+    eval: EvalConfig = EvalConfig()  # one config for every evaluated model, so their numbers compare
 
 
 def _set(tree: dict, dotted: str, value: Any, origin: str) -> None:

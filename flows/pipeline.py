@@ -16,7 +16,7 @@ from prefect.runtime import flow_run
 
 from flows.config import ConfigError, PipelineConfig
 from flows.report import report_card, write_report
-from tasks import dedup, ingest, pack, pretrain, tokenizer
+from tasks import decontaminate, dedup, difficulty, eval, ingest, pack, pretrain, prompts, sft, tokenizer
 from tasks.core.lineage import Tracker, tracking_uri
 from tasks.core.orchestration import RunContext, stage_task
 from tasks.core.stage import Outcome, Stage, StageConfig
@@ -33,9 +33,16 @@ def dag(cfg: PipelineConfig, stage: StageCall) -> None:
     """Each line: one stage, its config section, and the upstream outputs it reads."""
     documents = stage(ingest.STAGE, cfg.ingest)
     deduped = stage(dedup.STAGE, cfg.dedup, documents=documents)
-    bpe = stage(tokenizer.STAGE, cfg.tokenizer, documents=deduped)
-    packed = stage(pack.STAGE, cfg.pack, documents=deduped, tokenizer=bpe)
-    stage(pretrain.STAGE, cfg.pretrain, packed=packed, tokenizer=bpe)
+    tasks = stage(prompts.STAGE, cfg.prompts)  # reasoning tasks: train and held-out eval prompts
+    clean = stage(decontaminate.STAGE, cfg.decontaminate, documents=deduped, prompts=tasks)
+    bpe = stage(tokenizer.STAGE, cfg.tokenizer, documents=clean)
+    packed = stage(pack.STAGE, cfg.pack, documents=clean, tokenizer=bpe)
+    base = stage(pretrain.STAGE, cfg.pretrain, packed=packed, tokenizer=bpe)
+    # offline difficulty: the base model's pass rate per training prompt; SFT skips mastered ones
+    base_difficulty = stage(difficulty.STAGE, cfg.difficulty, model=base, prompts=tasks)
+    tuned = stage(sft.STAGE, cfg.sft, model=base, prompts=tasks, tokenizer=bpe, difficulty=base_difficulty)
+    stage(eval.STAGE, cfg.eval, name="eval_pretrain", model=base, prompts=tasks)
+    stage(eval.STAGE, cfg.eval, name="eval_sft", model=tuned, prompts=tasks)
 
 
 @dataclass

@@ -27,8 +27,19 @@ def report_card(outcomes: list[tuple[str, Outcome]], plan) -> list[dict]:
             "metrics": {m: metrics[m] for m in stage.report_metrics if m in metrics},
             "seconds": round(o.seconds, 1),
             "path": o.artifact.path,
+            # evaluation stages: greedy pass@1 per task on the held-out split
+            "accuracy": {k.split(".", 1)[1]: v for k, v in metrics.items() if k.startswith("pass_at_1.")},
         })
     return rows
+
+
+def accuracy_table(card: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of held-out pass@1: one row per evaluated model, one column per task."""
+    evals = [r for r in card if r["accuracy"]]
+    tasks = sorted({t for r in evals for t in r["accuracy"]})
+    rows = [[r["stage"], *(f"{r['accuracy'].get(t, float('nan')):.3f}" for t in tasks),
+             f"{r['metrics'].get('pass_at_1', float('nan')):.3f}"] for r in evals]
+    return ["model", *tasks, "mean"], rows
 
 
 def to_markdown(card: list[dict]) -> str:
@@ -37,6 +48,11 @@ def to_markdown(card: list[dict]) -> str:
         rows = ", ".join(f"{k} {fmt(v)}" for k, v in r["rows"].items())
         metrics = ", ".join(f"{k} {fmt(v)}" for k, v in r["metrics"].items())
         lines.append(f"| {r['stage']} | `{r['key']}` | {'yes' if r['cached'] else 'no'} | {rows} | {metrics} | {r['seconds']} |")
+    header, acc = accuracy_table(card)
+    if acc:
+        lines += ["", "Held-out accuracy (greedy pass@1):", "", "| " + " | ".join(header) + " |",
+                  "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in acc]
     return "\n".join(lines) + "\n"
 
 

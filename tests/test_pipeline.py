@@ -13,7 +13,8 @@ from flows.pipeline import make_plan, pipeline
 from tasks.core.store import Store
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
-STAGES = ["ingest", "dedup", "tokenizer", "pack", "pretrain"]
+STAGES = ["ingest", "dedup", "prompts", "decontaminate", "tokenizer", "pack", "pretrain", "difficulty", "sft",
+          "eval_pretrain", "eval_sft"]
 
 
 def run(project: Path, sets=(), only=None, force=None) -> dict:
@@ -40,14 +41,14 @@ def test_tiny_pipeline_end_to_end_then_all_cache_hits(project):
 
 
 def test_changing_dedup_setting_reruns_only_dedup(project):
-    base = by_stage(run(project))
+    base = by_stage(run(project, only=["dedup"]))
     changed = by_stage(run(project, ["dedup.rows=4", "dedup.bands=20"], only=["dedup"]))
     assert changed["ingest"]["cached"] and changed["ingest"]["key"] == base["ingest"]["key"]
     assert not changed["dedup"]["cached"] and changed["dedup"]["key"] != base["dedup"]["key"]
     # --only ingest runs nothing downstream of it
     assert list(by_stage(run(project, only=["ingest"]))) == ["ingest"]
     # --force recomputes a hit under the same key, and nothing else
-    forced = by_stage(run(project, force=["dedup"]))
+    forced = by_stage(run(project, only=["dedup"], force=["dedup"]))
     assert forced["ingest"]["cached"] and not forced["dedup"]["cached"]
     assert forced["dedup"]["key"] == base["dedup"]["key"]
 
@@ -60,38 +61,41 @@ def test_only_computes_missing_upstream(project):
 def test_same_config_same_keys_and_bytes_in_two_stores(project, tmp_path):
     a = by_stage(run(project))
     b = by_stage(run(project, [f"run.data_root={tmp_path / 'other'}", f"run.models_root={tmp_path / 'other_models'}"]))
-    for stage in STAGES:
-        assert a[stage]["key"] == b[stage]["key"]
-        root_a, root_b = (("models", "other_models") if stage == "pretrain" else ("data", "other"))
-        ma = Store(project / root_a).get(stage, a[stage]["key"]).manifest
-        mb = Store(tmp_path / root_b).get(stage, b[stage]["key"]).manifest
+    plan = make_plan(load_config(project / "tiny.yaml"))
+    for name in STAGES:
+        assert a[name]["key"] == b[name]["key"]
+        stage = plan.stages[name].stage
+        root_a, root_b = ("models", "other_models") if stage.store == "models" else ("data", "other")
+        ma = Store(project / root_a).get(stage.name, a[name]["key"]).manifest
+        mb = Store(tmp_path / root_b).get(stage.name, b[name]["key"]).manifest
         assert ma["files"] == mb["files"] and ma["files"]  # sha256 of every file, model weights included
 
 
 def test_plan_keys_match_run_and_upstream_keys_are_stable(project):
     cfg = load_config(project / "tiny.yaml")
     plan = make_plan(cfg)
-    ran = by_stage(run(project))
-    assert {n: p.key for n, p in plan.stages.items()} == {n: r["key"] for n, r in ran.items()}
+    assert list(plan.stages) == STAGES
+    ran = by_stage(run(project, only=["dedup"]))
+    assert {n: plan.stages[n].key for n in ran} == {n: r["key"] for n, r in ran.items()}
     other = make_plan(load_config(project / "tiny.yaml", ["dedup.ngram=3"]))
     assert other.stages["ingest"].key == plan.stages["ingest"].key
     assert other.stages["dedup"].key != plan.stages["dedup"].key
 
 
 def test_mlflow_lineage(project):
-    result = run(project)
-    run(project)  # second run: cache hits are child runs too
+    result = run(project, only=["dedup"])
+    run(project, only=["dedup"])  # second run: cache hits are child runs too
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     exp = client.get_experiment_by_name("slmflow-tiny")
     runs = client.search_runs([exp.experiment_id], max_results=100)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 2
     first_children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == result["mlflow_run_id"]]
-    assert sorted(r.data.tags["stage"] for r in first_children) == sorted(STAGES)
+    assert sorted(r.data.tags["stage"] for r in first_children) == ["dedup", "ingest"]
     assert all(r.data.tags["cached"] == "false" and r.info.status == "FINISHED" for r in first_children)
     second_parent = next(p for p in parents if p.info.run_id != result["mlflow_run_id"])
     hits = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == second_parent.info.run_id]
-    assert [r.data.tags["cached"] for r in hits] == ["true"] * len(STAGES)
+    assert [r.data.tags["cached"] for r in hits] == ["true"] * 2
     producers = {r.data.tags["stage"]: r.info.run_id for r in first_children}
     assert {r.data.tags["stage"]: r.data.tags["produced_by_run"] for r in hits} == producers
 

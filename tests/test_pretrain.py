@@ -43,7 +43,7 @@ def trained(tmp_path_factory, prefect_server):
 
 def test_pretraining_beats_unigram_entropy(trained):
     _, report = trained
-    assert list(report) == ["ingest", "dedup", "tokenizer", "pack", "pretrain"]
+    assert list(report)[4:7] == ["tokenizer", "pack", "pretrain"]
     m = Store(trained[0] / "models").get("pretrain", report["pretrain"]["key"]).manifest["metrics"]
     assert m["steps"] == 200 and m["resumed_from_step"] == 0
     # well below the loss of the best context-free model of the same data
@@ -76,12 +76,19 @@ def test_outputs_weights_tokenizer_history_and_mlflow(trained):
     assert inputs == {"pack", "tokenizer", "pretrain"}  # inputs + its own output dataset
 
 
-def test_changing_a_pretrain_setting_reruns_only_pretrain(trained):
+def test_changing_a_pretrain_setting_reruns_pretrain_and_downstream_only(trained):
     root, base = trained
-    again = run(root, ["pretrain.max_steps=20", "pretrain.checkpoint_every=10", "pretrain.eval_every=10"])
+    again = run(root, ["pretrain.max_steps=20", "pretrain.checkpoint_every=10", "pretrain.eval_every=10"],
+                only=["pretrain"])
     assert [s for s, r in again.items() if not r["cached"]] == ["pretrain"]
     assert again["pretrain"]["key"] != base["pretrain"]["key"]
-    assert all(again[s]["key"] == base[s]["key"] for s in ("ingest", "dedup", "tokenizer", "pack"))
+    upstream = ("ingest", "dedup", "prompts", "decontaminate", "tokenizer", "pack")
+    assert all(again[s]["key"] == base[s]["key"] for s in upstream)
+    from flows.pipeline import make_plan
+
+    plan = make_plan(load_config(root / "tiny.yaml", ["pretrain.max_steps=20"]))
+    changed = {n for n, p in plan.stages.items() if p.key != base[n]["key"]}
+    assert changed == {"pretrain", "difficulty", "sft", "eval_pretrain", "eval_sft"}
 
 
 def test_interrupted_stage_resumes_from_its_checkpoint(trained):
@@ -139,3 +146,30 @@ def test_export_loads_in_transformers_with_matching_logits(trained, tmp_path, mo
         diff = (ours(ids) - hf(ids).logits).abs().max().item()
     assert diff < 1e-4
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_sft_beats_the_base_model_on_held_out_problems(trained):
+    root, report = trained
+    base, tuned = report["eval_pretrain"]["metrics"], report["eval_sft"]["metrics"]
+    assert tuned["pass_at_1"] > base["pass_at_1"], (base, tuned)
+    # the eval table backs the number: greedy correctness per prompt
+    import polars as pl
+
+    art = Store(root / "data").get("eval", report["eval_sft"]["key"])
+    results = pl.read_parquet(art.files("results"))
+    per_task = results.group_by("task").agg(pl.col("greedy_correct").mean())
+    assert abs(per_task["greedy_correct"].mean() - tuned["pass_at_1"]) < 1e-9
+
+
+def test_sft_masks_prompts_and_records_lineage(trained):
+    root, report = trained
+    art = Store(root / "models").get("sft", report["sft"]["key"])
+    m = art.manifest["metrics"]
+    assert m["train_examples"] > 0 and 0 < m["train_target_tokens"] < m["train_rows"] * 65
+    assert art.manifest["inputs"]["model"]["stage"] == "pretrain"
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    run_ = client.get_run(art.manifest["mlflow_run_id"])
+    pretrain_model = Store(root / "models").get("pretrain", report["pretrain"]["key"]).manifest["info"]["mlflow_model_id"]
+    assert [i.model_id for i in run_.inputs.model_inputs] == [pretrain_model]  # model-to-model lineage
+    evals = [r for r in client.search_runs([run_.info.experiment_id], "tags.stage = 'eval'")]
+    assert {r.info.run_name for r in evals} >= {"eval_pretrain", "eval_sft"}

@@ -1,0 +1,236 @@
+"""GRPO building blocks: group advantages, the clipped policy loss and its aggregations, per-token
+log-probs, and the online difficulty filter (PAPERS.md "RL with verifiable rewards").
+
+Pure torch / numpy: no Prefect, no MLflow (the `balanced` filter imports `in_band` from
+`tasks.difficulty` lazily, only when it is used).
+
+Names follow TRL's GRPOConfig / verl where they exist:
+  G (num_generations)      samples per prompt; rewards come as [n_groups, G].
+  scale (scale_rewards)    "group" | "batch" | "none" (Dr. GRPO: no std division).
+  eps_low  = TRL `epsilon`       lower clip: ratio >= 1 - eps_low   (default 0.2).
+  eps_high = TRL `epsilon_high`  upper clip: ratio <= 1 + eps_high  (TRL: defaults to epsilon;
+                                 DAPO "clip-higher" uses 0.28).
+  loss_type                "grpo" | "dr_grpo" | "dapo" (TRL's names; TRL's "bnpo" is this "dapo"
+                           on one process).
+  beta                     KL coefficient (default 0, as in TRL); k3 estimator.
+  max_completion_len       TRL `max_completion_length` (dr_grpo's constant).
+  mode="mixed"             verl `filter_groups` (metric acc) / DAPO dynamic sampling;
+  max_generation_rounds    verl `max_num_gen_batches`.
+  mask_truncated_completions is the caller's job: zero the mask rows of truncated completions.
+
+Documented choices:
+  * std: Bessel-corrected (unbiased, torch.std's default), as TRL computes it; A = (r - mean) /
+    (std + eps). A group whose rewards are all equal gets exactly zero advantage (no NaN, no
+    rounding residue), whatever `scale`. Needs G >= 2.
+  * alignment: per-token log-probs are aligned with the *tokens* they score: out[:, t] =
+    log p(tokens[:, t] | tokens[:, :t]), taken from logits[:, t - 1]; out[:, 0] = 0 (nothing
+    predicts the first token). So a completion mask over `input_ids` applies to the log-probs as is.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal, NamedTuple, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+Scale = Literal["group", "batch", "none"]
+LossType = Literal["grpo", "dr_grpo", "dapo"]
+FilterMode = Literal["none", "mixed", "balanced"]
+
+
+# ---------------------------------------------------------------- advantages
+
+
+def group_advantages(rewards: torch.Tensor, scale: Scale = "group", eps: float = 1e-4) -> torch.Tensor:
+    """[n_groups, G] rewards -> [n_groups, G] advantages A = r - mean_group(r), then divided by
+    (std + eps): the group's std ("group"), the std of all rewards in the batch ("batch"), or not
+    at all ("none", Dr. GRPO). Stds are Bessel-corrected (TRL). Zero-variance groups give 0."""
+    r = torch.as_tensor(rewards)
+    r = r if r.is_floating_point() else r.float()
+    if r.dim() != 2 or r.shape[1] < 2:
+        raise ValueError(f"rewards must be [n_groups, G] with G >= 2, got {tuple(r.shape)}")
+    centered = r - r.mean(dim=1, keepdim=True)
+    if scale == "group":
+        centered = centered / (r.std(dim=1, keepdim=True) + eps)
+    elif scale == "batch":
+        centered = centered / (r.std() + eps)
+    elif scale != "none":
+        raise ValueError(f"scale must be group, batch or none, not {scale!r}")
+    flat = (r == r[:, :1]).all(dim=1, keepdim=True)  # all-equal group: exactly zero, not ~1e-13
+    return centered.masked_fill(flat, 0.0)
+
+
+# ---------------------------------------------------------------- policy loss
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                mask: torch.Tensor, *, eps_low: float = 0.2, eps_high: float = 0.2,
+                loss_type: LossType = "dapo", max_completion_len: int | None = None,
+                ref_logprobs: torch.Tensor | None = None, beta: float = 0.0,
+                ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped surrogate loss over the completion tokens.
+
+    logprobs / old_logprobs / ref_logprobs [B, T] (old and ref are treated as constants),
+    advantages [B] (one per sequence, broadcast over its tokens), mask [B, T] (1 = a token that
+    counts). Per token: ratio = exp(lp - old), loss = -min(ratio*A, clip(ratio, 1-eps_low,
+    1+eps_high)*A) + beta * k3, k3 = exp(ref - lp) - (ref - lp) - 1 (only if beta > 0 and ref given).
+    Aggregation (L = per-token loss, m = mask):
+      grpo:    mean_i( sum_t m*L / max(1, sum_t m) )   -- every row counts, even an empty one (TRL)
+      dr_grpo: sum(m*L) / (B * max_completion_len)
+      dapo:    sum(m*L) / max(1, sum(m))               -- token-mean over the batch
+    Returns (loss, stats): clip_fraction (masked tokens on the clipped branch: A>0 and ratio >
+    1+eps_high, or A<0 and ratio < 1-eps_low), clip_high_fraction, clip_low_fraction, ratio_mean,
+    ratio_max (NaN when no token counts), kl (only when used), loss.
+    """
+    if logprobs.shape != old_logprobs.shape or logprobs.shape != mask.shape or logprobs.dim() != 2:
+        raise ValueError(f"logprobs, old_logprobs and mask must all be [B, T]: "
+                         f"{tuple(logprobs.shape)}, {tuple(old_logprobs.shape)}, {tuple(mask.shape)}")
+    if advantages.shape != logprobs.shape[:1]:
+        raise ValueError(f"advantages must be [B]={logprobs.shape[0]}, got {tuple(advantages.shape)}")
+    m = mask.to(logprobs.dtype)
+    A = advantages.to(logprobs.dtype)[:, None]
+    ratio = torch.exp(logprobs - old_logprobs.detach())
+    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    per_token = -torch.minimum(ratio * A, clipped * A)
+    use_kl = beta > 0 and ref_logprobs is not None
+    if use_kl:
+        d = ref_logprobs.detach() - logprobs
+        kl = torch.exp(d) - d - 1.0
+        per_token = per_token + beta * kl
+
+    B, n_tokens = logprobs.shape[0], m.sum()
+    if loss_type == "grpo":
+        loss = ((per_token * m).sum(1) / m.sum(1).clamp(min=1.0)).mean()
+    elif loss_type == "dr_grpo":
+        if not max_completion_len or max_completion_len < 1:
+            raise ValueError("loss_type dr_grpo needs max_completion_len >= 1")
+        loss = (per_token * m).sum() / (B * max_completion_len)
+    elif loss_type == "dapo":
+        loss = (per_token * m).sum() / n_tokens.clamp(min=1.0)
+    else:
+        raise ValueError(f"loss_type must be grpo, dr_grpo or dapo, not {loss_type!r}")
+
+    with torch.no_grad():  # diagnostics over the tokens that count
+        keep = m > 0
+        n = max(int(keep.sum()), 1)
+        high = (A > 0) & (ratio > 1.0 + eps_high) & keep
+        low = (A < 0) & (ratio < 1.0 - eps_low) & keep
+        empty = not bool(keep.any())
+        stats = {
+            "clip_fraction": float((high | low).sum()) / n,
+            "clip_high_fraction": float(high.sum()) / n,
+            "clip_low_fraction": float(low.sum()) / n,
+            "ratio_mean": float("nan") if empty else float(ratio[keep].mean()),
+            "ratio_max": float("nan") if empty else float(ratio[keep].max()),
+            "loss": float(loss),
+        }
+        if use_kl:
+            stats["kl"] = float((kl * m).sum()) / n
+    return loss, stats
+
+
+# ---------------------------------------------------------------- log-probs
+
+
+def sequence_logprobs(model_logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """[B, T, V] logits (logits[:, t] predict tokens[:, t+1]) and [B, T] tokens -> [B, T] fp32
+    log-probs aligned with the tokens: out[:, t] = log p(tokens[:, t] | tokens[:, :t]) for t >= 1,
+    out[:, 0] = 0."""
+    logp = torch.log_softmax(model_logits[:, :-1].float(), dim=-1)
+    picked = logp.gather(-1, tokens[:, 1:, None].long()).squeeze(-1)
+    return F.pad(picked, (1, 0), value=0.0)
+
+
+def token_logprobs(model: Callable[..., torch.Tensor], input_ids: torch.Tensor,
+                   completion_mask: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token log-probs of `input_ids` (prompt + completion) under `model`, aligned with
+    `completion_mask` [B, T] and zero outside it. attn_mask [B, T] marks real tokens (pass it
+    for left-padded prompts; `GPT.forward` takes it as `attn_mask`). Gradients flow (call under
+    torch.no_grad() for old / reference log-probs)."""
+    logits = model(input_ids) if attn_mask is None else model(input_ids, attn_mask=attn_mask)
+    return sequence_logprobs(logits, input_ids).masked_fill(~completion_mask.bool(), 0.0)
+
+
+# ---------------------------------------------------------------- online difficulty filter
+
+
+def group_pass_rates(rewards: np.ndarray, threshold: float = 1.0) -> np.ndarray:
+    """[n_groups, G] rewards -> [n_groups] fraction of samples with reward >= threshold (full
+    credit, as `tasks.core.rollout.is_correct`)."""
+    r = np.asarray(rewards, dtype=float)
+    if r.ndim != 2:
+        raise ValueError(f"rewards must be [n_groups, G], got shape {r.shape}")
+    return (r >= threshold).mean(axis=1) if r.shape[1] else np.zeros(r.shape[0])
+
+
+def keep_groups(pass_rates: np.ndarray, mode: FilterMode,
+                band: tuple[float, float] = (0.1, 0.9)) -> np.ndarray:
+    """Boolean mask over groups: "none" keeps all, "mixed" keeps 0 < p < 1 (DAPO dynamic sampling /
+    verl filter_groups on acc), "balanced" keeps low < p < high (`tasks.difficulty.in_band`)."""
+    p = np.asarray(pass_rates, dtype=float)
+    if mode == "none":
+        return np.ones(p.shape, dtype=bool)
+    if mode == "mixed":
+        return (p > 0.0) & (p < 1.0)
+    if mode == "balanced":
+        from tasks.difficulty import in_band  # lazy: tasks.difficulty pulls in the stage machinery
+
+        return np.asarray(in_band(p, tuple(band)), dtype=bool)
+    raise ValueError(f"mode must be none, mixed or balanced, not {mode!r}")
+
+
+class FillResult(NamedTuple):
+    group_ids: list  # ids of the kept groups, in draw order, at most batch_groups
+    rewards: np.ndarray  # [len(group_ids), G]
+    rounds_used: int
+    shortfall: bool  # fewer than batch_groups kept when the round cap was hit
+    stats: dict[str, float]
+
+
+def fill_batch(draw_round: Callable[[int], tuple[Sequence[Any], np.ndarray]], batch_groups: int,
+               mode: FilterMode = "mixed", band: tuple[float, float] = (0.1, 0.9),
+               max_generation_rounds: int = 10, threshold: float = 1.0) -> FillResult:
+    """Draw rounds of groups until `batch_groups` pass the filter or `max_generation_rounds` rounds
+    were drawn. draw_round(round_index) -> (group_ids [n], rewards [n, G]), a fresh (oversampled)
+    set each call. Kept groups are taken in draw order and truncated to batch_groups. The ids are
+    returned as given: make them unique across rounds (e.g. (round_index, row) or a uid keyed to
+    the completions) if the caller must find each kept group's completions again.
+    stats: rounds, groups_drawn, groups_kept (passed the filter, before truncation), kept_fraction
+    (groups_kept / groups_drawn: the filter's survival rate), zero_variance_fraction (drawn groups
+    whose rewards are all equal), pass_rate_mean (over drawn groups), batch_fill (kept / wanted)."""
+    if batch_groups < 1 or max_generation_rounds < 1:
+        raise ValueError("batch_groups and max_generation_rounds must be >= 1")
+    ids: list = []
+    kept_rewards: list[np.ndarray] = []
+    drawn = passed = zero_var = 0
+    rate_sum = 0.0
+    rounds = G = 0
+    while rounds < max_generation_rounds and len(ids) < batch_groups:
+        group_ids, rewards = draw_round(rounds)
+        r = np.asarray(rewards, dtype=float)
+        if r.ndim != 2 or len(group_ids) != r.shape[0]:
+            raise ValueError(f"draw_round({rounds}) must give n ids and [n, G] rewards: "
+                             f"{len(group_ids)} ids, rewards shape {r.shape}")
+        rounds, G = rounds + 1, r.shape[1]
+        rates = group_pass_rates(r, threshold)
+        keep = keep_groups(rates, mode, band)
+        drawn += r.shape[0]
+        passed += int(keep.sum())
+        zero_var += int((r == r[:, :1]).all(axis=1).sum())
+        rate_sum += float(rates.sum())
+        for row in np.flatnonzero(keep)[: batch_groups - len(ids)]:
+            ids.append(group_ids[row])
+            kept_rewards.append(r[row])
+    stats = {
+        "rounds": float(rounds),
+        "groups_drawn": float(drawn),
+        "groups_kept": float(passed),
+        "kept_fraction": passed / drawn if drawn else 0.0,
+        "zero_variance_fraction": zero_var / drawn if drawn else 0.0,
+        "pass_rate_mean": rate_sum / drawn if drawn else 0.0,
+        "batch_fill": len(ids) / batch_groups,
+    }
+    rewards_out = np.stack(kept_rewards) if kept_rewards else np.zeros((0, G))
+    return FillResult(ids, rewards_out, rounds, len(ids) < batch_groups, stats)

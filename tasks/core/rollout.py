@@ -1,0 +1,118 @@
+"""Rollouts: sample completions for chat prompts and score them with the tasks' verifiers.
+
+Shared by eval, difficulty and RL. A prompt row is a dict from `tasks.prompts.load_prompts`
+(`id`, `task`, `question`, `answer`, `metadata`, ...). Completions are token ids generated with
+the model's KV cache (`GPT.generate`), stopping at `<|end|>` (kept as the last id when sampled).
+
+Determinism: one `torch.Generator` seeded once per call draws every sample in batch order, so
+the same (model, rows, n, settings, batch_size, seed) gives the same completions on the same
+device. The draws depend on the batch layout: each row's copies are laid out consecutively
+(row 0 x n, row 1 x n, ...) and cut into batches of `batch_size` sequences, so changing
+`batch_size`, the row order or n changes which random numbers a sequence gets (and left padding
+depends on the other prompts in a batch, which can move logits by float rounding).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from typing import Callable, Iterable, Iterator, Sequence
+
+import fsspec
+import torch
+
+from tasks.core import chat
+from tasks.core.model import load_model
+from tasks.tokenizer import END, load_tokenizer, special_ids
+
+log = logging.getLogger("slmflow")
+CORRECT = 1.0  # a sample counts as correct when its verifier reward is at least this (full credit)
+
+
+def is_correct(reward: float) -> bool:
+    """Full credit only: reasoning-gym gives partial rewards (e.g. the answer inside extra text)."""
+    return reward >= CORRECT
+
+
+def end_id(tok) -> int:
+    ids = special_ids(tok)
+    if END not in ids:
+        raise ValueError(f"the tokenizer has no {END} token (special tokens: {sorted(ids)})")
+    return ids[END]
+
+
+def _device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration):  # a fake model in tests
+        return torch.device("cpu")
+
+
+def sample_completions(model, tok, rows: Sequence[dict], n: int, temperature: float, top_k: int | None,
+                       max_new_tokens: int, batch_size: int, seed: int,
+                       progress: Callable[[Iterable, int, str], Iterator] | None = None) -> list[list[list[int]]]:
+    """For each row, n completions (generated token ids, `<|end|>` included when reached).
+
+    Sequences are the rows' prompts, each repeated n times in place, in batches of `batch_size`
+    sequences; one generator seeded with `seed` serves every batch (see the module docstring for
+    what the draws depend on). temperature 0 is greedy: the n copies are then identical, so use n=1.
+    `progress(iterable, total, what)` (e.g. `ctx.progress`) wraps the loop over batches.
+    """
+    if n < 1 or batch_size < 1:
+        raise ValueError(f"need n >= 1 and batch_size >= 1 (got n={n}, batch_size={batch_size})")
+    eos = end_id(tok)
+    prompts = [chat.prompt_ids(tok, row["question"]) for row in rows]
+    limit = getattr(getattr(model, "dims", None), "max_seq_len", None)
+    longest = max(map(len, prompts), default=0) + max_new_tokens
+    if limit is not None and longest > limit:
+        log.warning("rollout: prompt + completion up to %d tokens, beyond the model's max_seq_len %d "
+                    "(positions it never trained on)", longest, limit)
+    seqs = [p for p in prompts for _ in range(n)]
+    generator = torch.Generator(device=_device(model)).manual_seed(seed)
+    starts = range(0, len(seqs), batch_size)
+    if progress is not None:
+        starts = progress(starts, len(starts), "batches generated")
+    out: list[list[int]] = []
+    for s in starts:
+        out.extend(model.generate(seqs[s : s + batch_size], max_new_tokens, temperature=temperature, top_k=top_k,
+                                  eos_id=eos, generator=generator, use_cache=True))
+    return [out[i * n : (i + 1) * n] for i in range(len(rows))]
+
+
+def score_completions(tok, rows: Sequence[dict], completions: Sequence[Sequence[Sequence[int]]]
+                      ) -> tuple[list[list[str]], list[list[float]]]:
+    """(texts, rewards), nested like `completions`: decoded up to `<|end|>`, scored by the row's verifier."""
+    texts = [[chat.decode_completion(tok, list(ids)) for ids in per_row] for per_row in completions]
+    rewards = [[float(chat.score(row, text)) for text in per_row] for row, per_row in zip(rows, texts)]
+    return texts, rewards
+
+
+def take_per_task(rows: Sequence[dict], cap: int | None) -> list[dict]:
+    """The first `cap` rows of each task, in the given order (all rows when cap is None)."""
+    if cap is None:
+        return list(rows)
+    seen: dict[str, int] = {}
+    out = []
+    for row in rows:
+        if seen.get(row["task"], 0) < cap:
+            seen[row["task"]] = seen.get(row["task"], 0) + 1
+            out.append(row)
+    return out
+
+
+def resolve_device(device: str) -> torch.device:
+    """The torch device of a `device` setting: auto is cuda when available, else cpu."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_policy(artifact, device: str | torch.device = "cpu"):
+    """(model in eval mode, tokenizer) from a training-stage output: `<artifact.path>/model/`."""
+    directory = f"{artifact.path.rstrip('/')}/model"
+    fs, path = fsspec.core.url_to_fs(directory)
+    if not (fs.protocol in ("file", "local") or "file" in fs.protocol):  # a remote store: copy it here
+        local = tempfile.mkdtemp(prefix="slmflow-model-")
+        fs.get(path.rstrip("/") + "/", local, recursive=True)
+        directory = local
+    return load_model(directory, device).eval(), load_tokenizer(directory)

@@ -1,0 +1,125 @@
+"""Decontaminate: drop training documents that contain an eval prompt's question.
+
+Inputs `documents` (dedup output: `documents/part-*.parquet`, any columns beyond `id`,
+`text`, `source` are carried through) and `prompts` (its `eval` table). Only documents whose
+`source` is in `sources` are checked (by default the reasoning-gym worked problems, the only
+corpus text that can hold an eval question verbatim); the rest pass untouched.
+
+A document is removed when its normalized text (`tasks.prompts.normalize`: NFC, whitespace
+folded, lowercased, stripped) contains the normalized question of any eval prompt as a
+substring. Matching is O(characters of the checked documents + eval questions): every
+question is indexed under its first k characters (k = the shortest question's length, at
+most 32); each window of k characters of a document is one dict lookup, and only a hit is
+confirmed with `startswith` against that key's questions. A reasoning-gym document starts
+with its question, so it is usually caught at offset 0, but a question anywhere in a
+document is found too (no dependence on how the document was rendered).
+
+Outputs: `documents` (the kept rows, same schema, one shard per input shard with the same
+names, possibly empty) and `removed` (`doc_id`, `prompt_id`, `task`: one row per matching
+(document, eval prompt) pair, sorted). Metrics: `docs_in`, `docs_out`, `removed`
+(documents), `removed.<source>` for each checked source, `matches` (pairs).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from tasks.core.orchestration import stage_task
+from tasks.core.stage import Stage, StageConfig, StageContext, StageError
+from tasks.core.store import write_parquet
+from tasks.prompts import load_prompts, normalize
+
+VERSION = 1
+MAX_KEY = 32
+REMOVED_SCHEMA = pa.schema([("doc_id", pa.string()), ("prompt_id", pa.string()), ("task", pa.string())])
+
+
+class DecontaminateConfig(StageConfig):
+    sources: list[str] = Field(["reasoning_gym"], description="document sources to check against the eval questions")
+
+
+class QuestionIndex:
+    """Normalized eval questions, findable in a text in one pass over it."""
+
+    def __init__(self, prompts: list[dict]):
+        self.questions: dict[str, list[tuple[str, str]]] = {}  # normalized question -> [(prompt_id, task)]
+        for p in prompts:
+            q = normalize(p["question"])
+            if q:
+                self.questions.setdefault(q, []).append((p["id"], p["task"]))
+        self.k = min([MAX_KEY, *map(len, self.questions)]) if self.questions else 0
+        self.by_key: dict[str, list[tuple[str, list[tuple[str, str]]]]] = {}
+        for q, owners in sorted(self.questions.items()):
+            self.by_key.setdefault(q[: self.k], []).append((q, owners))
+
+    def find(self, text: str) -> set[tuple[str, str]]:
+        """(prompt_id, task) of every question that occurs in the normalized `text`."""
+        found: set[tuple[str, str]] = set()
+        k, by_key = self.k, self.by_key
+        if not k:
+            return found
+        for pos in range(len(text) - k + 1):
+            cands = by_key.get(text[pos:pos + k])
+            if cands:
+                for q, owners in cands:
+                    if text.startswith(q, pos):
+                        found.update(owners)
+        return found
+
+
+def shard_matches(path: str, prompts: list[dict], sources: list[str]) -> dict:
+    """One shard: a keep mask and the (doc_id, prompt_id, task) matches (mapped over workers).
+
+    `prompts` are plain {"id", "task", "question"} dicts (cheap to ship to a worker); the
+    index is rebuilt per shard, which costs O(questions)."""
+    index = QuestionIndex(prompts)
+    table = pq.read_table(path, columns=["id", "text", "source"])
+    checked = set(sources)
+    keep, matches, removed = [], [], Counter()
+    for doc, text, source in zip(table["id"].to_pylist(), table["text"].to_pylist(), table["source"].to_pylist()):
+        found = index.find(normalize(text)) if source in checked else set()
+        keep.append(not found)
+        if found:
+            removed[source] += 1
+            matches.extend((doc, pid, task) for pid, task in sorted(found))
+    return {"keep": keep, "matches": matches, "removed": dict(removed)}
+
+
+def decontaminate(cfg: DecontaminateConfig, inputs: dict, ctx: StageContext) -> dict:
+    files = inputs["documents"].files("documents")
+    if not files:
+        raise StageError("decontaminate: input 'documents' has no documents/*.parquet shards")
+    evals = [{"id": p["id"], "task": p["task"], "question": p["question"]} for p in load_prompts(inputs["prompts"], "eval")]
+    parts = ctx.map(shard_matches, files, prompts=evals, sources=list(cfg.sources))
+
+    docs_in = docs_out = 0
+    for path, part in zip(files, parts):
+        table = pq.read_table(path)
+        kept = table.filter(pa.array(part["keep"], pa.bool_()))
+        write_parquet(kept, ctx.out / "documents" / path.rsplit("/", 1)[-1])
+        docs_in += len(table)
+        docs_out += len(kept)
+    matches = sorted(m for p in parts for m in p["matches"])
+    write_parquet(pa.table({c: [m[i] for m in matches] for i, c in enumerate(REMOVED_SCHEMA.names)}, schema=REMOVED_SCHEMA),
+                  ctx.out / "removed" / "part-00000.parquet")
+
+    removed = Counter({s: 0 for s in cfg.sources})
+    for p in parts:
+        removed.update(p["removed"])
+    metrics = {
+        "docs_in": docs_in,
+        "docs_out": docs_out,
+        "removed": docs_in - docs_out,
+        "matches": len(matches),
+        "eval_questions": len(QuestionIndex(evals).questions),
+        **{f"removed.{s}": n for s, n in sorted(removed.items())},
+    }
+    return {"rows": {"documents": docs_out, "removed": len(matches)}, "metrics": metrics}
+
+
+STAGE = Stage("decontaminate", VERSION, DecontaminateConfig, decontaminate, report_metrics=("removed", "docs_out"))
+decontaminate_task = stage_task(STAGE)

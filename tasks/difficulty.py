@@ -1,0 +1,156 @@
+"""Difficulty: offline difficulty filtering of a prompt set with the current model (PAPERS.md).
+
+For each prompt (the first `max_prompts_per_task` of each task of `split`, in table order):
+k samples at `temperature`, each scored by the task's verifier; a sample is correct on full
+credit (reward 1.0). pass_rate = correct / k, and a prompt is kept when it lies strictly inside
+the band: low < pass_rate < high (both ends excluded; with the default (0.1, 0.9) a prompt the
+model always or never solves is dropped, and so is one at exactly 0.1 or 0.9).
+
+Outputs: `pass_rates` (`prompt_id`, `task`, `k`, `correct`, `pass_rate`, `kept`), one row per
+scored prompt, and `samples` (`prompt_id`, `sample`, `completion`, `reward`), one row per sample,
+so later stages and reruns reuse the rates without sampling again (`load_pass_rates`, `kept_ids`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from tasks.core.orchestration import stage_task
+from tasks.core.rollout import (
+    is_correct,
+    load_policy,
+    resolve_device,
+    sample_completions,
+    score_completions,
+    take_per_task,
+)
+from tasks.core.stage import Stage, StageConfig, StageContext, StageError
+from tasks.core.store import Artifact, write_parquet
+from tasks.prompts import load_prompts
+
+VERSION = 1
+
+
+class DifficultyConfig(StageConfig):
+    split: str = Field("train", description="which prompts table to score")
+    k: int = Field(8, ge=1, description="samples per prompt")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature")
+    top_k: int | None = Field(None, ge=1, description="sample from the top_k tokens only (None: all)")
+    max_new_tokens: int = Field(32, ge=1, description="completion length cap (tokens)")
+    band: tuple[float, float] = Field((0.1, 0.9), description="keep prompts with low < pass_rate < high (strict)")
+    max_prompts_per_task: int | None = Field(200, ge=1, description="first N prompts of each task (None: all)")
+    batch_size: int = Field(64, ge=1, description="sequences per generate call")
+    seed: int = Field(0, description="seed of the sampling generator")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
+
+
+def in_band(pass_rate, band: tuple[float, float]):
+    """low < pass_rate < high, both ends excluded; a float gives a bool, an array (numpy,
+    polars Series or expression) gives an elementwise mask."""
+    low, high = band
+    return (pass_rate > low) & (pass_rate < high)
+
+
+def check(cfg: DifficultyConfig) -> None:
+    low, high = cfg.band
+    if not 0.0 <= low < high <= 1.0:
+        raise StageError(f"difficulty.band: need 0 <= low < high <= 1, got {list(cfg.band)}")
+
+
+def load_pass_rates(artifact: Artifact) -> pl.DataFrame:
+    """The `pass_rates` table of a difficulty output."""
+    return pl.concat([pl.from_arrow(pq.read_table(p)) for p in artifact.files("pass_rates")])
+
+
+def kept_ids(artifact: Artifact) -> set[str]:
+    """Ids of the prompts inside the band."""
+    return set(load_pass_rates(artifact).filter(pl.col("kept"))["prompt_id"].to_list())
+
+
+def pass_rate_figure(table: pl.DataFrame, k: int, band: tuple[float, float]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bottom = np.zeros(k + 1)
+    for task in sorted(table["task"].unique().to_list()):
+        counts = np.bincount(table.filter(pl.col("task") == task)["correct"].to_numpy(), minlength=k + 1)
+        ax.bar(np.arange(k + 1) / k, counts, width=0.8 / k, bottom=bottom, label=task)
+        bottom += counts
+    ax.axvspan(*band, color="tab:green", alpha=0.1, label=f"kept: {band[0]} < p < {band[1]}")
+    kept = int(table["kept"].sum())
+    ax.set(xlabel=f"pass rate (correct / {k})", ylabel="prompts",
+           title=f"difficulty: {kept} of {len(table)} prompts kept")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def difficulty(cfg: DifficultyConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
+    check(cfg)
+    rows = take_per_task(load_prompts(inputs["prompts"], cfg.split), cfg.max_prompts_per_task)
+    if not rows:
+        raise StageError(f"difficulty: prompts split {cfg.split!r} has no rows")
+    model, tok = load_policy(inputs["model"], resolve_device(cfg.device))
+
+    start = time.monotonic()
+    completions = sample_completions(model, tok, rows, cfg.k, cfg.temperature, cfg.top_k, cfg.max_new_tokens,
+                                     cfg.batch_size, cfg.seed, ctx.progress)
+    seconds = time.monotonic() - start
+    texts, rewards = score_completions(tok, rows, completions)
+
+    correct = [sum(map(is_correct, rs)) for rs in rewards]
+    table = pl.DataFrame({
+        "prompt_id": [r["id"] for r in rows],
+        "task": [r["task"] for r in rows],
+        "k": [cfg.k] * len(rows),
+        "correct": correct,
+    }, schema_overrides={"k": pl.Int32, "correct": pl.Int32})
+    table = table.with_columns(pass_rate=pl.col("correct") / pl.col("k"))
+    table = table.with_columns(kept=in_band(pl.col("pass_rate"), cfg.band))
+    write_parquet(table.to_arrow(), ctx.out / "pass_rates" / "part-00000.parquet")
+    samples = pl.DataFrame({
+        "prompt_id": [r["id"] for r, ts in zip(rows, texts) for _ in ts],
+        "sample": [j for ts in texts for j in range(len(ts))],
+        "completion": [t for ts in texts for t in ts],
+        "reward": [x for rs in rewards for x in rs],
+    }, schema_overrides={"sample": pl.Int32, "reward": pl.Float64})
+    write_parquet(samples.to_arrow(), ctx.out / "samples" / "part-00000.parquet")
+
+    per_task = table.group_by("task").agg(
+        kept_fraction=pl.col("kept").cast(pl.Float64).mean(),
+        pass_rate=pl.col("pass_rate").mean(),
+        frac_zero=(pl.col("correct") == 0).cast(pl.Float64).mean(),
+        frac_one=(pl.col("correct") == pl.col("k")).cast(pl.Float64).mean(),
+        prompts=pl.len(),
+    ).sort("task")
+    metrics: dict[str, float] = {
+        "prompts": len(table),
+        "kept": int(table["kept"].sum()),
+        "kept_fraction": float(table["kept"].mean()),
+        "pass_rate": float(table["pass_rate"].mean()),
+        "frac_zero": float((table["correct"] == 0).mean()),
+        "frac_one": float((table["correct"] == cfg.k).mean()),
+    }
+    for row in per_task.iter_rows(named=True):
+        for m in ("kept_fraction", "pass_rate", "frac_zero", "frac_one", "prompts"):
+            metrics[f"{m}.{row['task']}"] = row[m]
+    generated = sum(len(c) for cs in completions for c in cs)
+    metrics["generated_tokens"] = generated
+    metrics["generate_seconds"] = round(seconds, 3)
+    metrics["generate_tokens_per_s"] = generated / max(1e-9, seconds)
+    ctx.log_figure(pass_rate_figure(table, cfg.k, cfg.band), "pass_rates")
+    return {"rows": {"pass_rates": len(table), "samples": len(samples)}, "metrics": metrics}
+
+
+STAGE = Stage("difficulty", VERSION, DifficultyConfig, difficulty, check=check,
+              report_metrics=("kept_fraction", "pass_rate", "frac_zero", "frac_one"))
+difficulty_task = stage_task(STAGE)

@@ -1,0 +1,120 @@
+"""Eval: held-out accuracy of a model on the prompts stage's eval split (reasoning-gym verifiers).
+
+Per prompt (the first `max_prompts_per_task` of each task, in table order): one greedy
+completion (pass@1) and k samples at `temperature` (pass@k). A sample is correct when its
+verifier gives full credit (reward 1.0, `tasks.core.rollout.is_correct`).
+
+- pass_at_1: fraction of prompts whose greedy completion is correct.
+- pass_at_k: fraction of prompts with at least one correct sample out of k (the unbiased
+  estimator 1 - C(n-c, k)/C(n, k) at n = k).
+- sampled_pass_at_1: mean fraction of correct samples (the unbiased pass@1 estimate at temperature).
+- completion_tokens: mean greedy completion length in generated tokens (<|end|> included when emitted).
+
+Each is logged per task (`pass_at_1.<task>`) and as the mean over tasks (each task weighs the
+same). Output table `results`, one row per prompt. The model input is any training-stage
+output (`<path>/model/` with weights, config and tokenizer).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import polars as pl
+from pydantic import Field
+
+from tasks.core import chat
+from tasks.core.orchestration import stage_task
+from tasks.core.rollout import (
+    is_correct,
+    load_policy,
+    resolve_device,
+    sample_completions,
+    score_completions,
+    take_per_task,
+)
+from tasks.core.stage import Stage, StageConfig, StageContext, StageError
+from tasks.core.store import Artifact, write_parquet
+from tasks.prompts import load_prompts
+
+VERSION = 1
+MEASURES = ("pass_at_1", "pass_at_k", "sampled_pass_at_1", "completion_tokens")
+
+
+class EvalConfig(StageConfig):
+    split: str = Field("eval", description="which prompts table to evaluate on")
+    max_prompts_per_task: int | None = Field(100, ge=1, description="first N prompts of each task (None: all)")
+    max_new_tokens: int = Field(32, ge=1, description="completion length cap (tokens)")
+    k: int = Field(8, ge=1, description="samples per prompt for pass@k")
+    temperature: float = Field(0.8, gt=0, description="sampling temperature of the k samples (greedy is separate)")
+    top_k: int | None = Field(None, ge=1, description="sample from the top_k tokens only (None: all)")
+    batch_size: int = Field(64, ge=1, description="sequences per generate call")
+    seed: int = Field(0, description="seed of the sampling generator")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
+
+
+def summarize(results: pl.DataFrame) -> dict[str, float]:
+    """Per-task and over-task-mean metrics from a results table (also used by tests)."""
+    per_task = (
+        results.group_by("task")
+        .agg(
+            pass_at_1=pl.col("greedy_correct").cast(pl.Float64).mean(),
+            pass_at_k=(pl.col("samples_correct") > 0).cast(pl.Float64).mean(),
+            sampled_pass_at_1=(pl.col("samples_correct") / pl.col("k")).mean(),
+            completion_tokens=pl.col("completion_tokens").cast(pl.Float64).mean(),
+            prompts=pl.len(),
+        )
+        .sort("task")
+    )
+    metrics: dict[str, float] = {}
+    for row in per_task.iter_rows(named=True):
+        for m in (*MEASURES, "prompts"):
+            metrics[f"{m}.{row['task']}"] = row[m]
+    for m in MEASURES:
+        metrics[m] = float(per_task[m].mean())
+    metrics["prompts"] = len(results)
+    metrics["tasks"] = len(per_task)
+    return metrics
+
+
+def evaluate(cfg: EvalConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
+    rows = take_per_task(load_prompts(inputs["prompts"], cfg.split), cfg.max_prompts_per_task)
+    if not rows:
+        raise StageError(f"eval: prompts split {cfg.split!r} has no rows")
+    model, tok = load_policy(inputs["model"], resolve_device(cfg.device))
+
+    start = time.monotonic()
+    greedy = sample_completions(model, tok, rows, 1, 0.0, None, cfg.max_new_tokens, cfg.batch_size, cfg.seed,
+                                ctx.progress)
+    greedy_seconds = time.monotonic() - start
+    greedy = [c[0] for c in greedy]
+    g_texts, g_rewards = score_completions(tok, rows, [[c] for c in greedy])
+    start = time.monotonic()
+    samples = sample_completions(model, tok, rows, cfg.k, cfg.temperature, cfg.top_k, cfg.max_new_tokens,
+                                 cfg.batch_size, cfg.seed, ctx.progress)
+    sample_seconds = time.monotonic() - start
+    _, s_rewards = score_completions(tok, rows, samples)
+
+    results = pl.DataFrame({
+        "prompt_id": [r["id"] for r in rows],
+        "task": [r["task"] for r in rows],
+        "greedy_completion": [t[0] for t in g_texts],
+        "greedy_answer": [chat.extract_answer(t[0]) for t in g_texts],
+        "greedy_score": [r[0] for r in g_rewards],
+        "greedy_correct": [is_correct(r[0]) for r in g_rewards],
+        "samples_correct": [sum(map(is_correct, rs)) for rs in s_rewards],
+        "k": [cfg.k] * len(rows),
+        "completion_tokens": [len(c) for c in greedy],
+    }, schema_overrides={"samples_correct": pl.Int32, "k": pl.Int32, "completion_tokens": pl.Int32})
+    write_parquet(results.to_arrow(), ctx.out / "results" / "part-00000.parquet")
+
+    metrics = summarize(results)
+    generated = sum(len(c) for c in greedy) + sum(len(c) for cs in samples for c in cs)
+    metrics["generated_tokens"] = generated
+    metrics["generate_seconds"] = round(greedy_seconds + sample_seconds, 3)
+    metrics["generate_tokens_per_s"] = generated / max(1e-9, greedy_seconds + sample_seconds)
+    return {"rows": {"results": len(results)}, "metrics": metrics}
+
+
+STAGE = Stage("eval", VERSION, EvalConfig, evaluate, report_metrics=("pass_at_1", "pass_at_k", "completion_tokens"))
+eval_task = stage_task(STAGE)

@@ -1,0 +1,110 @@
+"""SFT: the base model learns to answer, on chat-formatted training prompts (loss on the completion).
+
+Each example is `prompt_ids + completion + <|end|>` (tasks.core.chat), with a loss mask that is 1
+only on the completion and the closing <|end|>: prompt tokens give no loss and no gradient.
+Examples are packed whole into rows (never split, so every completion sees its question);
+rows are padded at the end. Prompts the base model already masters (its pass rate in the
+difficulty table reaches `max_pass_rate`) are left out. Training reuses the pretraining loop,
+with its own schedule, checkpoints, resume, metrics and logged model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from tasks.core.chat import completion_text, example_ids
+from tasks.core.model import ModelConfig
+from tasks.core.orchestration import stage_task
+from tasks.core.stage import Stage, StageConfig, StageContext, StageError
+from tasks.core.store import Artifact
+from tasks.core.train import TrainConfig
+from tasks.difficulty import load_pass_rates
+from tasks.pretrain import run_training, save_array
+from tasks.prompts import load_prompts
+from tasks.tokenizer import PAD, below_fraction, doc_hash, load_tokenizer, special_ids, tokenizer_path
+
+VERSION = 1
+
+
+class SFTConfig(StageConfig, TrainConfig):
+    # SFT's own defaults: a lower LR with linear decay (PAPERS: larger batches, lower LR)
+    batch_size: int = 32
+    max_steps: int = 300
+    lr: float = 1e-3
+    schedule: Literal["wsd", "cosine", "linear"] = "linear"
+    warmup_steps: int = 10
+    eval_every: int = 100
+    seq_len: int | None = Field(None, description="row length; default the base model's max_seq_len")
+    val_fraction: float = Field(0.02, gt=0, lt=1, description="training prompts held out for SFT validation loss")
+    use_solutions: bool = Field(True, description="train on the worked solution where the task has one")
+    max_pass_rate: float | None = Field(0.9, description="drop prompts the base model solves at least this often")
+
+
+def pack_examples(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int):
+    """Whole examples into rows of seq_len+1 tokens (first fit, in order); returns tokens, mask, dropped."""
+    width = seq_len + 1
+    tokens, masks, row_t, row_m, dropped = [], [], [], [], 0
+
+    def flush():
+        if row_t:
+            tokens.append(row_t + [pad_id] * (width - len(row_t)))
+            masks.append(row_m + [0] * (width - len(row_m)))
+
+    for ids, mask in examples:
+        if len(ids) > width:
+            dropped += 1
+            continue
+        if len(row_t) + len(ids) > width:
+            flush()
+            row_t, row_m = [], []
+        row_t, row_m = row_t + ids, row_m + mask
+    flush()
+    return np.array(tokens, np.int32).reshape(-1, width), np.array(masks, np.int8).reshape(-1, width), dropped
+
+
+def sft(cfg: SFTConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
+    base, tok_art = inputs["model"], inputs["tokenizer"]
+    tok = load_tokenizer(tok_art)
+    pad_id = special_ids(tok)[PAD]
+    model_cfg = ModelConfig.model_validate_json(Path(base.path, "model", "config.json").read_text())
+    seq_len = cfg.seq_len or model_cfg.max_seq_len
+    if seq_len > model_cfg.max_seq_len:
+        raise StageError(f"sft.seq_len {seq_len} exceeds the base model's max_seq_len {model_cfg.max_seq_len}")
+
+    rows = load_prompts(inputs["prompts"], "train")
+    mastered = 0
+    if "difficulty" in inputs and cfg.max_pass_rate is not None:
+        rates = dict(load_pass_rates(inputs["difficulty"]).select("prompt_id", "pass_rate").iter_rows())
+        keep = [r for r in rows if rates.get(r["id"], 0.0) < cfg.max_pass_rate]
+        mastered, rows = len(rows) - len(keep), keep
+    if not rows:
+        raise StageError("sft: no training prompts left (check prompts sizes and sft.max_pass_rate)")
+    is_val = below_fraction(doc_hash([r["id"] for r in rows], cfg.seed), cfg.val_fraction)
+
+    arrays, metrics = {}, {"mastered_dropped": mastered}
+    for split, select in (("train", ~is_val), ("val", is_val)):
+        examples = [
+            example_ids(tok, r["question"], completion_text(r["answer"], r.get("solution") if cfg.use_solutions else None))
+            for r, chosen in zip(rows, select) if chosen
+        ]
+        tokens, mask, dropped = pack_examples(examples, seq_len, pad_id)
+        arrays[split], arrays[f"{split}_mask"] = ctx.work_dir() / f"{split}.npy", ctx.work_dir() / f"{split}_mask.npy"
+        save_array(arrays[split], tokens)
+        save_array(arrays[f"{split}_mask"], mask)
+        metrics.update({f"{split}_examples": len(examples), f"{split}_rows": len(tokens),
+                        f"{split}_too_long": dropped, f"{split}_target_tokens": int(mask[:, 1:].sum())})
+    if metrics["train_rows"] < cfg.batch_size:
+        raise StageError(f"sft.batch_size {cfg.batch_size} exceeds the {metrics['train_rows']} packed SFT rows")
+    result = run_training(cfg, ctx, model_cfg, arrays, pad_id, tokenizer_path(tok_art), init_from=base)
+    result["metrics"].update(metrics)
+    result["metrics"]["epochs"] = result["metrics"]["steps"] * cfg.batch_size / metrics["train_rows"]
+    return result
+
+
+STAGE = Stage("sft", VERSION, SFTConfig, sft, store="models",
+              report_metrics=("val_loss", "train_examples", "epochs", "tokens_per_s"))
+sft_task = stage_task(STAGE)

@@ -1,0 +1,105 @@
+"""Rollouts: batch layout, determinism, greedy decoding and scoring with the real verifiers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import pre_tokenizers, trainers
+
+from tasks.core import chat
+from tasks.core.model import GPT, ModelConfig
+from tasks.core.rollout import end_id, is_correct, sample_completions, score_completions, take_per_task
+from tasks.prompts import DEFAULT_TASKS, generate
+from tasks.tokenizer import TokenizerConfig, new_tokenizer
+
+TASK = "basic_arithmetic"
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return generate(TASK, DEFAULT_TASKS[TASK], "eval", 1, 6)
+
+
+@pytest.fixture(scope="module")
+def tok(rows):
+    t = new_tokenizer()
+    trainer = trainers.BpeTrainer(vocab_size=320, min_frequency=2, special_tokens=TokenizerConfig().special_tokens,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    texts = [r["question"] + "\n" + chat.completion_text(r["answer"]) for r in rows]
+    t.train_from_iterator(texts * 4, trainer)
+    return t
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    torch.manual_seed(0)
+    return GPT(ModelConfig(vocab_size=tok.get_vocab_size(), depth=1, width=32, max_seq_len=128)).eval()
+
+
+def reference(model, tok, rows, n, temperature, max_new_tokens, batch_size, seed):
+    """The documented layout spelled out: each prompt n times in place, cut into batches, one generator."""
+    seqs = [chat.prompt_ids(tok, r["question"]) for r in rows for _ in range(n)]
+    g = torch.Generator().manual_seed(seed)
+    flat = []
+    for s in range(0, len(seqs), batch_size):
+        flat += model.generate(seqs[s:s + batch_size], max_new_tokens, temperature=temperature,
+                               eos_id=end_id(tok), generator=g)
+    return [flat[i * n:(i + 1) * n] for i in range(len(rows))]
+
+
+def test_layout_shapes_and_reference(model, tok, rows):
+    got = sample_completions(model, tok, rows, 3, 1.0, None, 12, 4, 7)  # batches of 4 split rows' copies
+    assert len(got) == len(rows) and all(len(c) == 3 for c in got)
+    end = end_id(tok)
+    for per_row in got:
+        for ids in per_row:
+            assert 1 <= len(ids) <= 12 and end not in ids[:-1]
+    assert got == reference(model, tok, rows, 3, 1.0, 12, 4, 7)
+
+
+def test_same_seed_same_completions(model, tok, rows):
+    a = sample_completions(model, tok, rows, 4, 1.0, None, 10, 8, 3)
+    b = sample_completions(model, tok, rows, 4, 1.0, None, 10, 8, 3)
+    c = sample_completions(model, tok, rows, 4, 1.0, None, 10, 8, 4)
+    assert a == b and a != c
+    # top_k=1 is greedy: every copy equals the greedy completion, whatever the seed
+    greedy = sample_completions(model, tok, rows, 1, 0.0, None, 10, 8, 0)
+    top1 = sample_completions(model, tok, rows, 2, 1.0, 1, 10, 5, 99)
+    assert all(t == [g[0], g[0]] for t, g in zip(top1, greedy))
+
+
+def test_greedy_does_not_depend_on_seed_or_batch_size(model, tok, rows):
+    a = sample_completions(model, tok, rows, 1, 0.0, None, 10, 64, 0)
+    b = sample_completions(model, tok, rows, 1, 0.0, None, 10, 2, 123)
+    assert a == b
+
+
+def test_progress_wraps_the_batches(model, tok, rows):
+    seen = []
+
+    def progress(items, total, what):
+        for x in items:
+            seen.append((x, total, what))
+            yield x
+
+    sample_completions(model, tok, rows, 2, 1.0, None, 4, 5, 0, progress)
+    assert [s[0] for s in seen] == [0, 5, 10] and seen[0][1] == 3  # 12 sequences in batches of 5
+
+
+def test_score_completions_uses_the_verifier(tok, rows):
+    end = end_id(tok)
+    right = [chat.encode_plain(tok, chat.completion_text(r["answer"])) + [end] for r in rows]
+    wrong = [chat.encode_plain(tok, "Answer: banana") + [end, 7, 8] for _ in rows]  # text after <|end|> is cut
+    texts, rewards = score_completions(tok, rows, [[a, b] for a, b in zip(right, wrong)])
+    assert [t[0] for t in texts] == [chat.completion_text(r["answer"]) for r in rows]
+    assert all(t[1] == "Answer: banana" for t in texts)
+    assert [r[0] for r in rewards] == [1.0] * len(rows) and [r[1] for r in rewards] == [0.0] * len(rows)
+    assert is_correct(1.0) and not is_correct(0.5)
+
+
+def test_take_per_task():
+    rows = [{"task": t, "id": i} for i, t in enumerate("aabbbac")]
+    assert [r["id"] for r in take_per_task(rows, 2)] == [0, 1, 2, 3, 6]
+    assert take_per_task(rows, None) == rows

@@ -1,0 +1,43 @@
+"""SFT: whole-example packing and the completion-only loss (prompt tokens give no gradient)."""
+
+from __future__ import annotations
+
+import torch
+
+from tasks.core.model import GPT, ModelConfig, token_loss
+from tasks.core.train import IGNORE, targets_of
+from tasks.sft import pack_examples
+
+PAD = 1
+
+
+def example(prompt_len: int, completion_len: int, start: int) -> tuple[list[int], list[int]]:
+    ids = list(range(start, start + prompt_len + completion_len))
+    return ids, [0] * prompt_len + [1] * completion_len
+
+
+def test_pack_examples_keeps_examples_whole():
+    examples = [example(5, 3, 10), example(4, 2, 30), example(6, 4, 50), example(30, 5, 100)]
+    tokens, mask, dropped = pack_examples(examples, seq_len=15, pad_id=PAD)
+    assert dropped == 1  # 35 tokens > seq_len + 1
+    assert tokens.shape == mask.shape == (2, 16)
+    assert tokens[0].tolist() == examples[0][0] + examples[1][0] + [PAD] * 2  # 8 + 6 fit, 10 would not
+    assert mask[0].tolist() == examples[0][1] + examples[1][1] + [0, 0]
+    assert tokens[1].tolist() == examples[2][0] + [PAD] * 6 and mask[1].tolist() == examples[2][1] + [0] * 6
+
+
+def test_prompt_tokens_get_no_loss_and_no_gradient():
+    torch.manual_seed(0)
+    examples = [example(6, 4, 3), example(5, 3, 20)]
+    tokens, mask, _ = pack_examples(examples, seq_len=23, pad_id=PAD)
+    rows, masks = torch.from_numpy(tokens).long(), torch.from_numpy(mask).long()
+    inputs, targets = targets_of(rows, PAD, masks)
+    learn = masks[:, 1:] == 1
+    assert torch.equal(targets != IGNORE, learn)  # targets exactly the completion tokens
+    model = GPT(ModelConfig(vocab_size=64, depth=1, width=32, max_seq_len=32))
+    logits = model(inputs)
+    logits.retain_grad()
+    token_loss(logits, targets).backward()
+    grad_norm_per_position = logits.grad.abs().sum(-1)
+    assert torch.all(grad_norm_per_position[~learn] == 0)  # prompt and pad positions: exactly zero
+    assert torch.all(grad_norm_per_position[learn] > 0)
