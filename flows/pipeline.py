@@ -39,8 +39,9 @@ def dag(cfg: PipelineConfig, stage: StageCall) -> None:
     packed = stage(pack.STAGE, cfg.pack, documents=clean, tokenizer=bpe)
     base = stage(pretrain.STAGE, cfg.pretrain, packed=packed, tokenizer=bpe)
     # offline difficulty: the base model's pass rate per training prompt; SFT skips mastered ones
-    base_difficulty = stage(difficulty.STAGE, cfg.difficulty, model=base, prompts=tasks)
+    base_difficulty = stage(difficulty.STAGE, cfg.difficulty, name="difficulty_pretrain", model=base, prompts=tasks)
     tuned = stage(sft.STAGE, cfg.sft, model=base, prompts=tasks, tokenizer=bpe, difficulty=base_difficulty)
+    # the same held-out evaluation for every model
     stage(eval.STAGE, cfg.eval, name="eval_pretrain", model=base, prompts=tasks)
     stage(eval.STAGE, cfg.eval, name="eval_sft", model=tuned, prompts=tasks)
 

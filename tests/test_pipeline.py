@@ -13,7 +13,7 @@ from flows.pipeline import make_plan, pipeline
 from tasks.core.store import Store
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
-STAGES = ["ingest", "dedup", "prompts", "decontaminate", "tokenizer", "pack", "pretrain", "difficulty", "sft",
+STAGES = ["ingest", "dedup", "prompts", "decontaminate", "tokenizer", "pack", "pretrain", "difficulty_pretrain", "sft",
           "eval_pretrain", "eval_sft"]
 
 

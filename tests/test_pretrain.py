@@ -88,7 +88,7 @@ def test_changing_a_pretrain_setting_reruns_pretrain_and_downstream_only(trained
 
     plan = make_plan(load_config(root / "tiny.yaml", ["pretrain.max_steps=20"]))
     changed = {n for n, p in plan.stages.items() if p.key != base[n]["key"]}
-    assert changed == {"pretrain", "difficulty", "sft", "eval_pretrain", "eval_sft"}
+    assert changed == {"pretrain", "difficulty_pretrain", "sft", "eval_pretrain", "eval_sft"}
 
 
 def test_interrupted_stage_resumes_from_its_checkpoint(trained):
@@ -173,3 +173,32 @@ def test_sft_masks_prompts_and_records_lineage(trained):
     assert [i.model_id for i in run_.inputs.model_inputs] == [pretrain_model]  # model-to-model lineage
     evals = [r for r in client.search_runs([run_.info.experiment_id], "tags.stage = 'eval'")]
     assert {r.info.run_name for r in evals} >= {"eval_pretrain", "eval_sft"}
+
+
+def test_rl_stage_runs_on_policy_records_history_and_registers(trained):
+    """The RL building block (not yet in the default DAG): a few GRPO steps from the SFT model."""
+    from tasks.core.lineage import Tracker
+    from tasks.core.stage import run_stage
+    from tasks.rl import STAGE as RL, RLConfig
+
+    root, report = trained
+    data, models = Store(root / "data"), Store(root / "models")
+    inputs = {"model": models.get("sft", report["sft"]["key"]), "prompts": data.get("prompts", report["prompts"]["key"])}
+    cfg = RLConfig(steps=4, batch_prompts=4, num_generations=4, max_new_tokens=8, filter="mixed",
+                   max_generation_rounds=2, eval_every=2, eval_prompts_per_task=5, checkpoint_every=2,
+                   mask_truncated_completions=False)  # tiny max_seq_len 64: most completions truncate
+    tracker = Tracker(f"sqlite:///{root / 'mlflow.db'}", "slmflow-tiny")
+    art = run_stage(RL, cfg, inputs, models, tracker=tracker).artifact
+    m = art.manifest["metrics"]
+    assert m["steps"] == 4 and 0 <= m["kept_fraction"] <= 1
+    import polars as pl
+
+    history = pl.read_parquet(art.files("history"))
+    assert set(history.columns) >= {"step", "prompt_id", "sample", "completion", "reward", "pass_rate", "kept"}
+    assert set(history["step"]) == {0, 1, 2, 3}
+    steps = pl.read_parquet(art.files("steps"))
+    on_policy = steps.filter(pl.col("ratio_mean").is_not_null())
+    assert len(on_policy) and (on_policy["ratio_mean"] == 1.0).all() and (on_policy["clip_fraction"] == 0).all()
+    assert art.manifest["info"]["registered_version"] == "1"
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    assert str(client.get_registered_model("slmflow-rl").latest_versions[0].version) == "1"

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterable
 
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag, LoggedModelInput, LoggedModelOutput, Metric, Param, RunTag
@@ -116,6 +117,17 @@ class Tracker:
 
         self.client.log_figure(run_id, fig, f"plots/{name}.png")
         plt.close(fig)
+
+    def register_model(self, model_id: str, run_id: str, name: str) -> str:
+        """A new version of registered model `name` from a logged model; returns the version."""
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        # the artifact location, not a models:/ URI (resolving that would use the global tracking URI)
+        source = self.client.get_logged_model(model_id).artifact_location
+        return str(self.client.create_model_version(name, source=source, run_id=run_id, model_id=model_id).version)
 
     def log_model_input(self, run_id: str, model_id: str) -> None:
         """The upstream model a training stage starts from: MLflow's model-to-model lineage."""
