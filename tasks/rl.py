@@ -13,7 +13,6 @@ Every drawn group lands in a `history` table (step, prompt, pass rate, kept, sam
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import shutil
@@ -32,7 +31,7 @@ from tasks.core.orchestration import stage_task
 from tasks.core.rollout import is_correct, load_policy, resolve_device, sample_completions, score_completions, take_per_task
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError
 from tasks.core.store import Artifact, write_parquet
-from tasks.core.train import checkpoints, load_checkpoint, save_checkpoint
+from tasks.core.train import checkpoint_state, checkpoints, load_checkpoint, save_checkpoint
 from tasks.difficulty import kept_ids
 from tasks.prompts import load_prompts
 from tasks.tokenizer import END, PAD, special_ids
@@ -140,7 +139,7 @@ def rl(cfg: RLConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
     step, history, cursor = 0, [], 0
     if found := checkpoints(work):
         step, history = load_checkpoint(found[-1], model, opt)
-        cursor = json.loads((found[-1] / "cursor.json").read_text())["cursor"]
+        cursor = checkpoint_state(found[-1])["cursor"]
         log.info("rl: resuming from %s (step %d)", found[-1].name, step)
     resumed_from = step
     samples: list[dict] = []  # history table rows (kept in the checkpoint's state via `history`)
@@ -214,8 +213,7 @@ def rl(cfg: RLConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
         log.info("rl step %d/%d reward %.3f kept %.2f gen %.1fs train %.1fs", step, cfg.steps,
                  metrics["reward_mean"], metrics["kept_fraction"], gen_seconds, metrics["train_seconds"])
         if step % cfg.checkpoint_every == 0 and step < cfg.steps:
-            save_checkpoint(work, step, model, opt, history)
-            (checkpoints(work)[-1] / "cursor.json").write_text(json.dumps({"cursor": cursor}))
+            save_checkpoint(work, step, model, opt, history, extra={"cursor": cursor})
             write_parquet(pl.DataFrame(samples).to_arrow(), work / f"samples-{step:06d}.parquet")
             samples = []
 

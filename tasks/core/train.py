@@ -137,7 +137,9 @@ def checkpoints(work: Path) -> list[Path]:
     return sorted(work.glob("ckpt-*"), key=lambda p: int(p.name.split("-")[1]))
 
 
-def save_checkpoint(work: Path, step: int, model: GPT, opt, history: list[dict], keep: int = 2) -> None:
+def save_checkpoint(work: Path, step: int, model: GPT, opt, history: list[dict], keep: int = 2,
+                    extra: dict | None = None) -> None:
+    """extra: more JSON state for the caller (e.g. RL's prompt cursor), saved in the same atomic step."""
     tmp = work / f".ckpt-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -145,10 +147,15 @@ def save_checkpoint(work: Path, step: int, model: GPT, opt, history: list[dict],
     torch.save({"optimizer": opt.state_dict(), "cpu_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                tmp / "train_state.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "history": history}))
+    (tmp / "state.json").write_text(json.dumps({**(extra or {}), "step": step, "history": history}))
     os.replace(tmp, work / f"ckpt-{step}")  # atomic: a checkpoint directory is always complete
     for old in checkpoints(work)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_state(path: Path) -> dict:
+    """The JSON state of a checkpoint: step, history and any extra fields."""
+    return json.loads((path / "state.json").read_text())
 
 
 def load_checkpoint(path: Path, model: GPT, opt) -> tuple[int, list[dict]]:
@@ -158,7 +165,7 @@ def load_checkpoint(path: Path, model: GPT, opt) -> tuple[int, list[dict]]:
     torch.set_rng_state(state["cpu_rng"])
     if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    meta = json.loads((path / "state.json").read_text())
+    meta = checkpoint_state(path)
     return meta["step"], meta["history"]
 
 
