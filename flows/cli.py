@@ -187,6 +187,36 @@ def lineage(
 
 
 @app.command()
+def difficulty(prompt_id: str, config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None):
+    """A prompt's pass rate over time: every offline difficulty table and RL history that scored it."""
+    import duckdb
+
+    cfg, _ = _load(config, set_)
+    found = []
+    for store, stage, table, query in (
+        (cfg.run.data_root, "difficulty", "pass_rates",
+         "SELECT NULL AS step, k, correct, pass_rate, kept FROM read_parquet($files) WHERE prompt_id = $id"),
+        (cfg.run.models_root, "rl", "history",
+         "SELECT step, NULL AS k, NULL AS correct, any_value(pass_rate) AS pass_rate, any_value(kept) AS kept "
+         "FROM read_parquet($files) WHERE prompt_id = $id GROUP BY step ORDER BY step"),
+    ):
+        st = Store(store)
+        for key in st.keys(stage):
+            files = st.get(stage, key).files(table)
+            if files:
+                rows = duckdb.execute(query, {"files": files, "id": prompt_id}).fetchall()
+                found += [(f"{stage} {key}", *row) for row in rows]
+    if not found:
+        fail(f"prompt {prompt_id!r} appears in no difficulty table or RL history in the store")
+    grid = Table(title=f"pass rate of prompt {prompt_id}")
+    for col in ("output", "rl step", "k", "correct", "pass_rate", "kept (used for training)"):
+        grid.add_column(col)
+    for row in found:
+        grid.add_row(*["" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v)) for v in row])
+    out.print(grid)
+
+
+@app.command()
 def export(
     stage: str,
     directory: Path,

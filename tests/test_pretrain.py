@@ -202,3 +202,10 @@ def test_rl_stage_runs_on_policy_records_history_and_registers(trained):
     assert art.manifest["info"]["registered_version"] == "1"
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     assert str(client.get_registered_model("slmflow-rl").latest_versions[0].version) == "1"
+    # `slmflow difficulty PROMPT_ID` shows the prompt's pass rate at each RL step it was drawn
+    drawn = history.filter(pl.col("sample") == 0).row(0, named=True)
+    result = CliRunner().invoke(app, ["difficulty", drawn["prompt_id"], "-c", str(root / "tiny.yaml")])
+    assert result.exit_code == 0, result.output
+    assert f"rl {art.key}" in result.output and f"{drawn['pass_rate']:.3f}" in result.output
+    missing = CliRunner().invoke(app, ["difficulty", "no-such-prompt", "-c", str(root / "tiny.yaml")])
+    assert missing.exit_code == 1 and "appears in no difficulty table" in missing.output
