@@ -28,13 +28,21 @@ from tasks.core import chat
 from tasks.core.grpo import fill_batch, group_advantages, policy_loss, token_logprobs
 from tasks.core.model import save_model
 from tasks.core.orchestration import stage_task
-from tasks.core.rollout import is_correct, load_policy, resolve_device, sample_completions, score_completions, take_per_task
+from tasks.core.rollout import (
+    end_id,
+    is_correct,
+    load_policy,
+    resolve_device,
+    sample_completions,
+    score_completions,
+    take_per_task,
+)
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError
 from tasks.core.store import Artifact, write_parquet
-from tasks.core.train import checkpoint_state, checkpoints, load_checkpoint, save_checkpoint
+from tasks.core.train import BatchOrder, checkpoint_state, checkpoints, load_checkpoint, save_checkpoint
 from tasks.difficulty import kept_ids
 from tasks.prompts import load_prompts
-from tasks.tokenizer import END, PAD, special_ids
+from tasks.tokenizer import PAD, special_ids
 
 VERSION = 1
 log = logging.getLogger("slmflow")
@@ -70,20 +78,6 @@ class RLConfig(StageConfig):
     batch_size: int = Field(128, gt=0, description="sequences per generation batch")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
-
-
-class PromptStream:
-    """Training prompts in a fresh permutation per epoch, from (seed, epoch): resumable by position."""
-
-    def __init__(self, rows: list[dict], seed: int):
-        self.rows, self.seed = rows, seed
-
-    def take(self, start: int, n: int) -> list[dict]:
-        out = []
-        for g in range(start, start + n):
-            epoch, i = divmod(g, len(self.rows))
-            out.append(self.rows[np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))[i]])
-        return out
 
 
 def rollout_batch(model, tok, rows, cfg: RLConfig, seed: int):
@@ -124,7 +118,7 @@ def rl(cfg: RLConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
     model, tok = load_policy(inputs["model"], device)
     model.train()
     ref = copy.deepcopy(model).eval() if cfg.beta > 0 else None
-    end, pad = chat_ids(tok)
+    end, pad = end_id(tok), special_ids(tok)[PAD]
     rows = load_prompts(inputs["prompts"], "train")
     if cfg.use_difficulty and "difficulty" in inputs:
         keep = kept_ids(inputs["difficulty"])
@@ -132,7 +126,7 @@ def rl(cfg: RLConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
     if not rows:
         raise StageError("rl: no training prompts (check prompts sizes and rl.use_difficulty)")
     eval_rows = take_per_task(load_prompts(inputs["prompts"], "eval"), cfg.eval_prompts_per_task)
-    stream = PromptStream(rows, cfg.seed)
+    order = BatchOrder(len(rows), 1, cfg.seed)  # the training loop's order: resumable from a cursor
     opt = model.configure_optimizer(cfg.lr, cfg.weight_decay, (0.9, 0.99), fused=device.type == "cuda")
 
     work = ctx.work_dir()
@@ -155,7 +149,7 @@ def rl(cfg: RLConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
 
         def draw_round(r: int):
             nonlocal cursor
-            batch = stream.take(cursor, per_round if cfg.filter != "none" else cfg.batch_prompts)
+            batch = [rows[i] for i in order.take(cursor, per_round if cfg.filter != "none" else cfg.batch_prompts)]
             cursor += len(batch)
             completions, texts, rewards = rollout_batch(model, tok, batch, cfg, seed=cfg.seed * 1_000_003 + step * 101 + r)
             ids = [f"{step}:{r}:{i}" for i in range(len(batch))]
@@ -243,11 +237,6 @@ def rl(cfg: RLConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
         "train_prompts": len(rows),
     }
     return {"rows": {"history": len(table), "steps": len(history)}, "metrics": metrics, "info": info}
-
-
-def chat_ids(tok) -> tuple[int, int]:
-    ids = special_ids(tok)
-    return ids[END], ids[PAD]
 
 
 STAGE = Stage("rl", VERSION, RLConfig, rl, store="models",

@@ -89,9 +89,13 @@ class BatchOrder:
             self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
         return self._perms[epoch]
 
-    def rows(self, step: int) -> np.ndarray:
-        flat = np.arange(step * self.batch, (step + 1) * self.batch)
+    def take(self, start: int, count: int) -> np.ndarray:
+        """Row indices at positions start .. start+count-1 of the endless epoch-by-epoch order."""
+        flat = np.arange(start, start + count)
         return np.array([self._perm(int(g // self.n))[g % self.n] for g in flat], dtype=np.int64)
+
+    def rows(self, step: int) -> np.ndarray:
+        return self.take(step * self.batch, self.batch)
 
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}  # bf16 dense
