@@ -95,7 +95,7 @@ def run(
     out.print(table)
     header, acc = accuracy_table(result["report"])
     if acc:
-        grid = Table(title="held-out accuracy (greedy pass@1)")
+        grid = Table(title="held-out accuracy (greedy pass@1 per task and mean; sampled pass@1 and pass@k at eval.temperature)")
         for col in header:
             grid.add_column(col)
         for row in acc:

@@ -16,6 +16,7 @@ from tasks.ingest import IngestConfig
 from tasks.pack import PackConfig
 from tasks.pretrain import PretrainConfig
 from tasks.prompts import PromptsConfig
+from tasks.rl import RLConfig
 from tasks.sft import SFTConfig
 from tasks.tokenizer import TokenizerConfig
 
@@ -48,6 +49,7 @@ class PipelineConfig(BaseModel):
     pretrain: PretrainConfig = PretrainConfig()
     difficulty: DifficultyConfig = DifficultyConfig()
     sft: SFTConfig = SFTConfig()
+    rl: RLConfig = RLConfig()
     eval: EvalConfig = EvalConfig()  # one config for every evaluated model, so their numbers compare
 
 

@@ -16,7 +16,7 @@ from prefect.runtime import flow_run
 
 from flows.config import ConfigError, PipelineConfig
 from flows.report import report_card, write_report
-from tasks import decontaminate, dedup, difficulty, eval, ingest, pack, pretrain, prompts, sft, tokenizer
+from tasks import decontaminate, dedup, difficulty, eval, ingest, pack, pretrain, prompts, rl, sft, tokenizer
 from tasks.core.lineage import Tracker, tracking_uri
 from tasks.core.orchestration import RunContext, stage_task
 from tasks.core.stage import Outcome, Stage, StageConfig
@@ -41,9 +41,15 @@ def dag(cfg: PipelineConfig, stage: StageCall) -> None:
     # offline difficulty: the base model's pass rate per training prompt; SFT skips mastered ones
     base_difficulty = stage(difficulty.STAGE, cfg.difficulty, name="difficulty_pretrain", model=base, prompts=tasks)
     tuned = stage(sft.STAGE, cfg.sft, model=base, prompts=tasks, tokenizer=bpe, difficulty=base_difficulty)
+    # RL with online difficulty filtering; optionally pre-filtered by the SFT model's pass rates
+    pre_filter = {}
+    if cfg.rl.use_difficulty:
+        pre_filter["difficulty"] = stage(difficulty.STAGE, cfg.difficulty, name="difficulty_sft", model=tuned, prompts=tasks)
+    final = stage(rl.STAGE, cfg.rl, model=tuned, prompts=tasks, **pre_filter)
     # the same held-out evaluation for every model
     stage(eval.STAGE, cfg.eval, name="eval_pretrain", model=base, prompts=tasks)
     stage(eval.STAGE, cfg.eval, name="eval_sft", model=tuned, prompts=tasks)
+    stage(eval.STAGE, cfg.eval, name="eval_rl", model=final, prompts=tasks)
 
 
 @dataclass

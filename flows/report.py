@@ -38,8 +38,10 @@ def accuracy_table(card: list[dict]) -> tuple[list[str], list[list[str]]]:
     evals = [r for r in card if r["accuracy"]]
     tasks = sorted({t for r in evals for t in r["accuracy"]})
     rows = [[r["stage"], *(f"{r['accuracy'].get(t, float('nan')):.3f}" for t in tasks),
-             f"{r['metrics'].get('pass_at_1', float('nan')):.3f}"] for r in evals]
-    return ["model", *tasks, "mean"], rows
+             *(f"{r['metrics'].get(m, float('nan')):.3f}" for m in ("pass_at_1", "sampled_pass_at_1", "pass_at_k"))]
+            for r in evals]
+    # sampled pass@1 and pass@k: RL typically sharpens the policy (pass@1 up, pass@k down)
+    return ["model", *tasks, "mean", "sampled pass@1", "pass@k"], rows
 
 
 def to_markdown(card: list[dict]) -> str:
@@ -50,7 +52,7 @@ def to_markdown(card: list[dict]) -> str:
         lines.append(f"| {r['stage']} | `{r['key']}` | {'yes' if r['cached'] else 'no'} | {rows} | {metrics} | {r['seconds']} |")
     header, acc = accuracy_table(card)
     if acc:
-        lines += ["", "Held-out accuracy (greedy pass@1):", "", "| " + " | ".join(header) + " |",
+        lines += ["", "Held-out accuracy (greedy pass@1 per task and mean; sampled pass@1 and pass@k at eval.temperature):", "", "| " + " | ".join(header) + " |",
                   "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(row) + " |" for row in acc]
     return "\n".join(lines) + "\n"

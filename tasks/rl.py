@@ -50,6 +50,8 @@ log = logging.getLogger("slmflow")
 
 class RLConfig(StageConfig):
     steps: int = Field(30, gt=0, description="optimizer steps (one batch of groups each)")
+    max_generated_samples: int | None = Field(None, gt=0, description="generation budget: stop once this many "
+                                              "completions were sampled (compare filters at equal cost)")
     batch_prompts: int = Field(16, gt=0, description="groups (prompts) per training batch")
     num_generations: int = Field(8, ge=2, description="G: completions per prompt")
     temperature: float = Field(1.0, gt=0)
@@ -112,6 +114,24 @@ def greedy_pass_rate(model, tok, rows, cfg: RLConfig) -> float:
     return float(np.mean([is_correct(r[0]) for r in rewards]))
 
 
+def rl_curve_figure(history: list[dict], title: str):
+    """Mean reward and kept fraction per step, and held-out greedy pass@1 at each eval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key, style in (("reward_mean", "-"), ("kept_fraction", ":"), ("eval_pass_at_1", "o-")):
+        points = [(h["step"], h[key]) for h in history if key in h]
+        if points:
+            ax.plot(*zip(*points), style, label=key)
+    ax.set(xlabel="step", title=title)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
 def rl(cfg: RLConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -120,7 +140,9 @@ def rl(cfg: RLConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
     ref = copy.deepcopy(model).eval() if cfg.beta > 0 else None
     end, pad = end_id(tok), special_ids(tok)[PAD]
     rows = load_prompts(inputs["prompts"], "train")
-    if cfg.use_difficulty and "difficulty" in inputs:
+    if cfg.use_difficulty:
+        if "difficulty" not in inputs:
+            raise StageError("rl.use_difficulty is set but the stage got no difficulty table")
         keep = kept_ids(inputs["difficulty"])
         rows = [r for r in rows if r["id"] in keep]
     if not rows:
@@ -130,10 +152,11 @@ def rl(cfg: RLConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
     opt = model.configure_optimizer(cfg.lr, cfg.weight_decay, (0.9, 0.99), fused=device.type == "cuda")
 
     work = ctx.work_dir()
-    step, history, cursor = 0, [], 0
+    step, history, cursor, generated_samples = 0, [], 0, 0
     if found := checkpoints(work):
         step, history = load_checkpoint(found[-1], model, opt)
-        cursor = checkpoint_state(found[-1])["cursor"]
+        state = checkpoint_state(found[-1])
+        cursor, generated_samples = state["cursor"], state["generated_samples"]
         log.info("rl: resuming from %s (step %d)", found[-1].name, step)
     resumed_from = step
     samples: list[dict] = []  # history table rows (kept in the checkpoint's state via `history`)
@@ -142,7 +165,7 @@ def rl(cfg: RLConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
         history.append({"step": 0, "eval_pass_at_1": greedy_pass_rate(model.eval(), tok, eval_rows, cfg)})
         model.train()
 
-    while step < cfg.steps:
+    while step < cfg.steps and generated_samples < (cfg.max_generated_samples or math.inf):
         t0 = time.perf_counter()
         drawn: dict[str, tuple] = {}
         model.eval()
@@ -175,6 +198,8 @@ def rl(cfg: RLConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
         if fill.shortfall:
             log.info("rl: step %d kept %d of %d groups after %d rounds", step, len(kept), cfg.batch_prompts, fill.rounds_used)
         generated = sum(len(c) for d in drawn.values() for c in d[1])
+        generated_samples += len(drawn) * cfg.num_generations
+        metrics["generated_samples"] = generated_samples
         metrics["generated_tokens_per_s"] = generated / max(gen_seconds, 1e-9)
 
         t1 = time.perf_counter()
@@ -199,7 +224,7 @@ def rl(cfg: RLConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
             metrics.update({k: v for k, v in stats.items() if v == v})  # drop NaN stats
         metrics["train_seconds"] = time.perf_counter() - t1
         step += 1
-        if step % cfg.eval_every == 0 or step == cfg.steps:
+        if step % cfg.eval_every == 0 or step == cfg.steps or generated_samples >= (cfg.max_generated_samples or math.inf):
             metrics["eval_pass_at_1"] = greedy_pass_rate(model.eval(), tok, eval_rows, cfg)
             model.train()
         history.append({"step": step, **metrics})
@@ -207,8 +232,9 @@ def rl(cfg: RLConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
         log.info("rl step %d/%d reward %.3f kept %.2f gen %.1fs train %.1fs", step, cfg.steps,
                  metrics["reward_mean"], metrics["kept_fraction"], gen_seconds, metrics["train_seconds"])
         if step % cfg.checkpoint_every == 0 and step < cfg.steps:
-            save_checkpoint(work, step, model, opt, history, extra={"cursor": cursor})
+            # samples first: a crash between the two redoes these steps (same seeds, same file names)
             write_parquet(pl.DataFrame(samples).to_arrow(), work / f"samples-{step:06d}.parquet")
+            save_checkpoint(work, step, model, opt, history, extra={"cursor": cursor, "generated_samples": generated_samples})
             samples = []
 
     if samples:
@@ -219,6 +245,7 @@ def rl(cfg: RLConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
     write_parquet(pl.DataFrame(history).drop(["generation_seconds", "train_seconds", "generated_tokens_per_s"],
                                              strict=False).to_arrow(), ctx.out / "steps" / "part-00000.parquet")
     save_model(model, ctx.out / "model")
+    ctx.log_figure(rl_curve_figure(history, ctx.stage), "rl_curve")
     shutil.copy(f"{inputs['model'].path}/model/tokenizer.json", ctx.out / "model" / "tokenizer.json")
     rewards = [h["reward_mean"] for h in history if "reward_mean" in h]
     evals = [h["eval_pass_at_1"] for h in history if "eval_pass_at_1" in h]

@@ -14,7 +14,7 @@ from tasks.core.store import Store
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 STAGES = ["ingest", "dedup", "prompts", "decontaminate", "tokenizer", "pack", "pretrain", "difficulty_pretrain", "sft",
-          "eval_pretrain", "eval_sft"]
+          "rl", "eval_pretrain", "eval_sft", "eval_rl"]
 
 
 def run(project: Path, sets=(), only=None, force=None) -> dict:

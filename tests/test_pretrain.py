@@ -58,7 +58,7 @@ def test_outputs_weights_tokenizer_history_and_mlflow(trained):
     model_dir = Path(art.path) / "model"
     assert {p.name for p in model_dir.iterdir()} == {"model.safetensors", "config.json", "tokenizer.json"}
     model = load_model(model_dir)
-    assert model.dims.vocab_size == 512 and model.dims.max_seq_len == 64
+    assert model.dims.vocab_size == 512 and model.dims.max_seq_len == 128
     assert set(art.manifest["files"]) == {"model/model.safetensors", "model/config.json", "model/tokenizer.json",
                                           "history/part-00000.parquet"}
     assert not any(p.name.startswith(".") for p in (root / "models" / "pretrain").iterdir())  # work dir cleaned
@@ -88,7 +88,7 @@ def test_changing_a_pretrain_setting_reruns_pretrain_and_downstream_only(trained
 
     plan = make_plan(load_config(root / "tiny.yaml", ["pretrain.max_steps=20"]))
     changed = {n for n, p in plan.stages.items() if p.key != base[n]["key"]}
-    assert changed == {"pretrain", "difficulty_pretrain", "sft", "eval_pretrain", "eval_sft"}
+    assert changed == {"pretrain", "difficulty_pretrain", "sft", "rl", "eval_pretrain", "eval_sft", "eval_rl"}
 
 
 def test_interrupted_stage_resumes_from_its_checkpoint(trained):
@@ -165,7 +165,7 @@ def test_sft_masks_prompts_and_records_lineage(trained):
     root, report = trained
     art = Store(root / "models").get("sft", report["sft"]["key"])
     m = art.manifest["metrics"]
-    assert m["train_examples"] > 0 and 0 < m["train_target_tokens"] < m["train_rows"] * 65
+    assert m["train_examples"] > 0 and 0 < m["train_target_tokens"] < m["train_rows"] * 129
     assert art.manifest["inputs"]["model"]["stage"] == "pretrain"
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     run_ = client.get_run(art.manifest["mlflow_run_id"])
@@ -175,33 +175,40 @@ def test_sft_masks_prompts_and_records_lineage(trained):
     assert {r.info.run_name for r in evals} >= {"eval_pretrain", "eval_sft"}
 
 
-def test_rl_stage_runs_on_policy_records_history_and_registers(trained):
-    """The RL building block (not yet in the default DAG): a few GRPO steps from the SFT model."""
-    from tasks.core.lineage import Tracker
-    from tasks.core.stage import run_stage
-    from tasks.rl import STAGE as RL, RLConfig
-
-    root, report = trained
-    data, models = Store(root / "data"), Store(root / "models")
-    inputs = {"model": models.get("sft", report["sft"]["key"]), "prompts": data.get("prompts", report["prompts"]["key"])}
-    cfg = RLConfig(steps=4, batch_prompts=4, num_generations=4, max_new_tokens=8, filter="mixed",
-                   max_generation_rounds=2, eval_every=2, eval_prompts_per_task=5, checkpoint_every=2,
-                   mask_truncated_completions=False)  # tiny max_seq_len 64: most completions truncate
-    tracker = Tracker(f"sqlite:///{root / 'mlflow.db'}", "slmflow-tiny")
-    art = run_stage(RL, cfg, inputs, models, tracker=tracker).artifact
-    m = art.manifest["metrics"]
-    assert m["steps"] == 4 and 0 <= m["kept_fraction"] <= 1
+def test_rl_raises_reward_records_history_and_registers(trained):
+    """The last stage of the tiny DAG: GRPO from the SFT model with the balanced online filter."""
     import polars as pl
 
-    history = pl.read_parquet(art.files("history"))
-    assert set(history.columns) >= {"step", "prompt_id", "sample", "completion", "reward", "pass_rate", "kept"}
-    assert set(history["step"]) == {0, 1, 2, 3}
-    steps = pl.read_parquet(art.files("steps"))
+    root, report = trained
+    names = list(report)
+    assert names[names.index("sft"):][:2] == ["sft", "rl"] and "eval_rl" in report
+    art = Store(root / "models").get("rl", report["rl"]["key"])
+    m = art.manifest["metrics"]
+    assert m["steps"] == 20 and m["resumed_from_step"] == 0 and 0 < m["kept_fraction"] < 1
+    steps = pl.read_parquet(art.files("steps")).filter(pl.col("step") > 0).sort("step")
+    reward = steps["reward_mean"].to_numpy()
+    # RL on tiny raises the mean reward over its first steps (every step draws fresh prompts)
+    assert reward[-5:].mean() > reward[:5].mean() + 0.02, reward
     on_policy = steps.filter(pl.col("ratio_mean").is_not_null())
-    assert len(on_policy) and (on_policy["ratio_mean"] == 1.0).all() and (on_policy["clip_fraction"] == 0).all()
+    assert len(on_policy) == 20 and (on_policy["ratio_mean"] == 1.0).all() and (on_policy["clip_fraction"] == 0).all()
+    # balanced: every kept group has a pass rate strictly inside the band
+    history = pl.read_parquet(art.files("history"))
+    assert set(history.columns) >= {"step", "prompt_id", "task", "sample", "completion", "reward", "pass_rate", "kept"}
+    kept = history.filter(pl.col("kept"))["pass_rate"]
+    assert len(kept) and kept.min() > 0.1 and kept.max() < 0.9
+    assert history.filter(~pl.col("kept"))["pass_rate"].is_in([0.0, 1.0]).mean() > 0.5
+    assert set(history["step"]) == set(range(20))
+    # the held-out evaluation of the RL model is on the report card beside SFT's
+    assert report["eval_rl"]["metrics"]["pass_at_1"] >= report["eval_sft"]["metrics"]["pass_at_1"], report
     assert art.manifest["info"]["registered_version"] == "1"
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     assert str(client.get_registered_model("slmflow-rl").latest_versions[0].version) == "1"
+    run_ = client.get_run(art.manifest["mlflow_run_id"])
+    assert {"reward_mean", "kept_fraction", "zero_variance_fraction", "generation_seconds", "train_seconds",
+            "generated_tokens_per_s", "clip_fraction", "eval_pass_at_1"} <= set(run_.data.metrics)
+    assert "plots/rl_curve.png" in {a.path for a in client.list_artifacts(run_.info.run_id, "plots")}
+    sft_model = Store(root / "models").get("sft", report["sft"]["key"]).manifest["info"]["mlflow_model_id"]
+    assert [i.model_id for i in run_.inputs.model_inputs] == [sft_model]
     # `slmflow difficulty PROMPT_ID` shows the prompt's pass rate at each RL step it was drawn
     drawn = history.filter(pl.col("sample") == 0).row(0, named=True)
     result = CliRunner().invoke(app, ["difficulty", drawn["prompt_id"], "-c", str(root / "tiny.yaml")])
@@ -209,3 +216,43 @@ def test_rl_stage_runs_on_policy_records_history_and_registers(trained):
     assert f"rl {art.key}" in result.output and f"{drawn['pass_rate']:.3f}" in result.output
     missing = CliRunner().invoke(app, ["difficulty", "no-such-prompt", "-c", str(root / "tiny.yaml")])
     assert missing.exit_code == 1 and "appears in no difficulty table" in missing.output
+
+
+def test_rl_resumes_after_a_kill_exactly_like_a_straight_run(trained, tmp_path):
+    """Kill RL after its first checkpoint; the rerun resumes (prompt cursor, optimizer, RNG) and ends
+    with the same weights and step records as a run that was never interrupted."""
+    from tasks.core.stage import run_stage
+    from tasks.rl import STAGE as RL, RLConfig
+
+    root, report = trained
+    data, models = Store(root / "data"), Store(root / "models")
+    inputs = {"model": models.get("sft", report["sft"]["key"]), "prompts": data.get("prompts", report["prompts"]["key"])}
+    settings = dict(steps=4, batch_prompts=4, num_generations=4, max_new_tokens=8, filter="mixed", lr=1e-3,
+                    max_generation_rounds=2, eval_every=2, eval_prompts_per_task=5, checkpoint_every=2, seed=3)
+    straight = run_stage(RL, RLConfig(**settings), inputs, Store(tmp_path / "straight")).artifact
+    killed = tmp_path / "killed"
+    script = (
+        "import time, json\n"
+        "import tasks.rl as rl\n"
+        "orig = rl.save_checkpoint\n"
+        "def slow(*a, **k):\n"
+        "    orig(*a, **k); time.sleep(60)\n"
+        "rl.save_checkpoint = slow\n"
+        "from tasks.core.stage import run_stage\n"
+        "from tasks.core.store import Store\n"
+        f"inputs = {{'model': Store({str(root / 'models')!r}).get('sft', {report['sft']['key']!r}), "
+        f"'prompts': Store({str(root / 'data')!r}).get('prompts', {report['prompts']['key']!r})}}\n"
+        f"run_stage(rl.STAGE, rl.RLConfig(**json.loads({json.dumps(json.dumps(settings))})), inputs, Store({str(killed)!r}))\n"
+    )
+    work = killed / "rl" / f".work-{straight.key}"
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.monotonic() + 120
+    while not (work / "ckpt-2" / "state.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert (work / "ckpt-2").exists() and Store(killed).get("rl", straight.key) is None
+    resumed = run_stage(RL, RLConfig(**settings), inputs, Store(killed)).artifact
+    assert resumed.key == straight.key and resumed.manifest["metrics"]["resumed_from_step"] == 2
+    for name in ("model/model.safetensors", "steps/part-00000.parquet", "history/part-00000.parquet"):
+        assert resumed.manifest["files"][name] == straight.manifest["files"][name], name
