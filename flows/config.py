@@ -6,17 +6,21 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tasks.core.model import ModelConfig
 from tasks.decontaminate import DecontaminateConfig
 from tasks.dedup import DedupConfig
 from tasks.difficulty import DifficultyConfig
 from tasks.eval import EvalConfig
 from tasks.ingest import IngestConfig
 from tasks.pack import PackConfig
+from tasks.preselect import PreselectConfig
 from tasks.pretrain import PretrainConfig
 from tasks.prompts import PromptsConfig
+from tasks.quality import QualityConfig
 from tasks.rl import RLConfig
+from tasks.select import SelectConfig
 from tasks.sft import SFTConfig
 from tasks.tokenizer import TokenizerConfig
 
@@ -35,6 +39,36 @@ class RunSettings(BaseModel):
     experiment: str = "slmflow"
 
 
+class ReferenceModel(BaseModel):
+    """One PreSelect reference model: its training documents (a select of the quality output,
+    e.g. a source mixture) and its pretraining settings. Instances `data_ref_<i>`, `pack_ref_<i>`, `ref_<i>`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    data: SelectConfig = Field(default_factory=lambda: SelectConfig(method="none"),
+                               description="which quality-filtered documents it trains on (method none: all)")
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="its size, steps and optimizer")
+
+
+def _reference(drop: list[str]) -> ReferenceModel:
+    """The default references: one tiny model and step budget, trained on different source mixtures."""
+    return ReferenceModel(data=SelectConfig(method="none", drop_sources=drop), pretrain=PretrainConfig(
+        model=ModelConfig(depth=1, width=128), batch_size=16, max_steps=150, lr=0.01, warmup_steps=10,
+        eval_every=150, eval_rows=32, checkpoint_every=150))
+
+
+class ReferencesConfig(BaseModel):
+    """PreSelect's reference models (README, "Data selection"): one tokenizer (`tokenizer_ref`,
+    trained on the quality output) and one packing setting for K models of different ability."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    tokenizer: TokenizerConfig = Field(default_factory=lambda: TokenizerConfig(vocab_size=1024, max_train_chars=2_000_000),
+                                       description="the references' tokenizer (small: the references are)")
+    pack: PackConfig = Field(default_factory=lambda: PackConfig(seq_len=128), description="the references' token rows")
+    models: list[ReferenceModel] = Field(
+        default_factory=lambda: [_reference(d) for d in ([], ["reasoning_gym"], ["stdlib"], ["reasoning_gym", "stdlib"])],
+        description="K >= 2 reference models of different ability on the target")
+
+
 class PipelineConfig(BaseModel):
     """One section per stage, in DAG order; later issues add sections here."""
 
@@ -44,6 +78,10 @@ class PipelineConfig(BaseModel):
     dedup: DedupConfig = DedupConfig()
     prompts: PromptsConfig = PromptsConfig()
     decontaminate: DecontaminateConfig = DecontaminateConfig()
+    quality: QualityConfig = QualityConfig()
+    references: ReferencesConfig = ReferencesConfig()  # PreSelect's reference models (select.method preselect only)
+    preselect: PreselectConfig = PreselectConfig(benchmark="target_bpc", strength="pearson")
+    select: SelectConfig = SelectConfig()  # what the tokenizer and pretraining read
     tokenizer: TokenizerConfig = TokenizerConfig()
     pack: PackConfig = PackConfig()
     pretrain: PretrainConfig = PretrainConfig()
@@ -51,6 +89,13 @@ class PipelineConfig(BaseModel):
     sft: SFTConfig = SFTConfig()
     rl: RLConfig = RLConfig()
     eval: EvalConfig = EvalConfig()  # one config for every evaluated model, so their numbers compare
+
+    @model_validator(mode="after")
+    def _preselect_needs_references(self) -> PipelineConfig:
+        if self.select.method == "preselect" and len(self.references.models) < 2:
+            raise ValueError(f"select.method preselect needs references.models with K >= 2 entries "
+                             f"(got {len(self.references.models)})")
+        return self
 
 
 def _set(tree: dict, dotted: str, value: Any, origin: str) -> None:

@@ -16,7 +16,22 @@ from prefect.runtime import flow_run
 
 from flows.config import ConfigError, PipelineConfig
 from flows.report import report_card, write_report
-from tasks import decontaminate, dedup, difficulty, eval, ingest, pack, pretrain, prompts, rl, sft, tokenizer
+from tasks import (
+    decontaminate,
+    dedup,
+    difficulty,
+    eval,
+    ingest,
+    pack,
+    preselect,
+    pretrain,
+    prompts,
+    quality,
+    rl,
+    select,
+    sft,
+    tokenizer,
+)
 from tasks.core.lineage import Tracker, tracking_uri
 from tasks.core.orchestration import RunContext, stage_task
 from tasks.core.stage import Outcome, Stage, StageConfig
@@ -35,8 +50,21 @@ def dag(cfg: PipelineConfig, stage: StageCall) -> None:
     deduped = stage(dedup.STAGE, cfg.dedup, documents=documents)
     tasks = stage(prompts.STAGE, cfg.prompts)  # reasoning tasks: train and held-out eval prompts
     clean = stage(decontaminate.STAGE, cfg.decontaminate, documents=deduped, prompts=tasks)
-    bpe = stage(tokenizer.STAGE, cfg.tokenizer, documents=clean)
-    packed = stage(pack.STAGE, cfg.pack, documents=clean, tokenizer=bpe)
+    filtered = stage(quality.STAGE, cfg.quality, documents=clean)  # Gopher/C4 heuristics; `scores` says who dropped what
+    ranked = {}
+    if cfg.select.method == "preselect":
+        # PreSelect: K small reference models of different ability on the target (one shared tokenizer,
+        # each its own data mixture), then a classifier of the documents whose losses predict that ability
+        ref_bpe = stage(tokenizer.STAGE, cfg.references.tokenizer, name="tokenizer_ref", documents=filtered)
+        refs = {}
+        for i, ref in enumerate(cfg.references.models):
+            mixture = stage(select.STAGE, ref.data, name=f"data_ref_{i}", documents=filtered)
+            ref_packed = stage(pack.STAGE, cfg.references.pack, name=f"pack_ref_{i}", documents=mixture, tokenizer=ref_bpe)
+            refs[f"ref_{i}"] = stage(pretrain.STAGE, ref.pretrain, name=f"ref_{i}", packed=ref_packed, tokenizer=ref_bpe)
+        ranked["scores"] = stage(preselect.STAGE, cfg.preselect, documents=filtered, tokenizer=ref_bpe, target=tasks, **refs)
+    selected = stage(select.STAGE, cfg.select, documents=filtered, **ranked)  # what the model is trained on
+    bpe = stage(tokenizer.STAGE, cfg.tokenizer, documents=selected)
+    packed = stage(pack.STAGE, cfg.pack, documents=selected, tokenizer=bpe)
     base = stage(pretrain.STAGE, cfg.pretrain, packed=packed, tokenizer=bpe)
     # offline difficulty: the base model's pass rate per training prompt; SFT skips mastered ones
     base_difficulty = stage(difficulty.STAGE, cfg.difficulty, name="difficulty_pretrain", model=base, prompts=tasks)

@@ -13,8 +13,9 @@ from flows.pipeline import make_plan, pipeline
 from tasks.core.store import Store
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
-STAGES = ["ingest", "dedup", "prompts", "decontaminate", "tokenizer", "pack", "pretrain", "difficulty_pretrain", "sft",
-          "rl", "eval_pretrain", "eval_sft", "eval_rl"]
+REFERENCES = [f"{s}_{i}" for i in range(3) for s in ("data_ref", "pack_ref", "ref")]  # tiny.yaml: K = 3
+STAGES = ["ingest", "dedup", "prompts", "decontaminate", "quality", "tokenizer_ref", *REFERENCES, "preselect_scorer",
+          "select", "tokenizer", "pack", "pretrain", "difficulty_pretrain", "sft", "rl", "eval_pretrain", "eval_sft", "eval_rl"]
 
 
 def run(project: Path, sets=(), only=None, force=None) -> dict:

@@ -43,7 +43,8 @@ def trained(tmp_path_factory, prefect_server):
 
 def test_pretraining_beats_unigram_entropy(trained):
     _, report = trained
-    assert list(report)[4:7] == ["tokenizer", "pack", "pretrain"]
+    names = list(report)
+    assert names[names.index("select"):][:4] == ["select", "tokenizer", "pack", "pretrain"]
     m = Store(trained[0] / "models").get("pretrain", report["pretrain"]["key"]).manifest["metrics"]
     assert m["steps"] == 200 and m["resumed_from_step"] == 0
     # well below the loss of the best context-free model of the same data
@@ -82,13 +83,45 @@ def test_changing_a_pretrain_setting_reruns_pretrain_and_downstream_only(trained
                 only=["pretrain"])
     assert [s for s, r in again.items() if not r["cached"]] == ["pretrain"]
     assert again["pretrain"]["key"] != base["pretrain"]["key"]
-    upstream = ("ingest", "dedup", "prompts", "decontaminate", "tokenizer", "pack")
+    upstream = ("ingest", "dedup", "prompts", "decontaminate", "quality", "tokenizer_ref", "ref_0", "preselect_scorer",
+                "select", "tokenizer", "pack")
     assert all(again[s]["key"] == base[s]["key"] for s in upstream)
     from flows.pipeline import make_plan
 
     plan = make_plan(load_config(root / "tiny.yaml", ["pretrain.max_steps=20"]))
     changed = {n for n, p in plan.stages.items() if p.key != base[n]["key"]}
     assert changed == {"pretrain", "difficulty_pretrain", "sft", "rl", "eval_pretrain", "eval_sft", "eval_rl"}
+
+
+def test_select_keeps_the_configured_share_and_feeds_tokenizer_and_pack(trained):
+    """select (preselect, tiny.yaml's fraction of characters) reads the quality output; the tokenizer and pack read select."""
+    import polars as pl
+
+    root, report = trained
+    cfg = load_config(root / "tiny.yaml")
+    data = Store(root / "data")
+    art = {s: data.get(s, report[s]["key"]) for s in ("quality", "preselect_scorer", "select", "tokenizer", "pack")}
+    inputs = {s: {k: v["key"] for k, v in a.manifest["inputs"].items()} for s, a in art.items()}
+    assert inputs["select"] == {"documents": art["quality"].key, "scores": art["preselect_scorer"].key}
+    assert inputs["tokenizer"] == {"documents": art["select"].key}
+    assert inputs["pack"] == {"documents": art["select"].key, "tokenizer": art["tokenizer"].key}
+    # kept = the shortest prefix of the score ranking whose characters reach fraction x the quality output's
+    docs = pl.concat([pl.read_parquet(f, columns=["id", "text"]) for f in art["quality"].files("documents")])
+    scores = pl.concat([pl.read_parquet(f) for f in art["preselect_scorer"].files("scores")])
+    ranked = (docs.join(scores, left_on="id", right_on="doc_id").sort(["preselect_score", "id"], descending=[True, False])
+              .with_columns(chars=pl.col("text").str.len_chars()))
+    budget = cfg.select.fraction * ranked["chars"].sum()
+    n = int((ranked["chars"].cum_sum() < budget).sum()) + 1
+    kept = pl.concat([pl.read_parquet(f, columns=["id"]) for f in art["select"].files("documents")])
+    assert sorted(kept["id"]) == sorted(ranked["id"][:n])
+    m = art["select"].manifest["metrics"]
+    assert m["chars_kept"] == ranked["chars"][:n].sum() >= budget > m["chars_kept"] - ranked["chars"][n - 1]
+    assert m["kept_char_fraction"] == m["chars_kept"] / ranked["chars"].sum() >= cfg.select.fraction
+    assert report["select"]["metrics"]["chars_kept"] == m["chars_kept"]  # on the report card
+    # the tokenizer and pack saw exactly the selected documents
+    assert art["tokenizer"].manifest["metrics"]["documents"] == len(kept) == m["docs_kept"]
+    pm = art["pack"].manifest["metrics"]
+    assert pm["train_docs"] + pm["val_docs"] == len(kept)
 
 
 def test_interrupted_stage_resumes_from_its_checkpoint(trained):
