@@ -165,7 +165,8 @@ def rl(cfg: RLConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
         history.append({"step": 0, "eval_pass_at_1": greedy_pass_rate(model.eval(), tok, eval_rows, cfg)})
         model.train()
 
-    while step < cfg.steps and generated_samples < (cfg.max_generated_samples or math.inf):
+    budget = cfg.max_generated_samples or math.inf
+    while step < cfg.steps and generated_samples < budget:
         t0 = time.perf_counter()
         drawn: dict[str, tuple] = {}
         model.eval()
@@ -224,7 +225,8 @@ def rl(cfg: RLConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
             metrics.update({k: v for k, v in stats.items() if v == v})  # drop NaN stats
         metrics["train_seconds"] = time.perf_counter() - t1
         step += 1
-        if step % cfg.eval_every == 0 or step == cfg.steps or generated_samples >= (cfg.max_generated_samples or math.inf):
+        last_step = step == cfg.steps or generated_samples >= budget
+        if step % cfg.eval_every == 0 or last_step:
             metrics["eval_pass_at_1"] = greedy_pass_rate(model.eval(), tok, eval_rows, cfg)
             model.train()
         history.append({"step": step, **metrics})
