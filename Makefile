@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 CONFIG ?= configs/default.yaml
 
-.PHONY: run test bench clean-venv
+.PHONY: install run test bench clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,8 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.torch
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
+
+install: $(VENV)/.installed
 
 run: $(VENV)/.installed
 	$(BIN)/slmflow run --config $(CONFIG)

@@ -53,6 +53,17 @@ def _load(config: Path, sets: list[str] | None):
         fail(str(e))
 
 
+def _require_server(what: str) -> str:
+    """Deployments live on a Prefect server; the temporary one `slmflow run` starts dies with it."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        fail(f"{what} needs a Prefect server: start one (prefect server start --host 127.0.0.1) and set "
+             f"PREFECT_API_URL=http://127.0.0.1:4200/api (README, \"Running on GPU agents and on a schedule\")")
+    return url
+
+
 def _store(cfg: PipelineConfig, plan, stage_name: str) -> Store:
     return Store(cfg.run.models_root if plan.store_of(stage_name) == "models" else cfg.run.data_root)
 
@@ -75,6 +86,8 @@ def run(
                 planned.stage.check(planned.cfg)
     except (ConfigError, StageError) as e:
         fail(str(e))
+    if cfg.run.execution == "deployments":
+        _require_server("run.execution deployments")
 
     from flows.pipeline import pipeline
 
@@ -240,6 +253,34 @@ def export(
     except ValueError as e:
         fail(f"export {stage}: {e}")
     out.print(f"exported {stage} {art.key} to {out_dir} (Hugging Face Llama layout)")
+
+
+@app.command()
+def deploy():
+    """Create the cpu and gpu work pools (if missing) and register deployments/prefect.yaml's deployments."""
+    from flows.deploy import PREFECT_FILE, create_pools, deploy as prefect_deploy
+
+    url = _require_server("slmflow deploy")
+    if not PREFECT_FILE.exists():
+        fail(f"{PREFECT_FILE} not found: run slmflow deploy from the project root")
+    created = create_pools()
+    out.print(f"work pools at {url}: created {', '.join(created) or 'none (cpu and gpu exist)'}")
+    prefect_deploy(Path.cwd())
+
+
+@app.command()
+def serve(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None):
+    """Serve the pipeline and stage deployments from this process (no workers), on run.schedule."""
+    from flows.deploy import serve as serve_all
+
+    cfg, _ = _load(config, set_)
+    _require_server("slmflow serve")
+    schedule = f"on cron {cfg.run.schedule!r} ({cfg.run.timezone})" if cfg.run.schedule else "with no schedule (run.schedule)"
+    out.print(f"serving slmflow-pipeline/pipeline {schedule} and slmflow-stage/<family> with {config}")
+    try:
+        serve_all(str(config), list(set_ or []), cfg.run)
+    except RuntimeError as e:
+        fail(str(e))
 
 
 if __name__ == "__main__":

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tasks.core.lineage import tracking_uri
 from tasks.core.model import ModelConfig
 from tasks.decontaminate import DecontaminateConfig
 from tasks.dedup import DedupConfig
@@ -29,14 +32,48 @@ class ConfigError(ValueError):
     """A config problem, as one line naming the file and setting."""
 
 
+FAMILIES = ("data", "pretrain", "sft", "rl", "eval")  # one deployment each (deployments/prefect.yaml)
+
+
+def _env(name: str, default: str) -> Callable[[], str]:
+    return lambda: os.environ.get(name, default)
+
+
 class RunSettings(BaseModel):
-    """Where outputs and tracking go. Not part of any stage key: moving a store keeps its keys."""
+    """Where outputs and tracking go, and how stages are executed. Not part of any stage key:
+    moving a store, or running a stage on another machine, keeps its keys."""
 
     model_config = ConfigDict(extra="forbid")
-    data_root: str = Field("data", description="store root for data stages (path or fsspec URI)")
-    models_root: str = Field("models", description="store root for weights")
+    data_root: str = Field(default_factory=_env("SLMFLOW_DATA_ROOT", "data"),
+                           description="store root for data stages (path or fsspec URI); default $SLMFLOW_DATA_ROOT or data")
+    models_root: str = Field(default_factory=_env("SLMFLOW_MODELS_ROOT", "models"),
+                             description="store root for weights; default $SLMFLOW_MODELS_ROOT or models")
     mlflow_uri: str | None = Field(None, description="tracking URI; default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
     experiment: str = "slmflow"
+    execution: Literal["local", "deployments"] = Field(
+        "local", description="local: every stage in this process; deployments: stages of remote_families "
+                             "run as flow runs of their deployments (slmflow-stage/<family>, e.g. on the gpu pool)")
+    remote_families: list[Literal[FAMILIES]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: ["pretrain", "sft", "rl"], description="which stage families execution deployments sends out")
+    runner: Literal["default", "dask"] = Field(
+        "default", description="where data stages map their shards: Prefect's default task runner or a Dask cluster")
+    dask_address: str | None = Field(None, description="Dask scheduler (tcp://host:8786); none: a local cluster per run")
+    dask_workers: int = Field(2, ge=1, description="worker processes of the local Dask cluster")
+    schedule: str | None = Field(None, description="cron of the pipeline deployment that `slmflow serve` serves")
+    timezone: str = "UTC"
+
+    def shared(self) -> RunSettings:
+        """The same locations, spelled so that a flow run in another working directory finds them:
+        local store roots and a SQLite tracking file become absolute paths (URIs stay as they are)."""
+
+        def absolute(root: str) -> str:
+            return root if "://" in root else str(Path(root).resolve())
+
+        uri = tracking_uri(self.mlflow_uri)
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            uri = "sqlite:///" + absolute(uri.removeprefix("sqlite:///"))
+        return self.model_copy(update={"data_root": absolute(self.data_root), "models_root": absolute(self.models_root),
+                                       "mlflow_uri": uri})
 
 
 class ReferenceModel(BaseModel):
@@ -122,8 +159,16 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected stage.field=value")
         dotted, text = item.split("=", 1)
-        _set(raw, dotted.strip(), yaml.safe_load(text) if text else "", f"--set {item!r}")
+        _set(raw, dotted.strip(), _value(text), f"--set {item!r}")
     return raw
+
+
+def _value(text: str) -> Any:
+    """A --set value is YAML (numbers, lists, true); text YAML cannot read (a cron line) is a string."""
+    try:
+        return yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        return text
 
 
 def validation_message(err: ValidationError, origin: str) -> str:
@@ -131,6 +176,20 @@ def validation_message(err: ValidationError, origin: str) -> str:
     where = ".".join(str(p) for p in first["loc"]) or "(top level)"
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
     return f"{origin}: {where}: {first['msg']}{more}"
+
+
+def validate(raw: dict, origin: str) -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(validation_message(e, origin)) from None
+
+
+def resolve_config(config: str | Path | dict, overrides: list[str] | None = None) -> PipelineConfig:
+    """What flows take (the CLI's config and --set): a YAML path, or a config as a dict."""
+    if isinstance(config, dict):
+        return validate(apply_overrides(copy.deepcopy(config), overrides or []), "config")
+    return load_config(config, overrides)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
@@ -143,8 +202,4 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of stage sections")
-    raw = apply_overrides(raw, overrides or [])
-    try:
-        return PipelineConfig.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError(validation_message(e, str(path))) from None
+    return validate(apply_overrides(raw, overrides or []), str(path))

@@ -2,11 +2,13 @@
 
 `dag` is written once and interpreted twice: `make_plan` walks it to compute every stage key
 without running anything (for `status`, `lineage` and `--only`), and `pipeline` walks it
-with a runner that submits each stage as a Prefect task.
+with a runner that submits each stage as a Prefect task, or, with `run.execution: deployments`,
+sends training stages to their deployments (flows/stages.py) and reads their outputs from the store.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -14,7 +16,7 @@ import yaml
 from prefect import flow
 from prefect.runtime import flow_run
 
-from flows.config import ConfigError, PipelineConfig
+from flows.config import ConfigError, PipelineConfig, resolve_config
 from flows.report import report_card, write_report
 from tasks import (
     decontaminate,
@@ -33,9 +35,9 @@ from tasks import (
     tokenizer,
 )
 from tasks.core.lineage import Tracker, tracking_uri
-from tasks.core.orchestration import RunContext, stage_task
-from tasks.core.stage import Outcome, Stage, StageConfig
-from tasks.core.store import stage_key
+from tasks.core.orchestration import RunContext, dask_scheduler, stage_task
+from tasks.core.stage import Outcome, Stage, StageConfig, StageError
+from tasks.core.store import Artifact, stage_key
 
 
 class StageCall(Protocol):
@@ -131,59 +133,121 @@ def make_plan(cfg: PipelineConfig) -> Plan:
     return plan
 
 
+PIPELINE_FLOW = "slmflow-pipeline"
+STAGES_FLOW = "slmflow-stage"  # flows/stages.py; its deployments are named by family: slmflow-stage/pretrain, ...
+
+
 @dataclass
 class PrefectRunner:
-    """Runs each needed stage as its Prefect task; records outcomes for the report card."""
+    """Runs each needed stage as its Prefect task, or, for the families in `remote`, as a flow run of
+    the family's deployment (execution: deployments). Records outcomes for the report card."""
 
     plan: Plan
     run: RunContext
     tracker: Tracker
     needed: list[str]
     force: set[str]
+    config: dict = field(default_factory=dict)  # the resolved pipeline config, sent to remote stages
+    remote: set[str] = field(default_factory=set)  # stage families sent to their deployments
     outcomes: list[tuple[str, Outcome]] = field(default_factory=list)
 
     def __call__(self, stage: Stage, cfg: StageConfig, name: str | None = None, **inputs: Any):
         name = name or stage.name
+        planned = self.plan.stages[name]
         if name not in self.needed:
-            return None
-        key = self.plan.stages[name].key
+            return planned  # not run here: a needed stage downstream reads its output from the store
+        inputs = {k: self.stored(v) if isinstance(v, PlannedStage) else v for k, v in inputs.items()}
         forced = name in self.force
         # The store is the truth: Prefect may serve its cache only when the store has the output.
-        refresh = forced or self.run.store(stage).get(stage.name, key) is None
-        task = stage_task(stage).with_options(refresh_cache=refresh, task_run_name=f"{name}-{key[:8]}")
-        state = task(self.run, cfg, inputs, forced, name, return_state=True)
-        outcome: Outcome = state.result()
-        if state.name == "Cached":  # the task body did not run: log the cache hit here
-            outcome = outcome.model_copy(update={"cached": True, "seconds": 0.0})
-            self.tracker.log_cached(self.run.parent_run_id, outcome.artifact, inputs, {"prefect.cached": "true"}, label=name)
+        refresh = forced or self.run.store(stage).get(stage.name, planned.key) is None
+        if refresh and stage.family in self.remote:
+            outcome = self.dispatch(planned, forced)
+        else:
+            task = stage_task(stage).with_options(refresh_cache=refresh, task_run_name=f"{name}-{planned.key[:8]}")
+            state = task(self.run, cfg, inputs, forced, name, return_state=True)
+            outcome = state.result()
+            if state.name == "Cached":  # the task body did not run: log the cache hit here
+                outcome = outcome.model_copy(update={"cached": True, "seconds": 0.0})
+                self.tracker.log_cached(self.run.parent_run_id, outcome.artifact, inputs, {"prefect.cached": "true"},
+                                        label=name)
         self.outcomes.append((name, outcome))
         return outcome.artifact
 
+    def stored(self, planned: PlannedStage) -> Artifact:
+        hit = self.run.store(planned.stage).get(planned.stage.name, planned.key)
+        if hit is None:
+            raise StageError(f"{planned.name} {planned.key} is not in the store {self.run.store(planned.stage).root}: "
+                             f"run it first (slmflow run --only {planned.name})")
+        return hit
 
-@flow(name="slmflow-pipeline")
-def pipeline(config: dict, only: list[str] | None = None, force: list[str] | None = None) -> dict:
-    cfg = PipelineConfig.model_validate(config)
-    plan = make_plan(cfg)
-    plan.check_names(force or [], "--force")
-    needed = plan.needed(only)
+    def dispatch(self, planned: PlannedStage, forced: bool) -> Outcome:
+        """Run a stage as a flow run of its family's deployment (a worker on the gpu pool, say), wait
+        for it, and read its output from the store both sides share."""
+        from prefect.deployments import run_deployment
+        from prefect.exceptions import ObjectNotFound
+
+        deployment = f"{STAGES_FLOW}/{planned.stage.family}"
+        params = {"family": planned.stage.family, "config": self.config, "names": [planned.name], "force": forced,
+                  "parent_run_id": self.run.parent_run_id}
+        try:
+            remote = run_deployment(deployment, parameters=params, flow_run_name=f"{planned.name}-{planned.key[:8]}",
+                                    poll_interval=2)
+        except ObjectNotFound:
+            raise StageError(f"{planned.name}: the Prefect server has no deployment {deployment} "
+                             f"(run `slmflow deploy` or `slmflow serve`)") from None
+        if not remote.state or not remote.state.is_completed():
+            state = remote.state.name if remote.state else "no state"
+            raise StageError(f"{planned.name}: flow run {remote.name} of {deployment} ended {state}: "
+                             f"{remote.state.message if remote.state else ''}")
+        art = self.run.store(planned.stage).get(planned.stage.name, planned.key)
+        if art is None:
+            raise StageError(f"{planned.name}: {deployment} finished but {self.run.store(planned.stage).root} has no "
+                             f"{planned.stage.name} {planned.key}: do the pipeline and the worker share run.data_root "
+                             f"and run.models_root?")
+        ran = art.manifest.get("prefect", {}).get("prefect.flow_run_id") == str(remote.id)
+        return Outcome(artifact=art, cached=not ran, seconds=float(art.manifest.get("seconds", 0.0)) if ran else 0.0)
+
+
+@contextlib.contextmanager
+def parent_run(cfg: PipelineConfig, name: str, tags: dict[str, str], existing: str | None = None):
+    """The MLflow run that groups one pipeline run's stage runs (`existing`: join that one instead)."""
     tracker = Tracker(tracking_uri(cfg.run.mlflow_uri), cfg.run.experiment)
-    parent = tracker.start_parent(
-        f"pipeline-{flow_run.name or 'local'}",
-        {"prefect.flow_run_id": str(flow_run.id or ""), "only": ",".join(only or []), "force": ",".join(force or [])},
-    )
+    if existing:
+        yield tracker, existing
+        return
+    parent = tracker.start_parent(name, tags)
     tracker.log_text(parent, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
-    run = RunContext(
-        data_root=cfg.run.data_root, models_root=cfg.run.models_root, mlflow_uri=cfg.run.mlflow_uri,
-        experiment=cfg.run.experiment, parent_run_id=parent,
-    )
-    runner = PrefectRunner(plan, run, tracker, needed, set(force or []))
     try:
-        dag(cfg, runner)
+        yield tracker, parent
     except BaseException:
         tracker.end(parent, "FAILED")
         raise
-    card = report_card(runner.outcomes, plan)
-    path = write_report(card, cfg.run.data_root, parent)
-    tracker.log_text(parent, path.read_text(), "report.md")
     tracker.end(parent, "FINISHED")
+
+
+def run_context(cfg: PipelineConfig, parent_run_id: str, dask_address: str | None) -> RunContext:
+    return RunContext(data_root=cfg.run.data_root, models_root=cfg.run.models_root, mlflow_uri=cfg.run.mlflow_uri,
+                      experiment=cfg.run.experiment, parent_run_id=parent_run_id, dask_address=dask_address)
+
+
+@flow(name=PIPELINE_FLOW)
+def pipeline(config: str | dict = "configs/default.yaml", only: list[str] | None = None, force: list[str] | None = None,
+             overrides: list[str] | None = None) -> dict:
+    """The whole DAG (or `only` some stages and what they need), like `slmflow run`."""
+    cfg = resolve_config(config, overrides)
+    if cfg.run.execution == "deployments":  # remote stages must find the same store and tracking server
+        cfg = cfg.model_copy(update={"run": cfg.run.shared()})
+    plan = make_plan(cfg)
+    plan.check_names(force or [], "--force")
+    needed = plan.needed(only)
+    tags = {"prefect.flow_run_id": str(flow_run.id or ""), "only": ",".join(only or []), "force": ",".join(force or [])}
+    remote = set(cfg.run.remote_families) if cfg.run.execution == "deployments" else set()
+    with (parent_run(cfg, f"pipeline-{flow_run.name or 'local'}", tags) as (tracker, parent),
+          dask_scheduler(cfg.run.runner, cfg.run.dask_address, cfg.run.dask_workers) as dask_address):
+        runner = PrefectRunner(plan, run_context(cfg, parent, dask_address), tracker, needed, set(force or []),
+                               cfg.model_dump(mode="json"), remote)
+        dag(cfg, runner)
+        card = report_card(runner.outcomes, plan)
+        path = write_report(card, cfg.run.data_root, parent)
+        tracker.log_text(parent, path.read_text(), "report.md")
     return {"report": card, "report_path": str(path), "mlflow_run_id": parent}

@@ -151,6 +151,6 @@ def difficulty(cfg: DifficultyConfig, inputs: dict[str, Artifact], ctx: StageCon
     return {"rows": {"pass_rates": len(table), "samples": len(samples)}, "metrics": metrics}
 
 
-STAGE = Stage("difficulty", VERSION, DifficultyConfig, difficulty, check=check,
+STAGE = Stage("difficulty", VERSION, DifficultyConfig, difficulty, family="eval", check=check,
               report_metrics=("kept_fraction", "pass_rate", "frac_zero", "frac_one"))
 difficulty_task = stage_task(STAGE)

@@ -116,5 +116,5 @@ def evaluate(cfg: EvalConfig, inputs: dict[str, Artifact], ctx: StageContext) ->
     return {"rows": {"results": len(results)}, "metrics": metrics}
 
 
-STAGE = Stage("eval", VERSION, EvalConfig, evaluate, report_metrics=("pass_at_1", "sampled_pass_at_1", "pass_at_k", "completion_tokens"))
+STAGE = Stage("eval", VERSION, EvalConfig, evaluate, family="eval", report_metrics=("pass_at_1", "sampled_pass_at_1", "pass_at_k", "completion_tokens"))
 eval_task = stage_task(STAGE)

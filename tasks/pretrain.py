@@ -129,6 +129,6 @@ def check(cfg: PretrainConfig) -> None:
         raise StageError(f"pretrain.warmup_steps {cfg.warmup_steps} must be below max_steps {cfg.max_steps}")
 
 
-STAGE = Stage("pretrain", VERSION, PretrainConfig, pretrain, store="models", check=check,
+STAGE = Stage("pretrain", VERSION, PretrainConfig, pretrain, store="models", family="pretrain", check=check,
               report_metrics=("val_loss", "val_bpb", "unigram_entropy", "tokens_per_s", "params"))
 pretrain_task = stage_task(STAGE)

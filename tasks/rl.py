@@ -268,6 +268,6 @@ def rl(cfg: RLConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
     return {"rows": {"history": len(table), "steps": len(history)}, "metrics": metrics, "info": info}
 
 
-STAGE = Stage("rl", VERSION, RLConfig, rl, store="models",
+STAGE = Stage("rl", VERSION, RLConfig, rl, store="models", family="rl",
               report_metrics=("reward_first", "reward_last", "eval_pass_at_1", "kept_fraction"))
 rl_task = stage_task(STAGE)

@@ -105,6 +105,6 @@ def sft(cfg: SFTConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
     return result
 
 
-STAGE = Stage("sft", VERSION, SFTConfig, sft, store="models",
+STAGE = Stage("sft", VERSION, SFTConfig, sft, store="models", family="sft",
               report_metrics=("val_loss", "train_examples", "epochs", "tokens_per_s"))
 sft_task = stage_task(STAGE)

@@ -37,13 +37,30 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def tiny_config(root: Path, **run) -> Path:
+    """configs/tiny.yaml with its store and MLflow SQLite file under `root` (and `run` settings)."""
+    raw = yaml.safe_load(TINY.read_text())
+    raw["run"].update(data_root=str(root / "data"), models_root=str(root / "models"),
+                      mlflow_uri=f"sqlite:///{root / 'mlflow.db'}", **run)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "tiny.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return root / "tiny.yaml"
+
+
 @pytest.fixture
 def project(tmp_path, monkeypatch) -> Path:
     """A working directory with tiny.yaml pointed at a store and an MLflow SQLite file inside it."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    raw = yaml.safe_load(TINY.read_text())
-    raw["run"].update(data_root=str(tmp_path / "data"), models_root=str(tmp_path / "models"),
-                      mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    tiny_config(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, prefect_server) -> tuple[Path, dict]:
+    """The whole tiny pipeline, run once per session into its own store: (root, pipeline result).
+    Tests share it read-only (new settings make new keys beside it, never changes to it)."""
+    from flows.pipeline import pipeline
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    return root, pipeline(str(tiny_config(root)))

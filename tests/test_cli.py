@@ -70,14 +70,15 @@ def test_missing_config_file(project):
     fails_cleanly(project, ["run", "-c", "nope.yaml"], "nope.yaml")
 
 
-@pytest.mark.usefixtures("prefect_server")
-def test_run_then_status_show_lineage(project):
-    cfg = str(project / "tiny.yaml")
-    status = runner.invoke(app, ["status", "-c", cfg])
-    assert status.exit_code == 0 and status.output.count(" no ") >= 2
-    ran = runner.invoke(app, ["run", "-c", cfg])
+def test_run_status_show_lineage(tiny_run):
+    root, _ = tiny_run
+    cfg = str(root / "tiny.yaml")
+    status = runner.invoke(app, ["status", "-c", cfg, "--set", "dedup.seed=99"])  # dedup and downstream: new keys
+    assert status.exit_code == 0 and status.output.count(" no ") >= 20 and " yes " in status.output
+    ran = runner.invoke(app, ["run", "-c", cfg])  # everything stored: all cache hits
     assert ran.exit_code == 0, ran.output
-    assert "report card" in ran.output and "report:" in ran.output
+    assert "report card" in ran.output and "report:" in ran.output and "held-out accuracy" in ran.output
+    assert "eval_rl" in ran.output.split("held-out accuracy")[1]
     status = runner.invoke(app, ["status", "-c", cfg])
     assert status.exit_code == 0 and "documents" in status.output and " no " not in status.output
     show = runner.invoke(app, ["show", "dedup", "-c", cfg, "--table", "clusters", "--rows", "3"])

@@ -27,17 +27,19 @@ def by_stage(result: dict) -> dict:
     return {r["stage"]: r for r in result["report"]}
 
 
-def test_tiny_pipeline_end_to_end_then_all_cache_hits(project):
-    first = by_stage(run(project))
+def test_tiny_pipeline_end_to_end_then_all_cache_hits(tiny_run):
+    root, result = tiny_run
+    first = by_stage(result)
     assert list(first) == STAGES
     assert not any(r["cached"] for r in first.values())
     assert first["ingest"]["rows"]["documents"] > 200
     assert 0 < first["dedup"]["rows"]["documents"] < first["ingest"]["rows"]["documents"]
-    assert Path(run(project)["report_path"]).read_text().count("| yes |") == len(STAGES)  # all hits
-    second = by_stage(run(project))
+    again = run(root)
+    assert Path(again["report_path"]).read_text().count("| yes |") == len(STAGES)  # all hits
+    second = by_stage(again)
     assert all(r["cached"] for r in second.values())
     assert {s: r["key"] for s, r in second.items()} == {s: r["key"] for s, r in first.items()}
-    report = Path(run(project)["report_path"]).read_text()
+    report = Path(again["report_path"]).read_text()
     assert "| ingest |" in report and "| dedup |" in report
 
 
@@ -59,16 +61,15 @@ def test_only_computes_missing_upstream(project):
     assert not result["ingest"]["cached"] and not result["dedup"]["cached"]
 
 
-def test_same_config_same_keys_and_bytes_in_two_stores(project, tmp_path):
-    a = by_stage(run(project))
-    b = by_stage(run(project, [f"run.data_root={tmp_path / 'other'}", f"run.models_root={tmp_path / 'other_models'}"]))
+def test_same_config_same_keys_and_bytes_in_two_stores(tiny_run, project):
+    root, result = tiny_run
+    a, b = by_stage(result), by_stage(run(project))
     plan = make_plan(load_config(project / "tiny.yaml"))
     for name in STAGES:
         assert a[name]["key"] == b[name]["key"]
         stage = plan.stages[name].stage
-        root_a, root_b = ("models", "other_models") if stage.store == "models" else ("data", "other")
-        ma = Store(project / root_a).get(stage.name, a[name]["key"]).manifest
-        mb = Store(tmp_path / root_b).get(stage.name, b[name]["key"]).manifest
+        ma = Store(root / stage.store).get(stage.name, a[name]["key"]).manifest
+        mb = Store(project / stage.store).get(stage.name, b[name]["key"]).manifest
         assert ma["files"] == mb["files"] and ma["files"]  # sha256 of every file, model weights included
 
 

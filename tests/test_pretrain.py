@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModelStatus
 from typer.testing import CliRunner
@@ -23,7 +22,6 @@ from tasks.core.model import load_model
 from tasks.core.store import Store
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 
 def run(root: Path, sets=(), only=None) -> dict:
@@ -32,13 +30,9 @@ def run(root: Path, sets=(), only=None) -> dict:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, prefect_server):
-    root = tmp_path_factory.mktemp("tiny")
-    raw = yaml.safe_load(TINY.read_text())
-    raw["run"].update(data_root=str(root / "data"), models_root=str(root / "models"),
-                      mlflow_uri=f"sqlite:///{root / 'mlflow.db'}")
-    (root / "tiny.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    return root, run(root)
+def trained(tiny_run):
+    root, result = tiny_run
+    return root, {r["stage"]: r for r in result["report"]}
 
 
 def test_pretraining_beats_unigram_entropy(trained):

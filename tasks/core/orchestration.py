@@ -7,9 +7,11 @@ refresh its cache whenever the store lacks the output or a stage is forced, so a
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
-from typing import Callable
+import inspect
+from typing import Callable, Iterator
 
 from prefect import task, unmapped
 from prefect.cache_policies import NO_CACHE
@@ -17,7 +19,7 @@ from prefect.runtime import flow_run, task_run
 from pydantic import BaseModel
 
 from tasks.core.lineage import Tracker, tracking_uri
-from tasks.core.stage import Outcome, Stage, StageConfig, run_stage
+from tasks.core.stage import Outcome, Stage, StageConfig, StageError, log, run_stage
 from tasks.core.store import Artifact, Store, stage_key
 
 
@@ -29,6 +31,7 @@ class RunContext(BaseModel):
     mlflow_uri: str | None = None
     experiment: str = "slmflow"
     parent_run_id: str | None = None
+    dask_address: str | None = None  # data stages map their shards on this Dask scheduler (run.runner dask)
 
     def store(self, stage: Stage) -> Store:
         return Store(self.models_root if stage.store == "models" else self.data_root)
@@ -37,14 +40,47 @@ class RunContext(BaseModel):
         return Tracker(tracking_uri(self.mlflow_uri), self.experiment)
 
 
-def prefect_map(stage_name: str) -> Callable[..., list]:
-    """Map a function over shards as Prefect tasks (visible per shard in the UI)."""
+def prefect_map(stage_name: str, dask_address: str | None = None) -> Callable[..., list]:
+    """Map a function over shards as Prefect tasks (visible per shard in the UI): on the flow's
+    task runner, or on a Dask cluster through prefect-dask. Results come back in item order."""
 
     def _map(fn: Callable, items: list, **common) -> list:
         shard_task = task(fn, name=f"{stage_name}-shard", cache_policy=NO_CACHE)
-        return shard_task.map(items, **{k: unmapped(v) for k, v in common.items()}).result()
+        fixed = {k: unmapped(v) for k, v in common.items()}
+        if dask_address is None:
+            return shard_task.map(items, **fixed).result()
+        from prefect_dask import DaskTaskRunner
+
+        first = next(iter(inspect.signature(fn).parameters))  # the mapped argument
+        log.info("%s: %d shards on Dask %s", stage_name, len(items), dask_address)
+        with DaskTaskRunner(address=dask_address) as runner:
+            return runner.map(shard_task, {first: items, **fixed}).result()
 
     return _map
+
+
+@contextlib.contextmanager
+def dask_scheduler(runner: str, address: str | None, workers: int) -> Iterator[str | None]:
+    """Where shard maps run: None (Prefect's default task runner), the configured Dask scheduler,
+    or a local Dask cluster for the length of this block whose workers report to our Prefect API."""
+    if runner != "dask":
+        yield None
+        return
+    try:
+        from distributed import LocalCluster
+        import prefect_dask  # noqa: F401
+    except ImportError:
+        raise StageError("run.runner dask needs prefect-dask: pip install -e '.[dask]'") from None
+    if address:
+        yield address
+        return
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:  # also the temporary server's URL when there is no PREFECT_API_URL
+        api = str(client.api_url)
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None, env={"PREFECT_API_URL": api}) as cluster:
+        yield cluster.scheduler_address
 
 
 def prefect_cache_key(stage: Stage, run: RunContext, cfg: StageConfig, inputs: dict[str, Artifact]) -> str:
@@ -66,7 +102,7 @@ def stage_task(stage: Stage):
         tags = {"prefect.flow_run_id": str(flow_run.id or ""), "prefect.task_run_id": str(task_run.id or "")}
         return run_stage(
             stage, cfg, inputs, run.store(stage), tracker=run.tracker(), parent_run_id=run.parent_run_id,
-            force=force, map_fn=prefect_map(stage.name), tags=tags, label=label,
+            force=force, map_fn=prefect_map(stage.name, run.dask_address), tags=tags, label=label,
         )
 
     return _stage

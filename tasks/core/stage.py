@@ -45,6 +45,8 @@ class Stage:
     # fn(cfg, inputs, ctx) writes into ctx.out and returns {"rows": {...}, "metrics": {...}}
     fn: Callable[..., dict]
     store: str = "data"  # which store root: "data" (Parquet) or "models" (weights)
+    # which deployment runs it (deployments/prefect.yaml): data | pretrain | sft | rl | eval
+    family: str = "data"
     check: Callable[[Any], None] | None = None  # cheap up-front validation of settings/paths
     report_metrics: tuple[str, ...] = ()  # metrics shown on the report card
 

@@ -1,0 +1,310 @@
+"""Deployments, work pools, `slmflow serve` and the Dask runner, with real components on 127.0.0.1.
+
+The deployment tests start their own Prefect server (its own database), register
+deployments/prefect.yaml with `slmflow deploy`, start process workers on the `cpu` and `gpu` pools,
+and drive everything with the commands a user types. Training stages then run in worker
+subprocesses, and their outputs must equal a local run's byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from conftest import tiny_config
+from flows.config import load_config
+from flows.pipeline import make_plan
+from tasks.core.store import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the project's .venv: prefect and slmflow as a user runs them
+TRAINING = ("pretrain", "sft", "rl")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    env: dict[str, str]
+    logs: Path
+
+    def api(self, method: str, path: str, **kwargs) -> dict | list:
+        response = httpx.request(method, f"{self.url}{path}", timeout=30, **kwargs)
+        response.raise_for_status()
+        return response.json()
+
+    def start(self, name: str, *args: str, cwd: Path = ROOT) -> subprocess.Popen:
+        """A long-running process (its own process group, so its children stop with it)."""
+        log = open(self.logs / f"{name}.log", "w")
+        return subprocess.Popen(args, cwd=cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def run(self, *args: str, cwd: Path = ROOT, timeout: float = 600) -> str:
+        done = subprocess.run(args, cwd=cwd, env=self.env, capture_output=True, text=True, timeout=timeout)
+        assert done.returncode == 0, f"{' '.join(map(str, args))} exited {done.returncode}:\n{(done.stdout + done.stderr)[-4000:]}"
+        return done.stdout
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`prefect server start` on 127.0.0.1 with its own PREFECT_HOME, stopped at the end."""
+    home = tmp_path_factory.mktemp("prefect_home")
+    url = f"http://127.0.0.1:{free_port()}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env.update(PREFECT_HOME=str(home), PREFECT_API_URL=url, PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_LOGGING_EXTRA_LOGGERS="slmflow",
+               PREFECT_WORKER_QUERY_SECONDS="1")  # workers poll every second, not every 10
+    srv = Server(url, env, home)
+    port = url.rsplit(":", 1)[1].split("/")[0]
+    proc = srv.start("server", str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", port)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, (home / "server.log").read_text()[-3000:]
+        time.sleep(0.5)
+    yield srv
+    stop(proc)
+
+
+def test_serve_serves_every_deployment_with_the_configured_schedule(server, tmp_path):
+    """Runs before `deployed` registers the same names on work pools (see the refusal test below)."""
+    config = tiny_config(tmp_path / "served")
+    proc = server.start("serve", str(BIN / "slmflow"), "serve", "-c", str(config), "--set", "run.schedule=0 4 * * 1")
+    try:
+        deadline = time.monotonic() + 180
+        while len(found := server.api("POST", "/deployments/filter", json={})) < 6:
+            assert proc.poll() is None and time.monotonic() < deadline, (server.logs / "serve.log").read_text()[-3000:]
+            time.sleep(1)
+        by_name = {d["name"]: d for d in found}
+        assert sorted(by_name) == ["data", "eval", "pipeline", "pretrain", "rl", "sft"]
+        [schedule] = by_name["pipeline"]["schedules"]
+        assert schedule["schedule"]["cron"] == "0 4 * * 1" and schedule["active"]
+        assert by_name["pipeline"]["parameters"]["config"] == str(config) and not by_name["sft"]["schedules"]
+        # the serving process runs what is triggered: one data stage into the configured store
+        server.run(str(BIN / "prefect"), "deployment", "run", "slmflow-stage/data", "--param", 'names=["prompts"]',
+                   "--watch", cwd=tmp_path)
+        cfg = load_config(config)
+        plan = make_plan(cfg)
+        stored = Store(cfg.run.data_root)
+        assert stored.get("prompts", plan.stages["prompts"].key) is not None
+        assert stored.get("ingest", plan.stages["ingest"].key) is None  # only the named stage
+    finally:
+        stop(proc)
+        for d in server.api("POST", "/deployments/filter", json={}):
+            httpx.delete(f"{server.url}/deployments/{d['id']}", timeout=30).raise_for_status()
+
+
+@dataclass
+class Deployed:
+    server: Server
+    local: Path  # tiny.yaml of the local run
+    remote: Path  # tiny.yaml of the run through the pipeline deployment
+    seconds: float  # the pipeline deployment's run, trigger to finish
+
+
+@pytest.fixture(scope="module")
+def deployed(server, tiny_run, tmp_path_factory):
+    """The session's local tiny run; then the same config through slmflow-pipeline/pipeline on the
+    cpu pool (execution: deployments), whose pretrain, sft and rl stages go to the gpu pool."""
+    base = tmp_path_factory.mktemp("deployed")
+    local, remote = tiny_run[0] / "tiny.yaml", tiny_config(base / "remote")
+    server.run(str(BIN / "slmflow"), "deploy")  # from the project root: the workers' directory
+    workers = [server.start(f"worker_{pool}", str(BIN / "prefect"), "worker", "start", "--pool", pool, cwd=base)
+               for pool in ("cpu", "gpu")]
+    try:
+        # everything upstream of the main pack (data stages, PreSelect's references): the remote run
+        # computes pretrain, sft and rl on the gpu pool, and the difficulty and eval stages here
+        plan = make_plan(load_config(local))
+        for name in plan.needed(["pack"]):
+            p = plan.stages[name]
+            where = f"{p.stage.store}/{p.stage.name}/{p.key}"
+            shutil.copytree(tiny_run[0] / where, base / "remote" / where)
+        start = time.monotonic()
+        out = server.run(str(BIN / "prefect"), "deployment", "run", "slmflow-pipeline/pipeline",
+                         "--param", f"config={remote}", "--watch", cwd=base)
+        assert "Flow run finished successfully" in out
+        yield Deployed(server, local, remote, time.monotonic() - start)
+    finally:
+        for proc in workers:
+            stop(proc)
+
+
+def manifests(config: Path, only: tuple[str, ...] = ()) -> dict[str, dict]:
+    """Every planned stage's manifest in the config's store (each must be there)."""
+    cfg = load_config(config)
+    plan = make_plan(cfg)
+    found = {}
+    for name, p in plan.stages.items():
+        if only and name not in only:
+            continue
+        art = Store(cfg.run.models_root if p.stage.store == "models" else cfg.run.data_root).get(p.stage.name, p.key)
+        assert art is not None, f"{config}: {name} {p.key} missing"
+        found[name] = art.manifest
+    return found
+
+
+def test_deployments_mode_gives_the_local_keys_and_bytes(deployed):
+    local, remote = manifests(deployed.local), manifests(deployed.remote)
+    assert list(local) == list(remote)
+    for name in local:
+        assert remote[name]["key"] == local[name]["key"]
+        assert remote[name]["files"] == local[name]["files"], f"{name}: different bytes"  # weights, eval results
+    print(f"pipeline deployment run: {deployed.seconds:.0f}s")
+
+
+def test_training_stages_ran_on_the_gpu_pool_under_the_pipelines_mlflow_run(deployed):
+    srv = deployed.server
+    cfg = load_config(deployed.remote)
+    client = MlflowClient(cfg.run.mlflow_uri)
+    exp = client.get_experiment_by_name(cfg.run.experiment)
+    parents = [r for r in client.search_runs([exp.experiment_id], max_results=500) if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    pipeline_run = srv.api("GET", f"/flow_runs/{parent.data.tags['prefect.flow_run_id']}")
+    assert pipeline_run["work_pool_name"] == "cpu"
+    deployments = {d["id"]: d["name"] for d in srv.api("POST", "/deployments/filter", json={})}
+    remote = manifests(deployed.remote)
+    sent = [n for n, m in remote.items() if m["stage"] in TRAINING]
+    assert sorted(sent) == ["pretrain", "ref_0", "ref_1", "ref_2", "rl", "sft"]
+    for name in TRAINING:
+        m = remote[name]
+        flow_run = srv.api("GET", f"/flow_runs/{m['prefect']['prefect.flow_run_id']}")
+        assert flow_run["work_pool_name"] == "gpu" and flow_run["state"]["type"] == "COMPLETED"
+        assert deployments[flow_run["deployment_id"]] == m["stage"]  # slmflow-stage/<family>
+        assert flow_run["parent_task_run_id"]  # a subflow of the pipeline run in the Prefect UI
+        stage_run = client.get_run(m["mlflow_run_id"])
+        assert stage_run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert stage_run.data.tags["cached"] == "false" and stage_run.data.tags["instance"] == name
+    # the data stages came from the copied store: cache hits, logged under the same parent
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'", max_results=500)
+    by_instance = {r.data.tags["instance"]: r.data.tags["cached"] for r in children}
+    assert len(by_instance) == len(remote) and by_instance["eval_rl"] == "false"
+    assert by_instance["dedup"] == by_instance["ref_0"] == "true"
+
+
+def test_deploy_makes_the_pools_and_a_paused_nightly_schedule_that_resumes(deployed):
+    srv = deployed.server
+    pools = {p["name"]: p for p in srv.api("POST", "/work_pools/filter", json={})}
+    assert pools["cpu"]["type"] == pools["gpu"]["type"] == "process" and pools["gpu"]["concurrency_limit"] == 1
+    by_name = {d["name"]: d for d in srv.api("POST", "/deployments/filter", json={})}
+    assert {n: d["work_pool_name"] for n, d in by_name.items()} == {
+        "pipeline": "cpu", "data": "cpu", "pretrain": "gpu", "sft": "gpu", "rl": "gpu", "eval": "gpu"}
+    assert by_name["sft"]["job_variables"]["env"]["CUDA_VISIBLE_DEVICES"] == "0"
+    assert by_name["pipeline"]["parameters"]["overrides"] == ["run.execution=deployments"]
+    [schedule] = by_name["pipeline"]["schedules"]
+    assert schedule["schedule"]["cron"] == "0 3 * * *" and not schedule["active"]
+    # the README's commands turn it on (then off again: no 03:00 run during a test)
+    prefect = str(BIN / "prefect")
+    assert schedule["id"] in srv.run(prefect, "deployment", "schedule", "ls", "slmflow-pipeline/pipeline")
+    try:
+        srv.run(prefect, "deployment", "schedule", "resume", "slmflow-pipeline/pipeline", schedule["id"])
+        [resumed] = srv.api("GET", f"/deployments/{by_name['pipeline']['id']}")["schedules"]
+        assert resumed["active"]
+    finally:
+        srv.run(prefect, "deployment", "schedule", "pause", "slmflow-pipeline/pipeline", schedule["id"])
+
+
+def test_stage_deployment_reruns_one_stage_from_the_store(deployed):
+    """`prefect deployment run slmflow-stage/eval -p names=[eval_rl] -p force=true`: a rerun of one stage."""
+    srv = deployed.server
+    everything = manifests(deployed.remote)
+    before = everything["eval_rl"]
+    srv.run(str(BIN / "prefect"), "deployment", "run", "slmflow-stage/eval", "--param", f"config={deployed.remote}",
+            "--param", 'names=["eval_rl"]', "--param", "force=true", "--watch")
+    after = manifests(deployed.remote)
+    assert after["eval_rl"]["key"] == before["key"] and after["eval_rl"]["files"] == before["files"]
+    assert after["eval_rl"]["mlflow_run_id"] != before["mlflow_run_id"]
+    assert after["eval_sft"] == everything["eval_sft"]  # only the named stage ran
+    cfg = load_config(deployed.remote)
+    client = MlflowClient(cfg.run.mlflow_uri)
+    parent = client.get_run(client.get_run(after["eval_rl"]["mlflow_run_id"]).data.tags["mlflow.parentRunId"])
+    assert parent.data.tags["family"] == "eval" and parent.info.status == "FINISHED"
+    flow_run = srv.api("GET", f"/flow_runs/{after['eval_rl']['prefect']['prefect.flow_run_id']}")
+    assert flow_run["work_pool_name"] == "gpu"
+
+
+def test_serve_refuses_to_take_over_deployed_names(deployed):
+    done = subprocess.run([str(BIN / "slmflow"), "serve", "-c", str(deployed.remote)], env=deployed.server.env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "already has" in done.stderr and "slmflow-pipeline/pipeline" in done.stderr
+    assert "prefect deployment delete" in done.stderr
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_dask_runner_gives_byte_identical_dedup(tmp_path, caplog):
+    from flows.pipeline import pipeline
+
+    results, on_dask = {}, {}
+    for runner in ("default", "dask"):
+        config = tiny_config(tmp_path / runner, runner=runner)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="slmflow"):
+            pipeline(str(config), only=["dedup"])
+        results[runner] = manifests(config, only=("ingest", "dedup"))
+        on_dask[runner] = [r.getMessage() for r in caplog.records if "shards on Dask tcp://127.0.0.1:" in r.getMessage()]
+    assert not on_dask["default"] and any(m.startswith("dedup: ") for m in on_dask["dask"])  # a local cluster
+    for name in ("ingest", "dedup"):
+        assert results["dask"][name]["key"] == results["default"][name]["key"]
+        assert results["dask"][name]["files"] == results["default"][name]["files"]
+
+
+def test_deployments_mode_needs_a_prefect_server(tmp_path):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):  # no server configured
+        result = CliRunner().invoke(app, ["run", "-c", str(tiny_config(tmp_path)), "--set", "run.execution=deployments"])
+    assert result.exit_code == 1, result.output
+    assert "needs a Prefect server" in result.output and "PREFECT_API_URL" in result.output
+    assert not (tmp_path / "data").exists()  # nothing ran
+
+
+def test_store_roots_from_environment_and_shared_spelling(tmp_path, monkeypatch):
+    from flows.config import RunSettings
+
+    monkeypatch.setenv("SLMFLOW_DATA_ROOT", "/shared/data")
+    monkeypatch.delenv("SLMFLOW_MODELS_ROOT", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    run = RunSettings()
+    assert run.data_root == "/shared/data" and run.models_root == "models"
+    assert RunSettings(data_root="here").data_root == "here"  # the config beats the environment
+    shared = run.shared()
+    assert shared.models_root == str(tmp_path / "models") and shared.mlflow_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert RunSettings(data_root="s3://bucket/slm").shared().data_root == "s3://bucket/slm"
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["run.schedule=*/30 * * * *"])  # not YAML: kept as the string it is
+    assert cfg.run.schedule == "*/30 * * * *"
