@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from flows.config import FAMILIES, RunSettings
-from flows.pipeline import PIPELINE_FLOW, STAGES_FLOW
+from flows.pipeline import PIPELINE_FLOW, STAGES_FLOW, pipeline
+from flows.stages import stages
 
 PREFECT_FILE = Path("deployments/prefect.yaml")
 # Process work pools (the worker runs each flow run as a subprocess of its own Python). One
@@ -64,9 +65,6 @@ def serve(config: str, overrides: list[str], run: RunSettings) -> None:
     """Serve the pipeline and stage-family deployments from this process until it is stopped."""
     from prefect import serve as prefect_serve
     from prefect.schedules import Cron
-
-    from flows.pipeline import pipeline
-    from flows.stages import stages
 
     # A served deployment cannot take over one registered on a work pool (Prefect would keep its pool
     # and lose its code location): the two ways are one or the other on a server.

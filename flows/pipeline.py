@@ -195,10 +195,10 @@ class PrefectRunner:
         except ObjectNotFound:
             raise StageError(f"{planned.name}: the Prefect server has no deployment {deployment} "
                              f"(run `slmflow deploy` or `slmflow serve`)") from None
-        if not remote.state or not remote.state.is_completed():
-            state = remote.state.name if remote.state else "no state"
-            raise StageError(f"{planned.name}: flow run {remote.name} of {deployment} ended {state}: "
-                             f"{remote.state.message if remote.state else ''}")
+        state = remote.state
+        if state is None or not state.is_completed():
+            ended = f"{state.name}: {state.message}" if state else "without a state"
+            raise StageError(f"{planned.name}: flow run {remote.name} of {deployment} ended {ended}")
         art = self.run.store(planned.stage).get(planned.stage.name, planned.key)
         if art is None:
             raise StageError(f"{planned.name}: {deployment} finished but {self.run.store(planned.stage).root} has no "
