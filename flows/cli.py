@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
+from flows.prefect_server import ServerError, apply_defaults, prefect_api
 
-# Before Prefect is imported: no telemetry (no network here), and our progress lines shown.
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "slmflow")
-os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+apply_defaults()  # before Prefect is imported: no telemetry, our progress lines, generous timeouts
 
 import json  # noqa: E402
 import sys  # noqa: E402
@@ -22,7 +19,7 @@ from rich.tree import Tree  # noqa: E402
 from flows.config import ConfigError, PipelineConfig, load_config  # noqa: E402
 from flows.report import accuracy_table, fmt  # noqa: E402
 from tasks.core.stage import StageError  # noqa: E402
-from tasks.core.store import Store  # noqa: E402
+from tasks.core.store import Store, check_name  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 # Piped output (logs, CI) gets a wide fixed width so report cards don't wrap into columns.
@@ -92,8 +89,9 @@ def run(
     from flows.pipeline import pipeline
 
     try:
-        result = pipeline(cfg.model_dump(mode="json"), only or None, force or None)
-    except (ConfigError, StageError) as e:
+        with prefect_api(log=lambda line: err.print(line, highlight=False, soft_wrap=True)):
+            result = pipeline(cfg.model_dump(mode="json"), only or None, force or None)
+    except (ConfigError, StageError, ServerError) as e:
         fail(str(e))
     table = Table(title="slmflow report card")
     for col in ("stage", "key", "cached", "rows", "metrics", "time (s)"):
@@ -136,7 +134,10 @@ def _artifact(cfg, plan, stage: str, key: str | None):
         fail(f"no such stage: {stage} (stages: {', '.join(plan.stages)})")
     planned = plan.stages[stage]
     key = key or planned.key
-    hit = _store(cfg, plan, planned.stage.name).get(planned.stage.name, key)
+    try:
+        hit = _store(cfg, plan, planned.stage.name).get(planned.stage.name, check_name(key, "--key"))
+    except ValueError as e:
+        fail(str(e))
     if hit is None:
         fail(f"{stage} {key} is not in the store (run `slmflow run --only {stage}` first)")
     return hit
@@ -197,6 +198,77 @@ def lineage(
         return branch
 
     out.print(node(_artifact(cfg, plan, stage, key), None))
+
+
+def _roots(cfg: PipelineConfig) -> list[Store]:
+    return [Store(root) for root in dict.fromkeys((cfg.run.data_root, cfg.run.models_root))]
+
+
+@app.command()
+def verify(
+    stage: Annotated[Optional[str], typer.Argument(help="a stage or instance name (default: every output)")] = None,
+    config: ConfigOpt = DEFAULT_CONFIG,
+    set_: SetOpt = None,
+):
+    """Check stored outputs against their manifests (every file's size and sha256). A damaged output
+    is reported one line per file and set aside, so the next run recomputes it; exit 1 if any was."""
+    cfg, plan = _load(config, set_)
+    name = plan.stages[stage].stage.name if stage in plan.stages else stage
+    checked, damaged, nbytes = 0, 0, 0
+    for store in _roots(cfg):
+        for stage_name in store.stages():
+            if name and stage_name != name:
+                continue
+            for key in store.keys(stage_name):
+                manifest = store.read_manifest(stage_name, key)
+                problems = store.problems(stage_name, key, manifest, digests=True)
+                checked += 1
+                nbytes += sum(manifest.get("sizes", {}).values())
+                for line in problems:
+                    err.print(f"[bold red]damaged:[/] {line}", highlight=False, soft_wrap=True)
+                if problems:
+                    damaged += 1
+                    err.print(f"  {stage_name} {key} set aside as {store.set_aside(stage_name, key)}; "
+                              f"the next run recomputes it", highlight=False, soft_wrap=True)
+    if name and not checked:
+        fail(f"no stored outputs of stage {name!r} under {', '.join(s.root for s in _roots(cfg))}")
+    out.print(f"verified {checked} outputs ({nbytes / 1e6:,.1f} MB): {damaged} damaged")
+    if damaged:
+        raise typer.Exit(1)
+
+
+@app.command()
+def gc(
+    config: Annotated[Optional[list[Path]], typer.Option("--config", "-c", help="configs whose outputs to keep "
+                                                         "(repeatable; default configs/default.yaml)")] = None,
+    yes: Annotated[bool, typer.Option("--yes", help="remove what is listed (default: only list it)")] = False,
+):
+    """List what no longer counts in the stores of the given configs: unfinished and replaced outputs of
+    stopped runs, damaged outputs set aside, checkpoints of finished or unnamed keys, stale lock files,
+    and outputs that none of the configs reaches. Entries of runs in progress are never touched."""
+    from tasks.core.housekeeping import find_garbage
+
+    configs = config or [DEFAULT_CONFIG]
+    loaded = [_load(c, []) for c in configs]
+    reachable = {(p.stage.name, p.key) for _, plan in loaded for p in plan.stages.values()}
+    roots = dict.fromkeys(s.root for cfg, _ in loaded for s in _roots(cfg))
+    garbage = [g for root in roots for g in find_garbage(Store(root), reachable)]
+    if not garbage:
+        out.print(f"nothing to remove under {', '.join(roots)}")
+        return
+    table = Table(title=f"not needed by {', '.join(map(str, configs))}")
+    for col in ("path", "MB", "why"):
+        table.add_column(col)
+    for g in garbage:
+        table.add_row(str(g.path), f"{g.bytes / 1e6:,.1f}", g.why)
+    out.print(table)
+    total = sum(g.bytes for g in garbage) / 1e6
+    if not yes:
+        out.print(f"{len(garbage)} entries, {total:,.1f} MB: run again with --yes to remove them")
+        return
+    for g in garbage:
+        g.remove()
+    out.print(f"removed {len(garbage)} entries, {total:,.1f} MB")
 
 
 @app.command()

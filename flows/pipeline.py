@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import yaml
 from prefect import flow
 from prefect.runtime import flow_run
+from prefect.states import Failed
 
 from flows.config import ConfigError, PipelineConfig, resolve_config
 from flows.report import report_card, write_report
@@ -158,18 +159,11 @@ class PrefectRunner:
             return planned  # not run here: a needed stage downstream reads its output from the store
         inputs = {k: self.stored(v) if isinstance(v, PlannedStage) else v for k, v in inputs.items()}
         forced = name in self.force
-        # The store is the truth: Prefect may serve its cache only when the store has the output.
-        refresh = forced or self.run.store(stage).get(stage.name, planned.key) is None
-        if refresh and stage.family in self.remote:
+        if stage.family in self.remote and (forced or self.run.store(stage).get(stage.name, planned.key) is None):
             outcome = self.dispatch(planned, forced)
-        else:
-            task = stage_task(stage).with_options(refresh_cache=refresh, task_run_name=f"{name}-{planned.key[:8]}")
-            state = task(self.run, cfg, inputs, forced, name, return_state=True)
-            outcome = state.result()
-            if state.name == "Cached":  # the task body did not run: log the cache hit here
-                outcome = outcome.model_copy(update={"cached": True, "seconds": 0.0})
-                self.tracker.log_cached(self.run.parent_run_id, outcome.artifact, inputs, {"prefect.cached": "true"},
-                                        label=name)
+        else:  # the task asks the store: a hit ends as a `Cached` state, with its MLflow child run
+            task = stage_task(stage).with_options(task_run_name=f"{name}-{planned.key[:8]}")
+            outcome = task(self.run, cfg, inputs, forced, name, planned.key, return_state=True).result()
         self.outcomes.append((name, outcome))
         return outcome.artifact
 
@@ -234,6 +228,13 @@ def run_context(cfg: PipelineConfig, parent_run_id: str, dask_address: str | Non
 def pipeline(config: str | dict = "configs/default.yaml", only: list[str] | None = None, force: list[str] | None = None,
              overrides: list[str] | None = None) -> dict:
     """The whole DAG (or `only` some stages and what they need), like `slmflow run`."""
+    try:
+        return _pipeline(config, only, force, overrides)
+    except (ConfigError, StageError) as e:  # bad input or settings: a one-line Failed state, not a traceback
+        return Failed(message=str(e), data=e)
+
+
+def _pipeline(config: str | dict, only: list[str] | None, force: list[str] | None, overrides: list[str] | None) -> dict:
     cfg = resolve_config(config, overrides)
     if cfg.run.execution == "deployments":  # remote stages must find the same store and tracking server
         cfg = cfg.model_copy(update={"run": cfg.run.shared()})

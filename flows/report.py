@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -59,11 +61,14 @@ def to_markdown(card: list[dict]) -> str:
 
 
 def write_report(card: list[dict], data_root: str, run_id: str) -> Path:
-    """`<data_root>/runs/<UTC time>-<run>/report.md` (a local directory even for remote stores)."""
+    """`<data_root>/runs/<UTC time>-<run>/report.md` (a local directory even for remote stores),
+    written beside it and renamed into place: a killed run leaves no half-written report."""
     base = Path(data_root) if "://" not in data_root else Path("runs")
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out = (base / "runs" if base.name != "runs" else base) / f"{stamp}-{run_id[:8]}"
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "report.md"
-    path.write_text(f"# slmflow report card\n\nMLflow run `{run_id}`\n\n" + to_markdown(card))
-    return path
+    runs = base / "runs" if base.name != "runs" else base
+    runs.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=runs))
+    (tmp / "report.md").write_text(f"# slmflow report card\n\nMLflow run `{run_id}`\n\n" + to_markdown(card))
+    out = runs / f"{stamp}-{run_id[:8]}"
+    os.replace(tmp, out)
+    return out / "report.md"

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from prefect import flow
 from prefect.runtime import flow_run
+from prefect.states import Failed
 
 from flows.config import FAMILIES, ConfigError, resolve_config
 from flows.pipeline import STAGES_FLOW, PrefectRunner, dag, make_plan, parent_run, run_context
 from tasks.core.orchestration import dask_scheduler
+from tasks.core.stage import StageError
 
 
 @flow(name=STAGES_FLOW)
@@ -22,6 +24,14 @@ def stages(family: str, config: str | dict = "configs/default.yaml", overrides: 
            names: list[str] | None = None, force: bool = False, parent_run_id: str | None = None) -> dict:
     """Run `names` (stages of `family`; default all of them) with inputs from the store; `force`
     recomputes them even if stored. `parent_run_id`: the pipeline's MLflow run to log under."""
+    try:
+        return _stages(family, config, overrides, names, force, parent_run_id)
+    except (ConfigError, StageError) as e:  # bad input or settings: a one-line Failed state, not a traceback
+        return Failed(message=str(e), data=e)
+
+
+def _stages(family: str, config: str | dict, overrides: list[str] | None, names: list[str] | None, force: bool,
+            parent_run_id: str | None) -> dict:
     if family not in FAMILIES:
         raise ConfigError(f"family {family!r}: expected one of {', '.join(FAMILIES)}")
     cfg = resolve_config(config, overrides)

@@ -1,7 +1,8 @@
 """Ingest: sources named in config -> a sharded documents table (`id`, `text`, `source`).
 
-Text is NFC-normalized; invalid UTF-8 is replaced (U+FFFD) and counted; documents that are
-empty after stripping are dropped and counted. Ids are stable: a hash of the source name
+Text is NFC-normalized; invalid UTF-8 is replaced (U+FFFD) and counted (the first such
+document of each source is named in a log line); documents that are empty after stripping, or
+longer than `max_doc_chars`, are dropped and counted. Ids are stable: a hash of the source name
 and the item's reference within it (file path, topic, task/seed/index, file/row).
 """
 
@@ -15,7 +16,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from tasks.core.orchestration import stage_task
-from tasks.core.stage import Stage, StageConfig, StageContext, StageError
+from tasks.core.stage import Stage, StageConfig, StageContext, StageError, log
 from tasks.core.store import write_parquet
 from tasks.sources import SourceConfig, SourceError, estimate_count, read_source, validate
 
@@ -26,6 +27,8 @@ SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("source", pa.st
 class IngestConfig(StageConfig):
     sources: list[SourceConfig] = Field(min_length=1)
     shard_rows: int = Field(2000, gt=0, description="documents per Parquet shard")
+    max_doc_chars: int = Field(10_000_000, gt=0, description="longer documents are dropped and counted "
+                               "(dropped_too_long): one pathological line must not stall every stage after it")
 
 
 def doc_id(source: str, ref: str) -> str:
@@ -70,7 +73,15 @@ def ingest(cfg: IngestConfig, inputs: dict, ctx: StageContext) -> dict:
         try:
             for raw in ctx.progress(read_source(src, stats), estimate_count(src), f"{src.kind} documents"):
                 text, replaced = decode(raw.data)
+                if replaced and not counts[f"invalid_utf8.{raw.source}"]:
+                    log.warning("ingest: %s:%s is not valid UTF-8: bad bytes replaced with U+FFFD (counted as "
+                                "invalid_utf8.%s)", raw.source, raw.ref, raw.source)
                 counts[f"invalid_utf8.{raw.source}"] += replaced
+                if len(text) > cfg.max_doc_chars:
+                    log.warning("ingest: %s:%s has %s characters, over ingest.max_doc_chars (%s): dropped",
+                                raw.source, raw.ref, f"{len(text):,}", f"{cfg.max_doc_chars:,}")
+                    counts[f"dropped_too_long.{raw.source}"] += 1
+                    continue
                 text = unicodedata.normalize("NFC", text)
                 if not text.strip():
                     counts[f"dropped_empty.{raw.source}"] += 1
@@ -97,6 +108,7 @@ def ingest(cfg: IngestConfig, inputs: dict, ctx: StageContext) -> dict:
         documents=len(seen),
         chars=sum(v for k, v in counts.items() if k.startswith("chars.")),
         dropped_empty=sum(v for k, v in counts.items() if k.startswith("dropped_empty.")),
+        dropped_too_long=sum(v for k, v in counts.items() if k.startswith("dropped_too_long.")),
         invalid_utf8=sum(v for k, v in counts.items() if k.startswith("invalid_utf8.")),
         shards=n_shards,
     )
@@ -104,5 +116,5 @@ def ingest(cfg: IngestConfig, inputs: dict, ctx: StageContext) -> dict:
 
 
 STAGE = Stage("ingest", VERSION, IngestConfig, ingest, check=check,
-              report_metrics=("chars", "dropped_empty", "invalid_utf8", "shards"))
+              report_metrics=("chars", "dropped_empty", "dropped_too_long", "invalid_utf8", "shards"))
 ingest_task = stage_task(STAGE)

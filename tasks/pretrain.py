@@ -18,7 +18,7 @@ from pydantic import Field
 from tasks.core.model import ModelConfig
 from tasks.core.orchestration import stage_task
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError
-from tasks.core.store import Artifact, write_parquet
+from tasks.core.store import Artifact, fsync_file, write_parquet
 from tasks.core.train import DivergedError, TrainConfig, TrainSpec, launch
 from tasks.pack import load_tokens
 from tasks.tokenizer import tokenizer_path
@@ -41,6 +41,7 @@ def unigram_entropy(rows: np.ndarray, pad_id: int) -> float:
 def save_array(path, array: np.ndarray) -> None:
     tmp = path.with_name(path.name + ".tmp.npy")
     np.save(tmp, array)
+    fsync_file(tmp)  # a resumed run trusts what it finds here
     os.replace(tmp, path)
 
 

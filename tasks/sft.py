@@ -32,16 +32,17 @@ VERSION = 1
 
 class SFTConfig(StageConfig, TrainConfig):
     # SFT's own defaults: a lower LR with linear decay (PAPERS: larger batches, lower LR)
-    batch_size: int = 32
-    max_steps: int = 300
-    lr: float = 1e-3
+    # (a field redeclared here must restate TrainConfig's bounds: pydantic replaces the whole field)
+    batch_size: int = Field(32, gt=0, description="sequences per optimizer step (global, all processes)")
+    max_steps: int = Field(300, gt=0)
+    lr: float = Field(1e-3, gt=0)
     schedule: Literal["wsd", "cosine", "linear"] = "linear"
-    warmup_steps: int = 10
-    eval_every: int = 100
-    seq_len: int | None = Field(None, description="row length; default the base model's max_seq_len")
+    warmup_steps: int = Field(10, ge=0)
+    eval_every: int = Field(100, gt=0)
+    seq_len: int | None = Field(None, gt=0, description="row length; default the base model's max_seq_len")
     val_fraction: float = Field(0.02, gt=0, lt=1, description="training prompts held out for SFT validation loss")
     use_solutions: bool = Field(True, description="train on the worked solution where the task has one")
-    max_pass_rate: float | None = Field(0.9, description="drop prompts the base model solves at least this often")
+    max_pass_rate: float | None = Field(0.9, gt=0, le=1, description="drop prompts the base model solves at least this often")
 
 
 def pack_examples(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int):

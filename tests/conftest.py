@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "slmflow")
-# stages also run outside a flow here (run_stage): their log lines need no flow run
-os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+from flows.prefect_server import apply_defaults  # noqa: E402
+
+apply_defaults()  # as the CLI does, before Prefect is imported (stages also run outside a flow here)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -20,10 +19,13 @@ TINY = ROOT / "configs" / "tiny.yaml"
 @pytest.fixture(scope="session")
 def prefect_server():
     """A temporary Prefect API on 127.0.0.1 (its own SQLite database), stopped at the end."""
+    from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=90):
+    with prefect_test_harness(server_startup_timeout=300):
+        os.environ["PREFECT_API_URL"] = PREFECT_API_URL.value()  # the CLI (`slmflow run` in-process) uses it too
         yield
+        del os.environ["PREFECT_API_URL"]
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -11,6 +13,7 @@ from typer.testing import CliRunner
 from flows.cli import app
 
 runner = CliRunner()
+MLFLOW_INFO = re.compile(r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d INFO mlflow")
 
 
 def with_source(project, source: dict):
@@ -23,7 +26,8 @@ def with_source(project, source: dict):
 def fails_cleanly(project, args, *needles):
     result = runner.invoke(app, args)
     assert result.exit_code == 1, result.output
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    # MLflow's INFO lines when it creates a new database (a run that got as far as a stage) are not errors
+    lines = [ln for ln in result.output.splitlines() if ln.strip() and not MLFLOW_INFO.match(ln)]
     assert len(lines) == 1 and lines[0].startswith("error:"), result.output
     for needle in needles:
         assert needle in lines[0]
@@ -90,3 +94,83 @@ def test_run_status_show_lineage(tiny_run):
     assert text.index("dedup") < text.index("ingest") and "MLflow run" in text
     missing = runner.invoke(app, ["show", "dedup", "-c", cfg, "--set", "dedup.seed=99"])
     assert missing.exit_code == 1 and "not in the store" in missing.output
+
+
+# --- What bad input gets (README): one test per row ------------------------------------------------
+
+def ingest_only(project, source: dict):
+    """Run the ingest stage of tiny.yaml on one source; the CLI result and the ingest manifest."""
+    import json
+
+    cfg = with_source(project, source)
+    result = runner.invoke(app, ["run", "-c", str(cfg), "--only", "ingest"])
+    manifests = list((project / "data" / "ingest").glob("*/manifest.json"))
+    return result, (json.loads(manifests[0].read_text()) if manifests else None)
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_jsonl_malformed_line_names_the_line(project):
+    (project / "c.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n{"text": broken\n')
+    cfg = with_source(project, {"kind": "jsonl", "path": str(project / "c.jsonl")})
+    fails_cleanly(project, ["run", "-c", str(cfg), "--only", "ingest"], "c.jsonl line 3", "not valid JSON")
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_jsonl_invalid_utf8_is_replaced_counted_and_named(project, caplog):
+    (project / "c.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9 au lait"}\n')
+    result, manifest = ingest_only(project, {"kind": "jsonl", "path": str(project / "c.jsonl")})
+    assert result.exit_code == 0, result.output
+    assert manifest["metrics"]["invalid_utf8"] == 1 and manifest["rows"]["documents"] == 2
+    assert f"ingest: jsonl:{project / 'c.jsonl'}:2 is not valid UTF-8" in caplog.text
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_empty_and_whitespace_documents_are_counted_and_dropped(project):
+    (project / "c.jsonl").write_text('{"text": "kept"}\n{"text": ""}\n{"text": " \\n\\t "}\n')
+    result, manifest = ingest_only(project, {"kind": "jsonl", "path": str(project / "c.jsonl")})
+    assert result.exit_code == 0, result.output
+    assert manifest["metrics"]["dropped_empty"] == 2 and manifest["rows"]["documents"] == 1
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_a_50_mb_single_line_document_is_dropped_by_the_documented_limit(project, caplog):
+    import json
+
+    big = "word " * 10_000_000  # 50 MB on one line
+    (project / "c.jsonl").write_text(json.dumps({"text": "kept"}) + "\n" + json.dumps({"text": big}) + "\n")
+    result, manifest = ingest_only(project, {"kind": "jsonl", "path": str(project / "c.jsonl")})
+    assert result.exit_code == 0, result.output
+    assert manifest["metrics"]["dropped_too_long"] == 1 and manifest["rows"]["documents"] == 1
+    assert "has 50,000,000 characters, over ingest.max_doc_chars (10,000,000): dropped" in caplog.text
+
+
+@pytest.mark.parametrize("setting", ["dedup.bands=0", "pretrain.max_steps=0", "pretrain.batch_size=0",
+                                     "sft.batch_size=-4", "ingest.shard_rows=-1", "ingest.max_doc_chars=0"])
+def test_zero_or_negative_sizes(project, setting):
+    fails_cleanly(project, ["run", "-c", str(project / "tiny.yaml"), "--set", setting], setting.split("=")[0],
+                  "greater than")
+
+
+def test_a_learning_rate_that_makes_the_loss_nan(tiny_run, tmp_path):
+    root, _ = tiny_run  # its data stages are cache hits; the weights go to a store of this test's own
+    result = runner.invoke(app, ["run", "-c", str(root / "tiny.yaml"), "--only", "pretrain", "--set", "pretrain.lr=1e6",
+                                 "--set", f"run.models_root={tmp_path / 'models'}"])
+    assert result.exit_code == 1
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: pretrain: loss became nan at step "), result.output
+    assert "(a lower lr, or more warmup_steps, usually cures it)" in lines[0]
+    from flows.config import load_config
+    from flows.pipeline import make_plan
+
+    key = make_plan(load_config(root / "tiny.yaml", ["pretrain.lr=1e6"])).stages["pretrain"].key
+    assert not (tmp_path / "models" / "pretrain" / key).exists()  # nothing committed (the references were)
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["show", "dedupe"], ["no such stage: dedupe"]),
+    (["lineage", "nope"], ["no such stage: nope"]),
+    (["show", "dedup", "--key", "../../etc"], ["--key '../../etc' is not a valid name"]),
+    (["lineage", "ingest", "--key", "../x"], ["--key '../x' is not a valid name"]),
+])
+def test_show_and_lineage_refuse_unknown_stages_and_path_keys(project, args, needles):
+    fails_cleanly(project, [*args, "-c", str(project / "tiny.yaml")], *needles)

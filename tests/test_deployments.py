@@ -266,12 +266,17 @@ def test_serve_refuses_to_take_over_deployed_names(deployed):
 def test_dask_runner_gives_byte_identical_dedup(tmp_path, caplog):
     from flows.pipeline import pipeline
 
+    import os
+
     results, on_dask = {}, {}
+    environ = dict(os.environ)
     for runner in ("default", "dask"):
         config = tiny_config(tmp_path / runner, runner=runner)
         caplog.clear()
         with caplog.at_level("INFO", logger="slmflow"):
             pipeline(str(config), only=["dedup"])
+        # the local cluster's worker settings (OMP_NUM_THREADS=1, PYTHONHASHSEED) stay out of ours
+        assert dict(os.environ) == environ
         results[runner] = manifests(config, only=("ingest", "dedup"))
         on_dask[runner] = [r.getMessage() for r in caplog.records if "shards on Dask tcp://127.0.0.1:" in r.getMessage()]
     assert not on_dask["default"] and any(m.startswith("dedup: ") for m in on_dask["dask"])  # a local cluster

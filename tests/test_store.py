@@ -86,8 +86,9 @@ def test_stage_killed_mid_write_leaves_no_done_directory(tmp_path):
         import time, pathlib
         from tasks.core.stage import Stage, StageConfig, run_stage
         from tasks.core.store import Store
-        class Cfg(StageConfig):
+        class Cfg(StageConfig):  # the test's Cfg: the same stage key
             n: int = 3
+            label: str = "x"
         def slow(cfg, inputs, ctx):
             (ctx.out / "part-0.txt").write_text("half")
             pathlib.Path({str(marker)!r}).write_text("x")
@@ -105,10 +106,11 @@ def test_stage_killed_mid_write_leaves_no_done_directory(tmp_path):
     key = stage_key("toy", 1, Cfg(), {})
     assert store.get("toy", key) is None and store.keys("toy") == []
     leftovers = list((tmp_path / "toy").iterdir())
-    assert leftovers and all(p.name.startswith((".tmp-", ".work-")) for p in leftovers)  # hidden only
-    # and the next run computes it properly
+    assert leftovers and all(p.name.startswith((".tmp-", ".work-", ".lock-")) for p in leftovers)  # hidden only
+    # and the next run takes the dead run's lock at once, computes it, and clears what it left
     done = run_stage(Stage("toy", 1, Cfg, write_rows), Cfg(), {}, store)
     assert not done.cached and store.keys("toy") == [key]
+    assert [p.name for p in (tmp_path / "toy").iterdir()] == [key]
 
 
 def test_fsspec_memory_filesystem_commits_manifest_last(tmp_path):

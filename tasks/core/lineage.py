@@ -5,7 +5,9 @@ hits too, tagged `cached=true` and linked to the run that produced the output). 
 inputs and outputs are MLflow datasets whose digest is the stage key and whose source is
 the store path, so producer and consumer share one dataset record (`dataset.digest`).
 Uses MlflowClient with explicit run ids, never the fluent API's thread-local active run,
-so stages may run in worker threads or processes.
+so stages may run in worker threads or processes. A SQLite tracking store has one writer at a
+time: every call holds a lock file beside the database (two runs at once, or a training process
+beside its pipeline, never meet `database is locked`, nor race to create the tables on first use).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag, LoggedModelInput, LoggedModelOutput, Metric, Param, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 
+from tasks.core.locks import FileLock
 from tasks.core.store import Artifact
 
 log = logging.getLogger("slmflow")
@@ -46,10 +49,42 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+class OneWriter:
+    """An MlflowClient whose calls hold the SQLite database's lock file (and retry if a writer from
+    outside slmflow, such as `mlflow ui`, still locks it)."""
+
+    def __init__(self, client: MlflowClient, db: Path, attempts: int = 8):
+        self._client, self._lock, self._attempts = client, FileLock(f"{db}.lock", what=f"MLflow {db}"), attempts
+
+    def __getattr__(self, name: str):
+        method = getattr(self._client, name)
+        if not callable(method):
+            return method
+
+        def call(*args, **kwargs):
+            for attempt in range(self._attempts):
+                with self._lock:
+                    try:
+                        return method(*args, **kwargs)
+                    except MlflowException as e:
+                        if "database is locked" not in str(e) or attempt == self._attempts - 1:
+                            raise
+                time.sleep(0.5 * 2 ** attempt)
+
+        return call
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` tracking URI (relative or absolute), else None."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
 class Tracker:
     def __init__(self, uri: str, experiment: str):
         self.uri, self.experiment = uri, experiment
         self.client = MlflowClient(tracking_uri=uri)
+        if db := sqlite_file(uri):
+            self.client = OneWriter(self.client, db.absolute())
         found = self.client.get_experiment_by_name(experiment)
         self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
 

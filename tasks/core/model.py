@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_file, save_file
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
@@ -28,15 +28,15 @@ class ModelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    vocab_size: int | None = None  # left unset in stage configs: training stages take it from the tokenizer
-    depth: int = 4
-    width: int | None = None  # default 64 * depth
-    n_heads: int | None = None  # default width // 64 (at least 1)
-    n_kv_heads: int | None = None  # grouped-query attention; default n_heads
-    mlp_hidden: int | None = None  # default 8/3 * width rounded up to a multiple of 64 (SwiGLU)
-    max_seq_len: int = 512
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
+    vocab_size: int | None = Field(None, gt=0)  # left unset in stage configs: training stages take it from the tokenizer
+    depth: int = Field(4, gt=0)
+    width: int | None = Field(None, gt=0)  # default 64 * depth
+    n_heads: int | None = Field(None, gt=0)  # default width // 64 (at least 1)
+    n_kv_heads: int | None = Field(None, gt=0)  # grouped-query attention; default n_heads
+    mlp_hidden: int | None = Field(None, gt=0)  # default 8/3 * width rounded up to a multiple of 64 (SwiGLU)
+    max_seq_len: int = Field(512, gt=0)
+    rope_theta: float = Field(10000.0, gt=0)
+    norm_eps: float = Field(1e-5, gt=0)
     tie_embeddings: bool = True
     qk_norm: bool = False  # RMSNorm on q and k per head (small-scale stability); not exportable
 

@@ -1,26 +1,26 @@
-"""Thin Prefect wrappers: a stage becomes a task whose cache key is its stage key.
+"""Thin Prefect wrappers: a stage becomes a Prefect task; shard maps become mapped tasks.
 
-The store, not Prefect's result storage, is the source of truth: the flow asks Prefect to
-refresh its cache whenever the store lacks the output or a stage is forced, so a Prefect
-`Cached` state always means the store holds that output. Results are JSON (never pickles).
+The store, not Prefect's result storage, is the source of truth: a stage task always runs, asks
+the store, and returns a `Cached` state on a hit. Results stay in memory (never pickled to disk).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import inspect
+import os
 from typing import Callable, Iterator
 
 from prefect import task, unmapped
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run, task_run
+from prefect.states import Completed, Failed
 from pydantic import BaseModel
 
 from tasks.core.lineage import Tracker, tracking_uri
-from tasks.core.stage import Outcome, Stage, StageConfig, StageError, log, run_stage
-from tasks.core.store import Artifact, Store, stage_key
+from tasks.core.stage import Stage, StageConfig, StageError, log, run_stage
+from tasks.core.store import Artifact, Store
 
 
 class RunContext(BaseModel):
@@ -78,31 +78,45 @@ def dask_scheduler(runner: str, address: str | None, workers: int) -> Iterator[s
 
     with get_client(sync_client=True) as client:  # also the temporary server's URL when there is no PREFECT_API_URL
         api = str(client.api_url)
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address=None, env={"PREFECT_API_URL": api}) as cluster:
-        yield cluster.scheduler_address
+    # Dask's nanny sets its workers' OMP_NUM_THREADS=1, PYTHONHASHSEED, ... in *our* environment and
+    # leaves them there: in-process training and later subprocesses would run with one thread (other
+    # bytes on CPU). Put ours back once the workers are up, and again at the end.
+    environ = dict(os.environ)
 
+    def restore() -> None:
+        os.environ.clear()
+        os.environ.update(environ)
 
-def prefect_cache_key(stage: Stage, run: RunContext, cfg: StageConfig, inputs: dict[str, Artifact]) -> str:
-    # The store root is part of Prefect's key: two stores must never share a cache record.
-    root = hashlib.sha256(run.store(stage).root.encode()).hexdigest()[:8]
-    return f"{stage.name}-{stage_key(stage.name, stage.version, cfg, {k: a.key for k, a in inputs.items()})}-{root}"
+    try:
+        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                          dashboard_address=None, env={"PREFECT_API_URL": api}) as cluster:
+            restore()
+            yield cluster.scheduler_address
+    finally:
+        restore()
 
 
 @functools.cache  # one task object per stage, shared by its module and the flow
 def stage_task(stage: Stage):
-    """The Prefect task of a stage: `task(run, cfg, inputs, force) -> Outcome`."""
+    """The Prefect task of a stage: `task(run, cfg, inputs, force, label, key) -> Outcome`.
 
-    def _key(_context, params) -> str:
-        return prefect_cache_key(stage, params["run"], params["cfg"], params["inputs"])
+    The store alone decides hit or miss (in `run_stage`); a hit ends the task in a Completed state
+    named `Cached`, which the Prefect UI shows as such. Nothing goes to Prefect's result storage.
+    A StageError ends it Failed with its one line (no traceback); `state.result()` raises it again."""
 
-    @task(name=stage.name, cache_key_fn=_key, persist_result=True, result_serializer="json")
+    @task(name=stage.name, cache_policy=NO_CACHE, persist_result=False)
     def _stage(run: RunContext, cfg: StageConfig, inputs: dict[str, Artifact], force: bool = False,
-               label: str | None = None) -> Outcome:
+               label: str | None = None, key: str | None = None):
         tags = {"prefect.flow_run_id": str(flow_run.id or ""), "prefect.task_run_id": str(task_run.id or "")}
-        return run_stage(
-            stage, cfg, inputs, run.store(stage), tracker=run.tracker(), parent_run_id=run.parent_run_id,
-            force=force, map_fn=prefect_map(stage.name, run.dask_address), tags=tags, label=label,
-        )
+        try:
+            outcome = run_stage(
+                stage, cfg, inputs, run.store(stage), tracker=run.tracker(), parent_run_id=run.parent_run_id,
+                force=force, map_fn=prefect_map(stage.name, run.dask_address), tags=tags, label=label, key=key,
+            )
+        except StageError as e:  # bad input or settings: a one-line Failed state, not a traceback
+            return Failed(message=str(e), data=e)
+        if outcome.cached:
+            return Completed(name="Cached", data=outcome, message=f"in the store: {outcome.artifact.path}")
+        return outcome
 
     return _stage

@@ -123,20 +123,47 @@ def run_stage(
     map_fn: Callable[..., list] | None = None,
     tags: dict[str, str] | None = None,
     label: str | None = None,
+    key: str | None = None,
 ) -> Outcome:
     """Return the stage's output, computing it unless the store already holds it.
 
-    label: the instance name in the DAG (MLflow run name), when a stage appears more than once."""
-    key = stage_key(stage.name, stage.version, cfg, {k: a.key for k, a in inputs.items()})
+    One computation per key, however many runs ask at once: the computing run holds the key's lock
+    (`Store.lock`); another run waits for it and then takes the output as a cache hit. A lock left
+    by a killed run is free at once, and the next holder drops the killed run's scratch.
+    label: the instance name in the DAG (MLflow run name), when a stage appears more than once.
+    key: the stage key when the caller computed it already (the plan); else computed here."""
+    key = key or stage_key(stage.name, stage.version, cfg, {k: a.key for k, a in inputs.items()})
     start = time.monotonic()
-    hit = None if force else store.get(stage.name, key)
-    if hit is not None:
-        log.info("%s: cache hit %s", stage.name, key)
+
+    def cached(hit: Artifact) -> Outcome:
+        log.info("%s: cache hit %s", label or stage.name, key)
+        store.tidy(stage.name, key)
         if tracker:
             tracker.log_cached(parent_run_id, hit, inputs, tags, label=label)
         return Outcome(artifact=hit, cached=True, seconds=time.monotonic() - start)
 
-    scratch = store.scratch(stage.name)
+    if not force and (hit := store.get(stage.name, key)) is not None:
+        return cached(hit)
+    lock = store.lock(stage.name, key)
+
+    def waiting(owner: dict, waited: float) -> None:
+        who = f"pid {owner.get('pid', '?')} on {owner.get('host', '?')} since {owner.get('since', '?')}"
+        log.info("%s: waiting for another run computing %s (%s), %.0fs so far", label or stage.name, key, who, waited)
+
+    lock.acquire(on_wait=waiting)
+    try:
+        if not force and (hit := store.get(stage.name, key)) is not None:  # computed while we waited
+            return cached(hit)
+        store.clear_stale(stage.name, key)
+        return _compute(stage, cfg, inputs, store, key, start, tracker, parent_run_id, map_fn, tags, label)
+    finally:
+        lock.release()
+
+
+def _compute(stage: Stage, cfg: StageConfig, inputs: dict[str, Artifact], store: Store, key: str, start: float,
+             tracker: Tracker | None, parent_run_id: str | None, map_fn: Callable[..., list] | None,
+             tags: dict[str, str] | None, label: str | None) -> Outcome:
+    scratch = store.scratch(stage.name, key)
     run_id = tracker.start_stage(parent_run_id, stage.name, key, cfg, tags, label=label) if tracker else None
     ctx = StageContext(stage.name, scratch, tracker, run_id, map_fn or _map_threads, store.work_dir(stage.name, key))
     try:

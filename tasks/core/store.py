@@ -1,18 +1,29 @@
-"""The content-addressed stage store (DESIGN.md, "The stage contract").
+"""The content-addressed stage store: keys, atomic commit, manifest last, damage caught on read.
 
-Output of stage S with key K lives at `<root>/<S>/<K>/`: data files plus `manifest.json`.
-A directory without a manifest never counts as done. Local roots get an atomic rename of
-a fully written sibling directory; other fsspec filesystems (object stores, which have no
-rename) get the data files first and the manifest last, so the manifest is the commit.
+Output of stage S with key K lives at `<root>/<S>/<K>/`: data files plus `manifest.json`, which
+records each file's sha256 and size. A directory without a manifest never counts as done, and
+neither does one whose files no longer match it: `get` checks every file's size on each read (a
+truncated, missing or grown file is reported in one line and the output is recomputed), and
+`verify` checks the digests. Local roots get an atomic rename of a fully written sibling directory,
+fsynced file by file before the manifest is written and the directory renamed, so a power cut cannot
+leave a manifest that points at unwritten data; other fsspec filesystems (object stores, which have
+no rename) get the data files first and the manifest last, so the manifest is the commit.
+
+Hidden names in a stage directory (leading dot) are never outputs: `.tmp-<key>-*` (an output being
+written), `.old-<key>-*` (one being replaced), `.damaged-<key>-*` (set aside by `verify`),
+`.work-<key>` (checkpoints that survive a crash) and `.lock-<key>` (whoever computes the key).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -22,8 +33,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
 
+from tasks.core.locks import FileLock
+
 MANIFEST = "manifest.json"
 KEY_CHARS = 16  # 64 bits of sha256: short enough for paths, far from collisions at our scale
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+log = logging.getLogger("slmflow")
 
 
 def canonical_json(value: Any) -> str:
@@ -50,6 +65,30 @@ def write_parquet(table: pa.Table, path: Path) -> None:
     """The one way stages write a Parquet shard: zstd, and the same bytes for the same rows."""
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path, compression="zstd")
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every file and directory under `root` (and `root` itself) to disk."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            fsync_file(Path(dirpath, name))
+        fsync_file(Path(dirpath))
+
+
+def fsync_file(path: Path) -> None:
+    """fsync a file or a directory (a directory's entries: what a rename into it changed)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_name(value: str, what: str) -> str:
+    """A stage or key as a path component: no separators, no leading dot (`../../etc` is refused)."""
+    if not _NAME.fullmatch(value or ""):
+        raise ValueError(f"{what} {value!r} is not a valid name (letters, digits, '_', '-', '.'; no '/' or leading '.')")
+    return value
 
 
 class Artifact(BaseModel):
@@ -83,36 +122,128 @@ class Store:
     def path(self, stage: str, key: str) -> str:
         return f"{self.root}/{stage}/{key}"
 
-    def _fs_path(self, stage: str, key: str) -> str:
-        return f"{self._root_path}/{stage}/{key}"
+    @property
+    def local_path(self) -> Path:
+        """The root as a local directory (local roots only)."""
+        assert self.local, f"{self.root} is not a local store"
+        return Path(self._root_path)
 
-    def get(self, stage: str, key: str) -> Artifact | None:
-        """The finished output, or None: only a directory with a manifest counts."""
+    def _fs_path(self, stage: str, key: str) -> str:
+        return f"{self._root_path}/{check_name(stage, 'stage')}/{check_name(key, 'key')}"
+
+    def read_manifest(self, stage: str, key: str) -> dict | None:
+        """The manifest as written, whatever the state of the files (None: not committed)."""
         mpath = f"{self._fs_path(stage, key)}/{MANIFEST}"
         if not self.fs.exists(mpath):
             return None
         with self.fs.open(mpath, "r") as f:
-            manifest = json.load(f)
+            return json.load(f)
+
+    def problems(self, stage: str, key: str, manifest: dict, digests: bool = False) -> list[str]:
+        """How the files of an output differ from its manifest: one line per file (none: intact).
+        Sizes always (cheap: one listing); sha256 digests when `digests` (reads every byte)."""
+        base = self._fs_path(stage, key)
+        found = {p[len(base) + 1:]: int(info.get("size") or 0)
+                 for p, info in self.fs.find(base, detail=True).items()}
+        sizes = manifest.get("sizes", {})
+        out = []
+        for name, digest in sorted(manifest.get("files", {}).items()):
+            where = f"{self.path(stage, key)}/{name}"
+            if name not in found:
+                out.append(f"{where} is missing")
+            elif name in sizes and found[name] != sizes[name]:
+                out.append(f"{where} has {found[name]:,} bytes, its manifest says {sizes[name]:,}")
+            elif digests:
+                with self.fs.open(f"{base}/{name}", "rb") as f:
+                    h = hashlib.sha256()
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        h.update(block)
+                if h.hexdigest() != digest:
+                    out.append(f"{where} does not match its sha256 in the manifest (edited?)")
+        return out
+
+    def get(self, stage: str, key: str) -> Artifact | None:
+        """The finished output, or None: only a directory with a manifest whose files are all there,
+        at their recorded sizes, counts. A damaged one is reported and treated as missing."""
+        manifest = self.read_manifest(stage, key)
+        if manifest is None:
+            return None
+        damage = self.problems(stage, key, manifest)
+        if damage:
+            more = f" (and {len(damage) - 1} more)" if len(damage) > 1 else ""
+            log.warning("%s %s is damaged: %s%s; it will be recomputed", stage, key, damage[0], more)
+            return None
         return Artifact(stage=stage, key=key, path=self.path(stage, key), manifest=manifest)
 
+    def stages(self) -> list[str]:
+        if not self.fs.exists(self._root_path):
+            return []
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self._root_path, detail=False)]
+        return sorted(n for n in names if _NAME.fullmatch(n) and self.fs.isdir(f"{self._root_path}/{n}"))
+
     def keys(self, stage: str) -> list[str]:
-        base = f"{self._root_path}/{stage}"
+        """Keys of the committed outputs of a stage (intact or not: `get` checks)."""
+        base = f"{self._root_path}/{check_name(stage, 'stage')}"
         if not self.fs.exists(base):
             return []
         names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(base, detail=False)]
         return sorted(n for n in names if not n.startswith(".") and self.fs.exists(f"{base}/{n}/{MANIFEST}"))
 
-    def scratch(self, stage: str) -> Path:
+    def hidden(self) -> list[tuple[str, str]]:
+        """(stage, name) of every hidden entry: scratch, replaced, damaged, work and lock entries."""
+        if not self.local:
+            return []
+        return [(stage, p.name) for stage in self.stages() for p in sorted((Path(self._root_path) / stage).iterdir())
+                if p.name.startswith(".")]
+
+    def lock(self, stage: str, key: str) -> FileLock:
+        """The lock of one (stage, key): whoever holds it is the one computing that output.
+
+        Local roots keep it beside the output, so every run on this store (from any machine that
+        mounts it) sees it. A remote root's lock is local to this machine: runs here compute a key
+        once; runs on two machines may both compute it, and the manifest-last commit keeps that safe."""
+        if self.local:
+            path = Path(self._root_path) / stage / f".lock-{check_name(key, 'key')}"
+        else:
+            tag = hashlib.sha256(self.root.encode()).hexdigest()[:12]
+            path = Path(tempfile.gettempdir()) / "slmflow-locks" / tag / f"{stage}-{check_name(key, 'key')}.lock"
+        return FileLock(path, what=f"{stage} {key}")
+
+    def clear_stale(self, stage: str, key: str) -> None:
+        """Drop what a killed run left of this key (call while holding its lock: nobody else writes it)."""
+        if self.local:
+            base = Path(self._root_path) / stage
+            for p in [*base.glob(f".tmp-{key}-*"), *base.glob(f".old-{key}-*")]:
+                shutil.rmtree(p, ignore_errors=True)
+
+    def tidy(self, stage: str, key: str) -> None:
+        """After a cache hit: drop what a run killed after the commit left of this key (its lock file,
+        checkpoints, scratch), unless a run holds the key right now (e.g. a forced recompute)."""
+        if not self.local:
+            return
+        base = Path(self._root_path) / stage
+        if not any(base.glob(f".*-{key}*")):
+            return
+        lock = self.lock(stage, key)
+        if lock.acquire(blocking=False):
+            try:
+                self.clear_stale(stage, key)
+                shutil.rmtree(base / f".work-{key}", ignore_errors=True)
+            finally:
+                lock.release()
+
+    def scratch(self, stage: str, key: str = "") -> Path:
         """A fresh local directory to write an output into before commit.
 
         For a local root it is a hidden sibling of the final directory, so commit is one rename
         on the same filesystem; hidden names (leading dot) never count as outputs.
         """
+        prefix = f".tmp-{key}-" if key else ".tmp-"
         if self.local:
             parent = Path(self._root_path) / stage
             parent.mkdir(parents=True, exist_ok=True)
-            return Path(tempfile.mkdtemp(prefix=".tmp-", dir=parent))
-        return Path(tempfile.mkdtemp(prefix=f"slmflow-{stage}-"))
+            return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+        return Path(tempfile.mkdtemp(prefix=f"slmflow-{stage}{prefix}"))
 
     def work_dir(self, stage: str, key: str) -> Path:
         """A directory that survives a crash of this (stage, key): training checkpoints live here
@@ -125,18 +256,24 @@ class Store:
         return path
 
     def commit(self, scratch: Path, stage: str, key: str, manifest: dict) -> Artifact:
-        """Write the manifest (with file digests) and move the finished directory into place."""
+        """Write the manifest (file digests and sizes) and move the finished directory into place."""
         files = sorted(p for p in scratch.rglob("*") if p.is_file() and p.name != MANIFEST)
         manifest["files"] = {p.relative_to(scratch).as_posix(): file_digest(p) for p in files}
+        manifest["sizes"] = {p.relative_to(scratch).as_posix(): p.stat().st_size for p in files}
+        if self.local:
+            fsync_tree(scratch)  # the data is on disk before the manifest that vouches for it
         (scratch / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         final = self._fs_path(stage, key)
         if self.local:
+            fsync_file(scratch / MANIFEST)
+            fsync_file(scratch)
             final_path = Path(final)
             old = None
-            if final_path.exists():  # --force: swap the old output out, then drop it
+            if final_path.exists():  # --force, or a damaged output: swap the old one out, then drop it
                 old = final_path.with_name(f".old-{key}-{uuid.uuid4().hex[:8]}")
                 os.replace(final_path, old)
             os.replace(scratch, final_path)
+            fsync_file(final_path.parent)
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
         else:
@@ -147,6 +284,19 @@ class Store:
             self.fs.put_file(str(scratch / MANIFEST), f"{final}/{MANIFEST}")  # last: the commit point
             shutil.rmtree(scratch, ignore_errors=True)
         return Artifact(stage=stage, key=key, path=self.path(stage, key), manifest=manifest)
+
+    def set_aside(self, stage: str, key: str) -> str:
+        """Take a damaged output out of the store (it no longer counts; the next run recomputes it),
+        keeping its files for inspection under a hidden name that `slmflow gc` removes."""
+        final = self._fs_path(stage, key)
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        if self.local:
+            aside = Path(final).with_name(f".damaged-{key}-{stamp}")
+            os.replace(final, aside)
+            return str(aside)
+        aside = f"{final}/manifest.damaged-{stamp}.json"  # no rename on object stores: un-commit it
+        self.fs.mv(f"{final}/{MANIFEST}", aside)
+        return aside
 
     @staticmethod
     def discard(scratch: Path) -> None:

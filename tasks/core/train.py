@@ -30,6 +30,7 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.core.model import GPT, ModelConfig, load_model, load_weights, save_model
+from tasks.core.store import fsync_file, fsync_tree
 
 log = logging.getLogger("slmflow")
 IGNORE = -100
@@ -152,7 +153,9 @@ def save_checkpoint(work: Path, step: int, model: GPT, opt, history: list[dict],
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                tmp / "train_state.pt")
     (tmp / "state.json").write_text(json.dumps({**(extra or {}), "step": step, "history": history}))
+    fsync_tree(tmp)  # on disk before it is named a checkpoint: a power cut cannot leave a torn one
     os.replace(tmp, work / f"ckpt-{step}")  # atomic: a checkpoint directory is always complete
+    fsync_file(work)
     for old in checkpoints(work)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -268,7 +271,8 @@ def train(spec: TrainSpec, mlflow_log=None) -> dict:
         if not math.isfinite(train_loss) or not math.isfinite(float(grad_norm)):
             what = f"loss became {train_loss}" if not math.isfinite(train_loss) else f"gradient norm became {float(grad_norm)}"
             last = checkpoints(work)
-            raise DivergedError(f"{what} at step {step}; last good checkpoint: {last[-1] if last else 'none'} (kept)")
+            raise DivergedError(f"{what} at step {step} at lr {lr:.3g} (a lower lr, or more warmup_steps, "
+                                f"usually cures it); last good checkpoint: {last[-1] if last else 'none'} (kept)")
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
