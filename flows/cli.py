@@ -317,7 +317,7 @@ def export(
     model_dir = Path(art.path) / "model"
     if not (model_dir / "model.safetensors").exists():
         fail(f"{stage} has no model to export (not a training stage)")
-    from tasks.tokenizer import BOS, END, PAD
+    from tasks.core.tokens import BOS, END, PAD
 
     special = {"bos_token": BOS, "eos_token": END, "pad_token": PAD}
     try:
@@ -330,7 +330,8 @@ def export(
 @app.command()
 def deploy():
     """Create the cpu and gpu work pools (if missing) and register deployments/prefect.yaml's deployments."""
-    from flows.deploy import PREFECT_FILE, create_pools, deploy as prefect_deploy
+    from flows.deploy import PREFECT_FILE, create_pools
+    from flows.deploy import deploy as prefect_deploy
 
     url = _require_server("slmflow deploy")
     if not PREFECT_FILE.exists():

@@ -5,7 +5,7 @@ Inputs `documents` (dedup output: `documents/part-*.parquet`, any columns beyond
 `source` is in `sources` are checked (by default the reasoning-gym worked problems, the only
 corpus text that can hold an eval question verbatim); the rest pass untouched.
 
-A document is removed when its normalized text (`tasks.prompts.normalize`: NFC, whitespace
+A document is removed when its normalized text (`tasks.core.tokens.normalize`: NFC, whitespace
 folded, lowercased, stripped) contains the normalized question of any eval prompt as a
 substring. Matching is O(characters of the checked documents + eval questions): every
 question is indexed under its first k characters (k = the shortest question's length, at
@@ -29,9 +29,10 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from tasks.core.orchestration import stage_task
+from tasks.core.outputs import load_prompts
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError
 from tasks.core.store import write_parquet
-from tasks.prompts import load_prompts, normalize
+from tasks.core.tokens import normalize
 
 VERSION = 1
 MAX_KEY = 32

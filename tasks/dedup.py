@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +28,12 @@ from tasks.core.minhash import (
     word_shingle_hashes,
 )
 from tasks.core.orchestration import stage_task
-from tasks.core.stage import Stage, StageConfig, StageContext
+from tasks.core.stage import Stage, StageConfig, StageContext, new_figure
 from tasks.core.store import write_parquet
+from tasks.core.tokens import normalize
 
 VERSION = 1
 log = logging.getLogger("slmflow")
-_SPACE = re.compile(r"\s+")
 
 
 class DedupConfig(StageConfig):
@@ -47,12 +46,6 @@ class DedupConfig(StageConfig):
     seed: int = Field(1, description="seed of the MinHash permutations")
     verify: bool = Field(False, description="keep only candidate pairs whose true shingle Jaccard >= verify_threshold")
     verify_threshold: float = Field(0.7, gt=0, le=1)
-
-
-def normalize(text: str, lowercase: bool) -> str:
-    """Whitespace folded and stripped (NFC was applied at ingest), optionally lowercased."""
-    text = _SPACE.sub(" ", text).strip()
-    return text.lower() if lowercase else text
 
 
 def shard_signatures(path: str, cfg: DedupConfig) -> dict:
@@ -121,17 +114,11 @@ def find_clusters(parts: list[dict], cfg: DedupConfig) -> tuple[pl.DataFrame, di
 
 
 def cluster_size_figure(sizes: np.ndarray):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = new_figure()
     bins = np.unique(np.geomspace(2, max(3, sizes.max() + 1), 30).astype(int))
     ax.hist(sizes, bins=bins, color="tab:blue")
     ax.set(xscale="log", yscale="log", xlabel="cluster size (documents)", ylabel="clusters",
            title=f"duplicate clusters: {len(sizes)}")
-    fig.tight_layout()
     return fig
 
 

@@ -8,7 +8,8 @@ model always or never solves is dropped, and so is one at exactly 0.1 or 0.9).
 
 Outputs: `pass_rates` (`prompt_id`, `task`, `k`, `correct`, `pass_rate`, `kept`), one row per
 scored prompt, and `samples` (`prompt_id`, `sample`, `completion`, `reward`), one row per sample,
-so later stages and reruns reuse the rates without sampling again (`load_pass_rates`, `kept_ids`).
+so later stages and reruns reuse the rates without sampling again (`tasks.core.outputs.load_pass_rates`,
+`kept_ids`).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from typing import Literal
 
 import numpy as np
 import polars as pl
-import pyarrow.parquet as pq
 from pydantic import Field
 
+from tasks.core.grpo import in_band
 from tasks.core.orchestration import stage_task
+from tasks.core.outputs import load_prompts
 from tasks.core.rollout import (
     is_correct,
     load_policy,
@@ -30,9 +32,8 @@ from tasks.core.rollout import (
     score_completions,
     take_per_task,
 )
-from tasks.core.stage import Stage, StageConfig, StageContext, StageError
+from tasks.core.stage import Stage, StageConfig, StageContext, StageError, new_figure
 from tasks.core.store import Artifact, write_parquet
-from tasks.prompts import load_prompts
 
 VERSION = 1
 
@@ -50,36 +51,14 @@ class DifficultyConfig(StageConfig):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
 
 
-def in_band(pass_rate, band: tuple[float, float]):
-    """low < pass_rate < high, both ends excluded; a float gives a bool, an array (numpy,
-    polars Series or expression) gives an elementwise mask."""
-    low, high = band
-    return (pass_rate > low) & (pass_rate < high)
-
-
 def check(cfg: DifficultyConfig) -> None:
     low, high = cfg.band
     if not 0.0 <= low < high <= 1.0:
         raise StageError(f"difficulty.band: need 0 <= low < high <= 1, got {list(cfg.band)}")
 
 
-def load_pass_rates(artifact: Artifact) -> pl.DataFrame:
-    """The `pass_rates` table of a difficulty output."""
-    return pl.concat([pl.from_arrow(pq.read_table(p)) for p in artifact.files("pass_rates")])
-
-
-def kept_ids(artifact: Artifact) -> set[str]:
-    """Ids of the prompts inside the band."""
-    return set(load_pass_rates(artifact).filter(pl.col("kept"))["prompt_id"].to_list())
-
-
 def pass_rate_figure(table: pl.DataFrame, k: int, band: tuple[float, float]):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = new_figure()
     bottom = np.zeros(k + 1)
     for task in sorted(table["task"].unique().to_list()):
         counts = np.bincount(table.filter(pl.col("task") == task)["correct"].to_numpy(), minlength=k + 1)
@@ -90,7 +69,6 @@ def pass_rate_figure(table: pl.DataFrame, k: int, band: tuple[float, float]):
     ax.set(xlabel=f"pass rate (correct / {k})", ylabel="prompts",
            title=f"difficulty: {kept} of {len(table)} prompts kept")
     ax.legend(fontsize="small")
-    fig.tight_layout()
     return fig
 
 

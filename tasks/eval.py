@@ -25,6 +25,7 @@ from pydantic import Field
 
 from tasks.core import chat
 from tasks.core.orchestration import stage_task
+from tasks.core.outputs import load_prompts
 from tasks.core.rollout import (
     is_correct,
     load_policy,
@@ -35,7 +36,6 @@ from tasks.core.rollout import (
 )
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError
 from tasks.core.store import Artifact, write_parquet
-from tasks.prompts import load_prompts
 
 VERSION = 1
 MEASURES = ("pass_at_1", "pass_at_k", "sampled_pass_at_1", "completion_tokens")

@@ -16,9 +16,9 @@ import pyarrow as pa
 from pydantic import Field
 
 from tasks.core.orchestration import stage_task
+from tasks.core.sources import SourceConfig, SourceError, estimate_count, read_source, validate
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError, log
 from tasks.core.store import write_parquet
-from tasks.sources import SourceConfig, SourceError, estimate_count, read_source, validate
 
 VERSION = 1
 SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("source", pa.string())])

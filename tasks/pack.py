@@ -18,7 +18,7 @@ two tokens are real). Targets equal to `pad_id` must be ignored in the loss
 (`ignore_index=pad_id`); `<|pad|>` never occurs in S, so that drops padding only.
 
 Output tables `train` and `val`: Parquet shards `part-*.parquet` of one column `tokens`,
-fixed_size_list<int32>[seq_len + 1]; `load_tokens` reads one split as an int32 array
+fixed_size_list<int32>[seq_len + 1]; `tasks.core.outputs.load_tokens` reads one split as an int32 array
 (n_rows, seq_len + 1). Metrics give what a trainer needs from the manifest: `seq_len`,
 `vocab_size`, `bos_id`, `pad_id`, and for bits per byte on val,
 `val_targets` (non-pad targets = val_tokens - 1) and `val_bytes` (UTF-8 bytes of the val
@@ -39,13 +39,13 @@ from pydantic import Field
 from tokenizers import Tokenizer
 
 from tasks.core.orchestration import stage_task
+from tasks.core.outputs import TOKEN_SPLITS as SPLITS
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError
-from tasks.core.store import Artifact, write_parquet
-from tasks.tokenizer import BOS, PAD, below_fraction, doc_hash, hash_order, load_tokenizer, special_ids
+from tasks.core.store import write_parquet
+from tasks.core.tokens import BOS, PAD, below_fraction, doc_hash, hash_order, load_tokenizer, special_ids
 
 VERSION = 1
 log = logging.getLogger("slmflow")
-SPLITS = ("train", "val")
 _BATCH = 1024  # documents per encode_batch call (each call is multi-threaded)
 
 
@@ -101,18 +101,6 @@ def pack_rows(stream: np.ndarray, seq_len: int, pad_id: int) -> np.ndarray:
 def rows_table(rows: np.ndarray) -> pa.Table:
     flat = pa.array(rows.reshape(-1), pa.int32())
     return pa.table({"tokens": pa.FixedSizeListArray.from_arrays(flat, rows.shape[1])})
-
-
-def load_tokens(artifact: Artifact, split: str) -> np.ndarray:
-    """All rows of one split (`train` or `val`) as one int32 array of shape (n_rows, seq_len + 1)."""
-    if split not in SPLITS:
-        raise ValueError(f"load_tokens: split must be one of {SPLITS}, got {split!r}")
-    width = int(artifact.manifest["metrics"]["seq_len"]) + 1
-    arrays = []
-    for path in artifact.files(split):
-        col = pq.read_table(path, columns=["tokens"])["tokens"]
-        arrays += [chunk.flatten().to_numpy().reshape(-1, width) for chunk in col.chunks if len(chunk)]
-    return np.concatenate(arrays) if arrays else np.zeros((0, width), np.int32)
 
 
 def pack(cfg: PackConfig, inputs: dict, ctx: StageContext) -> dict:

@@ -82,7 +82,7 @@ from tasks.core.preselect import (
 from tasks.core.rollout import load_policy, resolve_device
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError
 from tasks.core.store import Artifact, write_parquet
-from tasks.tokenizer import BOS, doc_hash, hash_order, load_tokenizer, special_ids
+from tasks.core.tokens import BOS, doc_hash, hash_order, load_tokenizer, special_ids
 
 VERSION = 1
 log = logging.getLogger("slmflow")

@@ -7,8 +7,8 @@ item i of a dataset with seed s from `Random(s + i)`, so seeds s and s + 1 give 
 items shifted by one index; the generator seed is therefore a hash of (task, seed)
 (`generator_seed`), which makes any two different seeds give unrelated items.
 
-Clean-up, on the normalized question (`normalize`: NFC, whitespace folded, lowercased,
-stripped): duplicates within eval and within train are dropped (the first kept), then every
+Clean-up, on the normalized question (`tasks.core.tokens.normalize`: NFC, whitespace folded,
+lowercased, stripped): duplicates within eval and within train are dropped (the first kept), then every
 train question that also appears in eval is removed (TULU 3 style decontamination,
 PAPERS.md). `decontaminated.<task>` counts distinct train questions removed (further copies
 of one count as duplicates). Small generator settings have few distinct questions, so both
@@ -20,7 +20,7 @@ Output tables `train` and `eval` (Parquet shards `part-*.parquet` of `shard_rows
 solution where the task has one: gsm_symbolic's `answer_cot` without its final
 "#### x" line; else null) and `metadata` (the generator's metadata as JSON; tuples become
 lists, other non-JSON values strings). Verifiers come from the task library by `task`
-(`tasks.core.chat.score`). `load_prompts(artifact, split)` reads a split as a list of dicts.
+(`tasks.core.chat.score`). `tasks.core.outputs.load_prompts(artifact, split)` reads a split.
 """
 
 from __future__ import annotations
@@ -30,21 +30,20 @@ import hashlib
 import io
 import json
 import re
-import unicodedata
 from collections import Counter
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from pydantic import Field
 
 from tasks.core.chat import jsonable
 from tasks.core.orchestration import stage_task
+from tasks.core.outputs import PROMPT_SPLITS as SPLITS
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError
-from tasks.core.store import Artifact, canonical_json, write_parquet
+from tasks.core.store import canonical_json, write_parquet
+from tasks.core.tokens import normalize
 
 VERSION = 1
-SPLITS = ("train", "eval")
 SCHEMA = pa.schema([
     ("id", pa.string()), ("task", pa.string()), ("difficulty", pa.string()), ("question", pa.string()),
     ("answer", pa.string()), ("solution", pa.string()), ("metadata", pa.string()),
@@ -60,7 +59,6 @@ DEFAULT_TASKS: dict[str, dict[str, Any]] = {
     "leg_counting": {"min_animals": 1, "max_animals": 2, "min_instances": 1, "max_instances": 4},
     "gcd": {"min_numbers": 2, "max_numbers": 2, "min_value": 1, "max_value": 100},
 }
-_SPACE = re.compile(r"\s+")
 _COT_RESULT = re.compile(r"(?:^|\n)#### [^\n]*\s*$")
 
 
@@ -72,11 +70,6 @@ class PromptsConfig(StageConfig):
     train_seed: int = Field(0, description="seed of the train split")
     eval_seed: int = Field(1, description="seed of the eval split; must differ from train_seed")
     shard_rows: int = Field(5000, gt=0, description="rows per Parquet shard")
-
-
-def normalize(text: str) -> str:
-    """The comparison form of a question or document: NFC, whitespace folded, lowercased, stripped."""
-    return _SPACE.sub(" ", unicodedata.normalize("NFC", text)).strip().lower()
 
 
 def generator_seed(task: str, seed: int) -> int:
@@ -204,16 +197,6 @@ def make_prompts(cfg: PromptsConfig, inputs: dict, ctx: StageContext) -> dict:
         **{f"duplicates_dropped.{s}": counts[f"duplicates_dropped.{s}"] for s in SPLITS},
     )
     return {"rows": {"train": len(train_rows), "eval": len(eval_rows)}, "metrics": metrics}
-
-
-def load_prompts(artifact: Artifact, split: str) -> list[dict]:
-    """One split (`train` or `eval`) of a prompts output, as row dicts in stored order."""
-    if split not in SPLITS:
-        raise ValueError(f"load_prompts: split must be one of {SPLITS}, got {split!r}")
-    files = artifact.files(split)
-    if not files:
-        raise StageError(f"prompts: output {artifact.key} has no {split}/*.parquet shards")
-    return [row for f in files for row in pq.read_table(f).to_pylist()]
 
 
 STAGE = Stage("prompts", VERSION, PromptsConfig, make_prompts, check=check,

@@ -28,6 +28,7 @@ from tasks.core import chat
 from tasks.core.grpo import fill_batch, group_advantages, policy_loss, token_logprobs
 from tasks.core.model import save_model
 from tasks.core.orchestration import stage_task
+from tasks.core.outputs import kept_ids, load_prompts
 from tasks.core.rollout import (
     end_id,
     is_correct,
@@ -37,12 +38,10 @@ from tasks.core.rollout import (
     score_completions,
     take_per_task,
 )
-from tasks.core.stage import Stage, StageConfig, StageContext, StageError
+from tasks.core.stage import Stage, StageConfig, StageContext, StageError, new_figure
 from tasks.core.store import Artifact, write_parquet
+from tasks.core.tokens import PAD, special_ids
 from tasks.core.train import BatchOrder, checkpoint_state, checkpoints, load_checkpoint, save_checkpoint
-from tasks.difficulty import kept_ids
-from tasks.prompts import load_prompts
-from tasks.tokenizer import PAD, special_ids
 
 VERSION = 1
 log = logging.getLogger("slmflow")
@@ -116,19 +115,13 @@ def greedy_pass_rate(model, tok, rows, cfg: RLConfig) -> float:
 
 def rl_curve_figure(history: list[dict], title: str):
     """Mean reward and kept fraction per step, and held-out greedy pass@1 at each eval."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = new_figure()
     for key, style in (("reward_mean", "-"), ("kept_fraction", ":"), ("eval_pass_at_1", "o-")):
         points = [(h["step"], h[key]) for h in history if key in h]
         if points:
             ax.plot(*zip(*points), style, label=key)
     ax.set(xlabel="step", title=title)
     ax.legend()
-    fig.tight_layout()
     return fig
 
 

@@ -46,7 +46,7 @@ from pydantic import Field
 from tasks.core.orchestration import stage_task
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError
 from tasks.core.store import Artifact, write_parquet
-from tasks.tokenizer import doc_hash, hash_order, load_tokenizer
+from tasks.core.tokens import doc_hash, hash_order, load_tokenizer
 
 VERSION = 1
 

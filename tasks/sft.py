@@ -17,15 +17,14 @@ import numpy as np
 from pydantic import Field
 
 from tasks.core.chat import completion_text, example_ids
+from tasks.core.fit import run_training, save_array
 from tasks.core.model import ModelConfig
 from tasks.core.orchestration import stage_task
+from tasks.core.outputs import load_pass_rates, load_prompts
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError
 from tasks.core.store import Artifact
+from tasks.core.tokens import PAD, below_fraction, doc_hash, load_tokenizer, special_ids, tokenizer_path
 from tasks.core.train import TrainConfig
-from tasks.difficulty import load_pass_rates
-from tasks.pretrain import run_training, save_array
-from tasks.prompts import load_prompts
-from tasks.tokenizer import PAD, below_fraction, doc_hash, load_tokenizer, special_ids, tokenizer_path
 
 VERSION = 1
 

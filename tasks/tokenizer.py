@@ -2,16 +2,15 @@
 
 The pre-tokenizer is GPT-2's byte-level one (regex split, no prefix space) and the initial
 alphabet is all 256 byte symbols, so every string is representable and decode(encode(x))
-== x exactly (no normalizer). Special tokens take ids 0..k-1 in config order: `<|bos|>`
-starts every document (pack), `<|pad|>` fills the last row of a split, and the chat roles
-`<|system|>`, `<|user|>`, `<|assistant|>` and `<|end|>` (end of turn) are for SFT/RL.
+== x exactly (no normalizer). Special tokens take ids 0..k-1 in config order (the chat and
+document tokens of `tasks.core.tokens`).
 
-Sampling: each document gets a 64-bit hash of (seed, id) (`doc_hash`). Documents whose hash
-falls in the lowest `heldout_fraction` of the range (at least one document) are held out:
-never trained on, used to measure compression. The rest are taken in hash order until
-`max_train_chars` characters (the last one cut to fit), so the sample depends on ids and
-the seed only, never on sharding or input order. pack splits val by the same hash and
-threshold rule, so with equal seeds and `pack.val_fraction <= heldout_fraction` pack's val
+Sampling: each document gets a 64-bit hash of (seed, id) (`tasks.core.tokens.doc_hash`).
+Documents whose hash falls in the lowest `heldout_fraction` of the range (at least one
+document) are held out: never trained on, used to measure compression. The rest are taken in
+hash order until `max_train_chars` characters (the last one cut to fit), so the sample depends
+on ids and the seed only, never on sharding or input order. pack splits val by the same hash
+and threshold rule, so with equal seeds and `pack.val_fraction <= heldout_fraction` pack's val
 documents are among the ones held out here and the tokenizer never saw them.
 
 Determinism: the BPE trainer's result depends only on word counts (ties broken by pair
@@ -25,15 +24,12 @@ Outputs: `tokenizer.json` (the `tokenizers` serialization) and `special_tokens.j
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
 import time
-from pathlib import Path
 from typing import Iterator
 
-import fsspec
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -42,14 +38,20 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from tasks.core.orchestration import stage_task
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError
-from tasks.core.store import Artifact
+from tasks.core.tokens import (
+    BOS,
+    PAD,
+    SPECIAL_FILE,
+    SPECIAL_TOKENS,
+    TOKENIZER_FILE,
+    below_fraction,
+    doc_hash,
+    hash_order,
+)
 
 VERSION = 1
 log = logging.getLogger("slmflow")
 
-BOS, PAD, SYSTEM, USER, ASSISTANT, END = "<|bos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
-TOKENIZER_FILE = "tokenizer.json"
-SPECIAL_FILE = "special_tokens.json"
 BYTE_ALPHABET = 256
 _BATCH = 512  # documents per batch handed to the trainer / encoder
 
@@ -59,7 +61,7 @@ class TokenizerConfig(StageConfig):
     min_frequency: int = Field(2, ge=1, description="a pair must occur this often to be merged")
     max_train_chars: int = Field(20_000_000, gt=0, description="train on documents in hash order up to this many characters")
     heldout_fraction: float = Field(0.02, gt=0, lt=1, description="documents (by hash) never trained on; compression is measured on them")
-    special_tokens: list[str] = Field([BOS, PAD, SYSTEM, USER, ASSISTANT, END], description="ids 0..k-1 in this order; must include <|bos|> and <|pad|>")
+    special_tokens: list[str] = Field(list(SPECIAL_TOKENS), description="ids 0..k-1 in this order; must include <|bos|> and <|pad|>")
     seed: int = Field(0, description="seed of the document hash; keep equal to pack.seed")
 
 
@@ -74,32 +76,6 @@ def check(cfg: TokenizerConfig) -> None:
         raise StageError(f"tokenizer.vocab_size: {cfg.vocab_size} < {least} (256 bytes + {len(cfg.special_tokens)} special tokens)")
 
 
-# ---------------------------------------------------------------------------------------
-# Document hashing and sampling (shared with pack)
-
-
-def doc_hash(ids: list[str], seed: int) -> np.ndarray:
-    """A stable uint64 per document id: blake2b of (seed, id)."""
-    prefix = f"{seed}\0".encode()
-    return np.array([int.from_bytes(hashlib.blake2b(prefix + i.encode(), digest_size=8).digest(), "big") for i in ids],
-                    dtype=np.uint64)
-
-
-def below_fraction(hashes: np.ndarray, fraction: float) -> np.ndarray:
-    """Mask of documents whose hash lies in the lowest `fraction` of the range; at least one
-    (the smallest hash) when there are documents. Growing `fraction` only adds documents."""
-    threshold = np.uint64(min(int(fraction * 2.0**64), 2**64 - 1))
-    mask = hashes < threshold
-    if len(hashes) and not mask.any():
-        mask[np.argmin(hashes)] = True
-    return mask
-
-
-def hash_order(hashes: np.ndarray, ids: list[str]) -> np.ndarray:
-    """Indices sorted by (hash, id): independent of input order and sharding."""
-    return np.lexsort((np.array(ids, dtype=object), hashes)) if len(ids) else np.zeros(0, np.int64)
-
-
 def _shard_index(path: str, seed: int) -> dict:
     """One shard: ids, hashes, characters and UTF-8 bytes per document (mapped over workers)."""
     table = pq.read_table(path, columns=["id", "text"])
@@ -111,42 +87,6 @@ def _shard_index(path: str, seed: int) -> dict:
         "chars": pc.utf8_length(table["text"]).to_numpy().astype(np.int64),
         "bytes": pc.binary_length(table["text"]).to_numpy().astype(np.int64),
     }
-
-
-# ---------------------------------------------------------------------------------------
-# Loading (for other stages)
-
-
-def _file(artifact_or_dir: Artifact | str | Path, name: str) -> str:
-    base = artifact_or_dir.path if isinstance(artifact_or_dir, Artifact) else str(artifact_or_dir)
-    return f"{base.rstrip('/')}/{name}"
-
-
-def _read_text(artifact_or_dir: Artifact | str | Path, name: str) -> str:
-    with fsspec.open(_file(artifact_or_dir, name), "r", encoding="utf-8") as f:
-        return f.read()
-
-
-def tokenizer_path(artifact_or_dir: Artifact | str | Path) -> str:
-    """Where a tokenizer output's `tokenizer.json` is (a local path for a local store, else a URI)."""
-    return _file(artifact_or_dir, TOKENIZER_FILE)
-
-
-def load_tokenizer(artifact_or_dir: Artifact | str | Path) -> Tokenizer:
-    """The trained tokenizer of a tokenizer-stage output (an Artifact, or its directory/URI).
-
-    Special-token strings in the input are matched as special tokens (what chat templates
-    want); set `tok.encode_special_tokens = True` to encode them as plain text (pack does,
-    for raw documents).
-    """
-    return Tokenizer.from_str(_read_text(artifact_or_dir, TOKENIZER_FILE))
-
-
-def special_ids(source: Artifact | str | Path | Tokenizer) -> dict[str, int]:
-    """{special token: id}, from an output (its special_tokens.json) or a loaded Tokenizer."""
-    if isinstance(source, Tokenizer):
-        return {t.content: i for i, t in sorted(source.get_added_tokens_decoder().items()) if t.special}
-    return json.loads(_read_text(source, SPECIAL_FILE))
 
 
 def metric_name(token: str) -> str:

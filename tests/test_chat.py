@@ -9,7 +9,8 @@ from tokenizers import pre_tokenizers, trainers
 
 from tasks.core import chat
 from tasks.prompts import DEFAULT_TASKS, generate
-from tasks.tokenizer import ASSISTANT, BOS, END, PAD, SYSTEM, USER, TokenizerConfig, new_tokenizer, special_ids
+from tasks.core.tokens import ASSISTANT, BOS, END, PAD, SYSTEM, USER, special_ids
+from tasks.tokenizer import TokenizerConfig, new_tokenizer
 
 ANSWERS = ["9", "-4", "0", "3.25", "1,000", "Paris", "New York City", "b, a, c", "x = -3 and y = 7",
            "HELLO WORLD", "multi\nline\nanswer", "a:b", "Answer", "answer: lower"]

@@ -9,7 +9,8 @@ import pytest
 
 from tasks.core.stage import run_stage
 from tasks.core.store import Artifact, Store, write_parquet
-from tasks.dedup import STAGE, DedupConfig, normalize
+from tasks.core.tokens import normalize
+from tasks.dedup import STAGE, DedupConfig
 from tasks.ingest import SCHEMA
 
 RNG_WORDS = [f"w{i}" for i in range(5000)]

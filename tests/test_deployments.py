@@ -8,7 +8,6 @@ subprocesses, and their outputs must equal a local run's byte for byte.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -21,10 +20,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
+from conftest import tiny_config
 from mlflow import MlflowClient
 
-from conftest import tiny_config
 from flows.config import load_config
 from flows.pipeline import make_plan
 from tasks.core.store import Store
@@ -264,9 +262,9 @@ def test_serve_refuses_to_take_over_deployed_names(deployed):
 
 @pytest.mark.usefixtures("prefect_server")
 def test_dask_runner_gives_byte_identical_dedup(tmp_path, caplog):
-    from flows.pipeline import pipeline
-
     import os
+
+    from flows.pipeline import pipeline
 
     results, on_dask = {}, {}
     environ = dict(os.environ)

@@ -17,6 +17,8 @@ from tasks import difficulty as D
 from tasks import eval as E
 from tasks import prompts as P
 from tasks.core import chat
+from tasks.core.grpo import in_band
+from tasks.core.outputs import kept_ids, load_pass_rates, load_prompts
 from tasks.core.model import GPT, ModelConfig, save_model
 from tasks.core.rollout import end_id
 from tasks.core.stage import StageError, run_stage
@@ -33,7 +35,7 @@ def env(tmp_path_factory):
     """A store with a real prompts output, a tokenizer trained on it and a tiny random model."""
     store = Store(tmp_path_factory.mktemp("store"))
     prompts = run_stage(P.STAGE, P.PromptsConfig(tasks=TASKS, train_size=12, eval_size=6), {}, store).artifact
-    rows = P.load_prompts(prompts, "train") + P.load_prompts(prompts, "eval")
+    rows = load_prompts(prompts, "train") + load_prompts(prompts, "eval")
     tok = new_tokenizer()
     trainer = trainers.BpeTrainer(vocab_size=320, min_frequency=2, special_tokens=TokenizerConfig().special_tokens,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
@@ -98,7 +100,7 @@ def run(stage, cfg, env):
 
 @pytest.mark.parametrize("always", [True, False])
 def test_eval_oracle_scores_one_and_garbage_zero(env, monkeypatch, always):
-    rows = P.load_prompts(env["prompts"], "eval")
+    rows = load_prompts(env["prompts"], "eval")
     use_model(monkeypatch, E, env, FakeModel(env["tok"], rows, lambda *a: always))
     art = run(E.STAGE, E.EvalConfig(k=3, device="cpu"), env)
     m, want = art.manifest["metrics"], float(always)
@@ -112,7 +114,7 @@ def test_eval_oracle_scores_one_and_garbage_zero(env, monkeypatch, always):
 
 
 def test_eval_metrics_match_the_results_table(env, monkeypatch):
-    rows = P.load_prompts(env["prompts"], "eval")
+    rows = load_prompts(env["prompts"], "eval")
     use_model(monkeypatch, E, env, FakeModel(env["tok"], rows, coin(varied_p)))
     art = run(E.STAGE, E.EvalConfig(k=4, max_prompts_per_task=5, device="cpu", batch_size=6), env)
     results = table(art, "results")
@@ -170,11 +172,11 @@ def brute_force_counts(model, tok, rows, cfg) -> tuple[list[int], list[list[floa
 
 
 def test_difficulty_pass_rates_match_a_brute_force_count(env, monkeypatch):
-    rows = P.load_prompts(env["prompts"], "train")[:100]
+    rows = load_prompts(env["prompts"], "train")[:100]
     cfg = D.DifficultyConfig(k=6, max_prompts_per_task=7, batch_size=10, seed=5, device="cpu")
     use_model(monkeypatch, D, env, FakeModel(env["tok"], rows, coin(varied_p)))
     art = run(D.STAGE, cfg, env)
-    rates = D.load_pass_rates(art)
+    rates = load_pass_rates(art)
     assert rates.columns == ["prompt_id", "task", "k", "correct", "pass_rate", "kept"]
     chosen = [r for r in rows if r["id"] in set(rates["prompt_id"])]
     assert [r["id"] for r in chosen] == rates["prompt_id"].to_list()
@@ -191,8 +193,8 @@ def test_difficulty_pass_rates_match_a_brute_force_count(env, monkeypatch):
 def test_difficulty_real_model_matches_regeneration_and_is_deterministic(env):
     cfg = D.DifficultyConfig(k=3, max_prompts_per_task=3, max_new_tokens=6, batch_size=4, seed=2, device="cpu")
     a = run(D.STAGE, cfg, env)
-    rates, samples = D.load_pass_rates(a), table(a, "samples")
-    rows = {r["id"]: r for r in P.load_prompts(env["prompts"], "train")}
+    rates, samples = load_pass_rates(a), table(a, "samples")
+    rows = {r["id"]: r for r in load_prompts(env["prompts"], "train")}
     chosen = [rows[i] for i in rates["prompt_id"]]
     tok, gpt = env["tok"], env["gpt"]
     g = torch.Generator().manual_seed(2)
@@ -207,18 +209,18 @@ def test_difficulty_real_model_matches_regeneration_and_is_deterministic(env):
 
 
 def test_band_keeps_exactly_the_strict_interior(env, monkeypatch):
-    rows = P.load_prompts(env["prompts"], "train")
+    rows = load_prompts(env["prompts"], "train")
     plan = {r["id"]: [0, 1, 2, 5, 9, 10][i % 6] for i, r in enumerate(rows)}  # correct samples out of 10
     fake = FakeModel(env["tok"], rows, lambda row, j, t, g: j < plan[row["id"]])
     use_model(monkeypatch, D, env, fake)
     art = run(D.STAGE, D.DifficultyConfig(k=10, max_prompts_per_task=None, device="cpu"), env)
-    rates = D.load_pass_rates(art)
+    rates = load_pass_rates(art)
     assert len(rates) == len(rows)
     assert rates["correct"].to_list() == [plan[i] for i in rates["prompt_id"]]
     assert set(rates["pass_rate"].to_list()) == {0.0, 0.1, 0.2, 0.5, 0.9, 1.0}
     expected = {i for i, c in plan.items() if c in (2, 5)}  # 0.1 and 0.9 themselves are out
-    assert D.kept_ids(art) == expected
-    assert rates["kept"].to_list() == [D.in_band(p, (0.1, 0.9)) for p in rates["pass_rate"]]
+    assert kept_ids(art) == expected
+    assert rates["kept"].to_list() == [in_band(p, (0.1, 0.9)) for p in rates["pass_rate"]]
     m = art.manifest["metrics"]
     assert m["kept"] == len(expected) and m["kept_fraction"] == pytest.approx(len(expected) / len(rows))
     assert m["frac_zero"] == pytest.approx(sum(c == 0 for c in plan.values()) / len(rows))
@@ -233,11 +235,11 @@ def test_in_band_is_strict_on_scalars_and_arrays():
     band = (0.1, 0.9)
     values = [0.0, 0.1, 0.1000001, 0.5, 0.8999999, 0.9, 1.0]
     want = [False, False, True, True, True, False, False]
-    assert [D.in_band(v, band) for v in values] == want
-    assert D.in_band(np.array(values), band).tolist() == want
-    assert D.in_band(pl.Series(values), band).to_list() == want
-    assert [D.in_band(c / 10, band) for c in range(11)] == [False, False] + [True] * 7 + [False, False]
-    assert D.in_band(0.0, (0.0, 1.0)) is False and D.in_band(0.5, (0.0, 1.0)) is True
+    assert [in_band(v, band) for v in values] == want
+    assert in_band(np.array(values), band).tolist() == want
+    assert in_band(pl.Series(values), band).to_list() == want
+    assert [in_band(c / 10, band) for c in range(11)] == [False, False] + [True] * 7 + [False, False]
+    assert in_band(0.0, (0.0, 1.0)) is False and in_band(0.5, (0.0, 1.0)) is True
 
 
 def test_bad_band_is_a_stage_error(env):

@@ -8,9 +8,11 @@ import pytest
 
 from tasks.core.stage import run_stage
 from tasks.core.store import Store
-from tasks.pack import STAGE, PackConfig, load_tokens, pack_rows
+from tasks.core.outputs import load_tokens
+from tasks.core.tokens import load_tokenizer
+from tasks.pack import STAGE, PackConfig, pack_rows
 from tasks.tokenizer import STAGE as TOKENIZER
-from tasks.tokenizer import TokenizerConfig, load_tokenizer
+from tasks.tokenizer import TokenizerConfig
 from test_tokenizer import corpus, make_documents
 
 SEQ = 32

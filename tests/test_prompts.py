@@ -13,7 +13,9 @@ from tasks import decontaminate, prompts
 from tasks.core.chat import completion_text, score
 from tasks.core.stage import StageError, run_stage
 from tasks.core.store import Artifact, Store, canonical_json, write_parquet
-from tasks.prompts import DEFAULT_TASKS, STAGE, PromptsConfig, generate, load_prompts, normalize
+from tasks.core.outputs import load_prompts
+from tasks.core.tokens import normalize
+from tasks.prompts import DEFAULT_TASKS, STAGE, PromptsConfig, generate
 
 SMALL = PromptsConfig(train_size=150, eval_size=30, shard_rows=100)
 # 2 one-digit terms and "+" only: 11 x 11 = 121 distinct questions, so train and eval overlap.

@@ -13,7 +13,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import yaml
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 

@@ -11,7 +11,8 @@ from tokenizers import pre_tokenizers, trainers
 from tasks.core.stage import StageError, run_stage
 from tasks.core.store import Artifact, Store, write_parquet
 from tasks.select import STAGE, SelectConfig, budget_prefix
-from tasks.tokenizer import TokenizerConfig, doc_hash, new_tokenizer
+from tasks.core.tokens import doc_hash
+from tasks.tokenizer import TokenizerConfig, new_tokenizer
 
 
 def corpus(n: int = 60, seed: int = 0) -> pl.DataFrame:

@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
-from tasks.sources import (
+from tasks.core.sources import (
     JsonlSource, PackageTextsSource, ParquetSource, PydocSource, RawDoc, ReasoningGymSource,
     SourceConfig, SourceError, StdlibSource, _chunks, estimate_count, read_source, validate,
 )

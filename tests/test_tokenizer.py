@@ -12,7 +12,8 @@ import pytest
 from tasks.core.stage import StageError, run_stage
 from tasks.core.store import Artifact, Store, write_parquet
 from tasks.ingest import SCHEMA
-from tasks.tokenizer import STAGE, TokenizerConfig, load_tokenizer, special_ids, tokenizer_path
+from tasks.core.tokens import load_tokenizer, special_ids, tokenizer_path
+from tasks.tokenizer import STAGE, TokenizerConfig
 
 SMALL = TokenizerConfig(vocab_size=400)
 SNIPPETS = [

@@ -45,7 +45,7 @@ from typing import Any, Callable
 from tokenizers import Tokenizer
 
 from tasks.core.stage import StageError
-from tasks.tokenizer import ASSISTANT, BOS, END, USER, special_ids
+from tasks.core.tokens import ASSISTANT, BOS, END, USER, special_ids
 
 ANSWER_PREFIX = "Answer:"
 CHAT_TOKENS = (BOS, USER, END, ASSISTANT)

@@ -1,8 +1,7 @@
 """GRPO building blocks: group advantages, the clipped policy loss and its aggregations, per-token
 log-probs, and the online difficulty filter (PAPERS.md "RL with verifiable rewards").
 
-Pure torch / numpy: no Prefect, no MLflow (the `balanced` filter imports `in_band` from
-`tasks.difficulty` lazily, only when it is used).
+Pure torch / numpy: no Prefect, no MLflow. `in_band` is also the offline difficulty stage's rule.
 
 Names follow TRL's GRPOConfig / verl where they exist:
   G (num_generations)      samples per prompt; rewards come as [n_groups, G].
@@ -156,6 +155,13 @@ def token_logprobs(model: Callable[..., torch.Tensor], input_ids: torch.Tensor,
 # ---------------------------------------------------------------- online difficulty filter
 
 
+def in_band(pass_rate, band: tuple[float, float]):
+    """low < pass_rate < high, both ends excluded; a float gives a bool, an array (numpy,
+    polars Series or expression) gives an elementwise mask."""
+    low, high = band
+    return (pass_rate > low) & (pass_rate < high)
+
+
 def group_pass_rates(rewards: np.ndarray, threshold: float = 1.0) -> np.ndarray:
     """[n_groups, G] rewards -> [n_groups] fraction of samples with reward >= threshold (full
     credit, as `tasks.core.rollout.is_correct`)."""
@@ -168,15 +174,13 @@ def group_pass_rates(rewards: np.ndarray, threshold: float = 1.0) -> np.ndarray:
 def keep_groups(pass_rates: np.ndarray, mode: FilterMode,
                 band: tuple[float, float] = (0.1, 0.9)) -> np.ndarray:
     """Boolean mask over groups: "none" keeps all, "mixed" keeps 0 < p < 1 (DAPO dynamic sampling /
-    verl filter_groups on acc), "balanced" keeps low < p < high (`tasks.difficulty.in_band`)."""
+    verl filter_groups on acc), "balanced" keeps low < p < high (`in_band`)."""
     p = np.asarray(pass_rates, dtype=float)
     if mode == "none":
         return np.ones(p.shape, dtype=bool)
     if mode == "mixed":
         return (p > 0.0) & (p < 1.0)
     if mode == "balanced":
-        from tasks.difficulty import in_band  # lazy: tasks.difficulty pulls in the stage machinery
-
         return np.asarray(in_band(p, tuple(band)), dtype=bool)
     raise ValueError(f"mode must be none, mixed or balanced, not {mode!r}")
 

@@ -67,8 +67,8 @@ def dask_scheduler(runner: str, address: str | None, workers: int) -> Iterator[s
         yield None
         return
     try:
-        from distributed import LocalCluster
         import prefect_dask  # noqa: F401
+        from distributed import LocalCluster
     except ImportError:
         raise StageError("run.runner dask needs prefect-dask: pip install -e '.[dask]'") from None
     if address:

@@ -23,7 +23,7 @@ import torch
 
 from tasks.core import chat
 from tasks.core.model import load_model
-from tasks.tokenizer import END, load_tokenizer, special_ids
+from tasks.core.tokens import END, load_tokenizer, special_ids
 
 log = logging.getLogger("slmflow")
 CORRECT = 1.0  # a sample counts as correct when its verifier reward is at least this (full credit)

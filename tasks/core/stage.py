@@ -67,6 +67,16 @@ def _map_threads(fn: Callable[..., R], items: list[T], **common: Any) -> list[R]
         return list(pool.map(lambda x: fn(x, **common), items))
 
 
+def new_figure(figsize: tuple[float, float] = (6, 3.5)):
+    """(figure, axes) for a stage's plot, drawn off-screen (no display on workers); `log_figure` saves it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=figsize)
+
+
 @dataclass
 class StageContext:
     """What a stage function gets besides its config and inputs."""
@@ -92,8 +102,13 @@ class StageContext:
 
     def log_figure(self, fig, name: str) -> None:
         """Save a matplotlib figure as PNG to MLflow (not the store: plots are not data)."""
+        fig.tight_layout()
         if self.tracker and self.run_id:
             self.tracker.log_figure(self.run_id, fig, name)
+        else:
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
 
     def progress(self, items: Iterable[T], total: int | None, what: str, every_s: float = 5.0) -> Iterator[T]:
         """Yield items, logging `stage: n/total what, rate/s, ETA` every few seconds."""
