@@ -2,7 +2,7 @@
 
 The RL stage runs once per (filter, seed) from the same SFT model with the same settings except
 `filter`; each run stops after the same number of generated completions (`--budget`, default:
-what plain GRPO samples in `rl.steps` steps, i.e. steps x batch_prompts x G). Balanced spends
+what plain GRPO samples in `rl.max_steps` steps, i.e. steps x batch_prompts x G). Balanced spends
 part of that budget on groups it throws away, so it takes fewer optimizer steps.
 
 The reward of a step is the mean verifier reward over every group drawn that step (kept or not),
@@ -63,7 +63,7 @@ def smooth(x: np.ndarray, window: int) -> np.ndarray:
 
 
 def run_one(cfg, inputs, filter_: str, seed: int, budget: int, store: Store) -> dict:
-    rl_cfg = cfg.rl.model_copy(update={"filter": filter_, "seed": seed, "steps": 10 * cfg.rl.steps,
+    rl_cfg = cfg.rl.model_copy(update={"filter": filter_, "seed": seed, "max_steps": 10 * cfg.rl.max_steps,
                                        "max_generated_samples": budget})
     out = run_stage(rl.STAGE, rl.RLConfig.model_validate(rl_cfg.model_dump()), inputs, store, force=True)
     steps = pl.read_parquet(f"{out.artifact.path}/steps/part-00000.parquet").sort("step")
@@ -129,12 +129,12 @@ def main() -> None:
     p.add_argument("--config", default="configs/default.yaml")
     p.add_argument("--set", action="append", default=[], help="stage.field=value override (repeatable)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--budget", type=int, help="completions per run (default: plain GRPO's rl.steps steps)")
+    p.add_argument("--budget", type=int, help="completions per run (default: plain GRPO's rl.max_steps steps)")
     p.add_argument("--window", type=int, default=5, help="moving-average window over steps")
     p.add_argument("--out", default="benchmarks/out")
     args = p.parse_args()
     cfg, inputs = upstream(args)
-    budget = args.budget or cfg.rl.steps * cfg.rl.batch_prompts * cfg.rl.num_generations
+    budget = args.budget or cfg.rl.max_steps * cfg.rl.batch_prompts * cfg.rl.num_generations
     runs: dict[str, list[dict]] = {"none": [], "balanced": []}
     with tempfile.TemporaryDirectory(prefix="slmflow-rl-bench-") as tmp:
         for seed in args.seeds:

@@ -116,6 +116,15 @@ def run(
 
 
 @app.command()
+def config(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None):
+    """The resolved config: every setting of every stage, defaults included, as YAML."""
+    import yaml
+
+    cfg, _ = _load(config, set_)
+    out.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), highlight=False, soft_wrap=True)
+
+
+@app.command()
 def status(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None):
     """Each stage of the configured pipeline: its key, whether the store has it, rows, created."""
     cfg, plan = _load(config, set_)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -111,13 +110,13 @@ class PipelineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     run: RunSettings = RunSettings()
-    ingest: IngestConfig
+    ingest: IngestConfig = IngestConfig()
     dedup: DedupConfig = DedupConfig()
     prompts: PromptsConfig = PromptsConfig()
     decontaminate: DecontaminateConfig = DecontaminateConfig()
     quality: QualityConfig = QualityConfig()
     references: ReferencesConfig = ReferencesConfig()  # PreSelect's reference models (select.method preselect only)
-    preselect: PreselectConfig = PreselectConfig(benchmark="target_bpc", strength="pearson")
+    preselect: PreselectConfig = PreselectConfig()
     select: SelectConfig = SelectConfig()  # what the tokenizer and pretraining read
     tokenizer: TokenizerConfig = TokenizerConfig()
     pack: PackConfig = PackConfig()
@@ -128,10 +127,25 @@ class PipelineConfig(BaseModel):
     eval: EvalConfig = EvalConfig()  # one config for every evaluated model, so their numbers compare
 
     @model_validator(mode="after")
-    def _preselect_needs_references(self) -> PipelineConfig:
-        if self.select.method == "preselect" and len(self.references.models) < 2:
-            raise ValueError(f"select.method preselect needs references.models with K >= 2 entries "
-                             f"(got {len(self.references.models)})")
+    def _cross_stage_rules(self) -> PipelineConfig:
+        """Rules between sections; each failure is one line naming the settings."""
+        if self.select.method == "preselect":
+            if len(self.references.models) < 2:
+                raise ValueError(f"select.method preselect needs references.models with K >= 2 entries "
+                                 f"(got {len(self.references.models)})")
+            if self.preselect.benchmark == "eval_pass_at_1":  # the DAG evaluates no reference model
+                raise ValueError("preselect.benchmark eval_pass_at_1 needs an eval stage per reference, which this "
+                                 "pipeline does not build: use target_bpc, val_loss or val_bpb")
+        for where, tok, pack in (("", self.tokenizer, self.pack), ("references.", self.references.tokenizer,
+                                                                  self.references.pack)):
+            # pack's val documents must be ones the tokenizer held out (the same hash rule and seed)
+            if pack.seed != tok.seed:
+                raise ValueError(f"{where}pack.seed {pack.seed} must equal {where}tokenizer.seed {tok.seed}: "
+                                 f"otherwise the tokenizer trains on pack's validation documents")
+            if pack.val_fraction > tok.heldout_fraction:
+                raise ValueError(f"{where}pack.val_fraction {pack.val_fraction} must be at most "
+                                 f"{where}tokenizer.heldout_fraction {tok.heldout_fraction}: otherwise the tokenizer "
+                                 f"trains on some of pack's validation documents")
         return self
 
 
@@ -154,7 +168,18 @@ def _set(tree: dict, dotted: str, value: Any, origin: str) -> None:
         raise ConfigError(f"{origin}: cannot set '{dotted}'")
 
 
+def _unshared(node: Any) -> Any:
+    """A copy in which no two places share an object: YAML anchors (`*ref`) load as one shared
+    dict, and `--set references.models.0...` must change that item only."""
+    if isinstance(node, dict):
+        return {k: _unshared(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_unshared(v) for v in node]
+    return node
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    raw = _unshared(raw)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected stage.field=value")
@@ -173,9 +198,9 @@ def _value(text: str) -> Any:
 
 def validation_message(err: ValidationError, origin: str) -> str:
     first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    where = "".join(f"{p}: " for p in [".".join(str(p) for p in first["loc"])] if p)  # none for a cross-section rule
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"{origin}: {where}: {first['msg']}{more}"
+    return f"{origin}: {where}{first['msg'].removeprefix('Value error, ')}{more}"
 
 
 def validate(raw: dict, origin: str) -> PipelineConfig:
@@ -188,7 +213,7 @@ def validate(raw: dict, origin: str) -> PipelineConfig:
 def resolve_config(config: str | Path | dict, overrides: list[str] | None = None) -> PipelineConfig:
     """What flows take (the CLI's config and --set): a YAML path, or a config as a dict."""
     if isinstance(config, dict):
-        return validate(apply_overrides(copy.deepcopy(config), overrides or []), "config")
+        return validate(apply_overrides(config, overrides or []), "config")
     return load_config(config, overrides)
 
 

@@ -15,7 +15,7 @@ with its question, so it is usually caught at offset 0, but a question anywhere 
 document is found too (no dependence on how the document was rendered).
 
 Outputs: `documents` (the kept rows, same schema, one shard per input shard with the same
-names, possibly empty) and `removed` (`doc_id`, `prompt_id`, `task`: one row per matching
+names, possibly empty), `dropped` (`doc_id`, `source`, reason `eval_question`) and `removed` (`doc_id`, `prompt_id`, `task`: one row per matching
 (document, eval prompt) pair, sorted). Metrics: `docs_in`, `docs_out`, `removed`
 (documents), `removed.<source>` for each checked source, `matches` (pairs).
 """
@@ -24,17 +24,19 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
+from tasks.core.filters import Decision, write_filtered
 from tasks.core.orchestration import stage_task
-from tasks.core.outputs import load_prompts
-from tasks.core.stage import Stage, StageConfig, StageContext, StageError
+from tasks.core.outputs import document_shards, load_prompts
+from tasks.core.stage import Stage, StageConfig, StageContext
 from tasks.core.store import write_parquet
 from tasks.core.tokens import normalize
 
-VERSION = 1
+VERSION = 2  # 2: a dropped table (tasks.core.filters)
 MAX_KEY = 32
 REMOVED_SCHEMA = pa.schema([("doc_id", pa.string()), ("prompt_id", pa.string()), ("task", pa.string())])
 
@@ -91,19 +93,11 @@ def shard_matches(path: str, prompts: list[dict], sources: list[str]) -> dict:
 
 
 def decontaminate(cfg: DecontaminateConfig, inputs: dict, ctx: StageContext) -> dict:
-    files = inputs["documents"].files("documents")
-    if not files:
-        raise StageError("decontaminate: input 'documents' has no documents/*.parquet shards")
+    files = document_shards(inputs["documents"], "decontaminate")
     evals = [{"id": p["id"], "task": p["task"], "question": p["question"]} for p in load_prompts(inputs["prompts"], "eval")]
     parts = ctx.map(shard_matches, files, prompts=evals, sources=list(cfg.sources))
-
-    docs_in = docs_out = 0
-    for path, part in zip(files, parts):
-        table = pq.read_table(path)
-        kept = table.filter(pa.array(part["keep"], pa.bool_()))
-        write_parquet(kept, ctx.out / "documents" / path.rsplit("/", 1)[-1])
-        docs_in += len(table)
-        docs_out += len(kept)
+    counts = write_filtered(files, [Decision(np.array(p["keep"], bool), "eval_question") for p in parts], ctx.out)
+    docs_in, docs_out = counts["docs_in"], counts["docs_out"]
     matches = sorted(m for p in parts for m in p["matches"])
     write_parquet(pa.table({c: [m[i] for m in matches] for i, c in enumerate(REMOVED_SCHEMA.names)}, schema=REMOVED_SCHEMA),
                   ctx.out / "removed" / "part-00000.parquet")

@@ -4,8 +4,9 @@ Per shard (mapped over workers): a digest of each document's normalized text and
 signature of word n-gram shingles. Globally: exact groups, LSH with explicit `bands` x `rows`
 over the exact-group representatives, optional true-Jaccard verification of candidate
 pairs, union-find clusters. Each cluster keeps one document: the smallest id (a rule that
-does not depend on shard order). Outputs: kept `documents` (+ `dup_cluster`) and `clusters`
-(`doc_id`, `cluster_id`, `kind` exact/near, `kept`) for every member of a cluster of size > 1.
+does not depend on shard order). Outputs: kept `documents` (+ `dup_cluster`), `dropped` (reason
+`exact_duplicate` or `near_duplicate`) and `clusters` (`doc_id`, `cluster_id`, `kind` exact/near,
+`kept`) for every member of a cluster of size > 1.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
+from tasks.core.filters import Decision, write_filtered
 from tasks.core.minhash import (
     connected_components,
     lsh_candidate_pairs,
@@ -28,11 +30,12 @@ from tasks.core.minhash import (
     word_shingle_hashes,
 )
 from tasks.core.orchestration import stage_task
+from tasks.core.outputs import document_shards
 from tasks.core.stage import Stage, StageConfig, StageContext, new_figure
 from tasks.core.store import write_parquet
 from tasks.core.tokens import normalize
 
-VERSION = 1
+VERSION = 2  # 2: a dropped table (tasks.core.filters); kept shards keep their input names
 log = logging.getLogger("slmflow")
 
 
@@ -123,20 +126,20 @@ def cluster_size_figure(sizes: np.ndarray):
 
 
 def dedup(cfg: DedupConfig, inputs: dict, ctx: StageContext) -> dict:
-    files = inputs["documents"].files("documents")
+    files = document_shards(inputs["documents"], "dedup")
     parts = ctx.map(shard_signatures, files, cfg=cfg)
     docs, stats = find_clusters(parts, cfg)
 
     # Kept documents, shard by shard in the input's layout, with their cluster id when clustered.
-    start = 0
-    for i, (path, part) in enumerate(zip(files, parts)):
+    decisions, start = [], 0
+    for part in parts:
         rows = docs.slice(start, len(part["id"]))
         start += len(part["id"])
-        table = pq.read_table(path)
-        keep = rows["kept"].to_numpy()
         cluster = rows.select(pl.when(pl.col("cluster_size") > 1).then(pl.col("cluster_id")))["cluster_id"]
-        table = table.append_column("dup_cluster", pa.array(cluster.to_list(), pa.string())).filter(pa.array(keep))
-        write_parquet(table, ctx.out / "documents" / f"part-{i:05d}.parquet")
+        reason = rows.select(pl.when(~pl.col("kept")).then(pl.col("kind") + "_duplicate"))["kind"]
+        decisions.append(Decision(rows["kept"].to_numpy(), reason.to_list(),
+                                  {"dup_cluster": pa.array(cluster.to_list(), pa.string())}))
+    write_filtered(files, decisions, ctx.out)
 
     clustered = docs.filter(pl.col("cluster_size") > 1).sort("cluster_id", "id")
     write_parquet(clustered.select(doc_id="id", cluster_id="cluster_id", kind="kind", kept="kept").to_arrow(),

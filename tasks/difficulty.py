@@ -14,9 +14,6 @@ so later stages and reruns reuse the rates without sampling again (`tasks.core.o
 
 from __future__ import annotations
 
-import time
-from typing import Literal
-
 import numpy as np
 import polars as pl
 from pydantic import Field
@@ -24,14 +21,8 @@ from pydantic import Field
 from tasks.core.grpo import in_band
 from tasks.core.orchestration import stage_task
 from tasks.core.outputs import load_prompts
-from tasks.core.rollout import (
-    is_correct,
-    load_policy,
-    resolve_device,
-    sample_completions,
-    score_completions,
-    take_per_task,
-)
+from tasks.core.rollout import generation_metrics, load_policy, resolve_device, score_prompts, take_per_task
+from tasks.core.settings import Band, Device, device_setting
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError, new_figure
 from tasks.core.store import Artifact, write_parquet
 
@@ -40,21 +31,15 @@ VERSION = 1
 
 class DifficultyConfig(StageConfig):
     split: str = Field("train", description="which prompts table to score")
-    k: int = Field(8, ge=1, description="samples per prompt")
+    k: int = Field(4, ge=1, description="samples per prompt")
     temperature: float = Field(1.0, gt=0, description="sampling temperature")
     top_k: int | None = Field(None, ge=1, description="sample from the top_k tokens only (None: all)")
-    max_new_tokens: int = Field(32, ge=1, description="completion length cap (tokens)")
-    band: tuple[float, float] = Field((0.1, 0.9), description="keep prompts with low < pass_rate < high (strict)")
-    max_prompts_per_task: int | None = Field(200, ge=1, description="first N prompts of each task (None: all)")
-    batch_size: int = Field(64, ge=1, description="sequences per generate call")
+    max_completion_length: int = Field(16, ge=1, description="tokens generated per completion at most")
+    band: Band = Field((0.1, 0.9), description="keep prompts with low < pass_rate < high (strict)")
+    max_prompts_per_task: int | None = Field(100, ge=1, description="first N prompts of each task (None: all)")
+    batch_size: int = Field(128, ge=1, description="sequences per generate call (decides each sample's random draws)")
     seed: int = Field(0, description="seed of the sampling generator")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
-
-
-def check(cfg: DifficultyConfig) -> None:
-    low, high = cfg.band
-    if not 0.0 <= low < high <= 1.0:
-        raise StageError(f"difficulty.band: need 0 <= low < high <= 1, got {list(cfg.band)}")
+    device: Device = device_setting()
 
 
 def pass_rate_figure(table: pl.DataFrame, k: int, band: tuple[float, float]):
@@ -73,34 +58,16 @@ def pass_rate_figure(table: pl.DataFrame, k: int, band: tuple[float, float]):
 
 
 def difficulty(cfg: DifficultyConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
-    check(cfg)
     rows = take_per_task(load_prompts(inputs["prompts"], cfg.split), cfg.max_prompts_per_task)
     if not rows:
         raise StageError(f"difficulty: prompts split {cfg.split!r} has no rows")
     model, tok = load_policy(inputs["model"], resolve_device(cfg.device))
 
-    start = time.monotonic()
-    completions = sample_completions(model, tok, rows, cfg.k, cfg.temperature, cfg.top_k, cfg.max_new_tokens,
-                                     cfg.batch_size, cfg.seed, ctx.progress)
-    seconds = time.monotonic() - start
-    texts, rewards = score_completions(tok, rows, completions)
-
-    correct = [sum(map(is_correct, rs)) for rs in rewards]
-    table = pl.DataFrame({
-        "prompt_id": [r["id"] for r in rows],
-        "task": [r["task"] for r in rows],
-        "k": [cfg.k] * len(rows),
-        "correct": correct,
-    }, schema_overrides={"k": pl.Int32, "correct": pl.Int32})
-    table = table.with_columns(pass_rate=pl.col("correct") / pl.col("k"))
-    table = table.with_columns(kept=in_band(pl.col("pass_rate"), cfg.band))
+    scored = score_prompts(model, tok, rows, cfg.k, cfg.temperature, cfg.top_k, cfg.max_completion_length, cfg.batch_size,
+                           cfg.seed, ctx.progress)
+    table = scored.table().with_columns(kept=in_band(pl.col("pass_rate"), cfg.band))
     write_parquet(table.to_arrow(), ctx.out / "pass_rates" / "part-00000.parquet")
-    samples = pl.DataFrame({
-        "prompt_id": [r["id"] for r, ts in zip(rows, texts) for _ in ts],
-        "sample": [j for ts in texts for j in range(len(ts))],
-        "completion": [t for ts in texts for t in ts],
-        "reward": [x for rs in rewards for x in rs],
-    }, schema_overrides={"sample": pl.Int32, "reward": pl.Float64})
+    samples = scored.samples()
     write_parquet(samples.to_arrow(), ctx.out / "samples" / "part-00000.parquet")
 
     per_task = table.group_by("task").agg(
@@ -121,14 +88,11 @@ def difficulty(cfg: DifficultyConfig, inputs: dict[str, Artifact], ctx: StageCon
     for row in per_task.iter_rows(named=True):
         for m in ("kept_fraction", "pass_rate", "frac_zero", "frac_one", "prompts"):
             metrics[f"{m}.{row['task']}"] = row[m]
-    generated = sum(len(c) for cs in completions for c in cs)
-    metrics["generated_tokens"] = generated
-    metrics["generate_seconds"] = round(seconds, 3)
-    metrics["generate_tokens_per_s"] = generated / max(1e-9, seconds)
+    metrics.update(generation_metrics(scored))
     ctx.log_figure(pass_rate_figure(table, cfg.k, cfg.band), "pass_rates")
     return {"rows": {"pass_rates": len(table), "samples": len(samples)}, "metrics": metrics}
 
 
-STAGE = Stage("difficulty", VERSION, DifficultyConfig, difficulty, family="eval", check=check,
+STAGE = Stage("difficulty", VERSION, DifficultyConfig, difficulty, family="eval",
               report_metrics=("kept_fraction", "pass_rate", "frac_zero", "frac_one"))
 difficulty_task = stage_task(STAGE)

@@ -17,23 +17,14 @@ output (`<path>/model/` with weights, config and tokenizer).
 
 from __future__ import annotations
 
-import time
-from typing import Literal
-
 import polars as pl
 from pydantic import Field
 
 from tasks.core import chat
 from tasks.core.orchestration import stage_task
 from tasks.core.outputs import load_prompts
-from tasks.core.rollout import (
-    is_correct,
-    load_policy,
-    resolve_device,
-    sample_completions,
-    score_completions,
-    take_per_task,
-)
+from tasks.core.rollout import generation_metrics, load_policy, resolve_device, score_prompts, take_per_task
+from tasks.core.settings import Device, device_setting
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError
 from tasks.core.store import Artifact, write_parquet
 
@@ -44,13 +35,13 @@ MEASURES = ("pass_at_1", "pass_at_k", "sampled_pass_at_1", "completion_tokens")
 class EvalConfig(StageConfig):
     split: str = Field("eval", description="which prompts table to evaluate on")
     max_prompts_per_task: int | None = Field(100, ge=1, description="first N prompts of each task (None: all)")
-    max_new_tokens: int = Field(32, ge=1, description="completion length cap (tokens)")
-    k: int = Field(8, ge=1, description="samples per prompt for pass@k")
+    max_completion_length: int = Field(16, ge=1, description="tokens generated per completion at most")
+    k: int = Field(4, ge=1, description="samples per prompt for pass@k")
     temperature: float = Field(0.8, gt=0, description="sampling temperature of the k samples (greedy is separate)")
     top_k: int | None = Field(None, ge=1, description="sample from the top_k tokens only (None: all)")
-    batch_size: int = Field(64, ge=1, description="sequences per generate call")
+    batch_size: int = Field(128, ge=1, description="sequences per generate call (decides each sample's random draws)")
     seed: int = Field(0, description="seed of the sampling generator")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
+    device: Device = device_setting()
 
 
 def summarize(results: pl.DataFrame) -> dict[str, float]:
@@ -83,36 +74,23 @@ def evaluate(cfg: EvalConfig, inputs: dict[str, Artifact], ctx: StageContext) ->
         raise StageError(f"eval: prompts split {cfg.split!r} has no rows")
     model, tok = load_policy(inputs["model"], resolve_device(cfg.device))
 
-    start = time.monotonic()
-    greedy = sample_completions(model, tok, rows, 1, 0.0, None, cfg.max_new_tokens, cfg.batch_size, cfg.seed,
-                                ctx.progress)
-    greedy_seconds = time.monotonic() - start
-    greedy = [c[0] for c in greedy]
-    g_texts, g_rewards = score_completions(tok, rows, [[c] for c in greedy])
-    start = time.monotonic()
-    samples = sample_completions(model, tok, rows, cfg.k, cfg.temperature, cfg.top_k, cfg.max_new_tokens,
-                                 cfg.batch_size, cfg.seed, ctx.progress)
-    sample_seconds = time.monotonic() - start
-    _, s_rewards = score_completions(tok, rows, samples)
-
+    greedy = score_prompts(model, tok, rows, 1, 0.0, None, cfg.max_completion_length, cfg.batch_size, cfg.seed, ctx.progress)
+    samples = score_prompts(model, tok, rows, cfg.k, cfg.temperature, cfg.top_k, cfg.max_completion_length, cfg.batch_size,
+                            cfg.seed, ctx.progress)
+    texts = [t[0] for t in greedy.texts]
     results = pl.DataFrame({
         "prompt_id": [r["id"] for r in rows],
         "task": [r["task"] for r in rows],
-        "greedy_completion": [t[0] for t in g_texts],
-        "greedy_answer": [chat.extract_answer(t[0]) for t in g_texts],
-        "greedy_score": [r[0] for r in g_rewards],
-        "greedy_correct": [is_correct(r[0]) for r in g_rewards],
-        "samples_correct": [sum(map(is_correct, rs)) for rs in s_rewards],
+        "greedy_completion": texts,
+        "greedy_answer": [chat.extract_answer(t) for t in texts],
+        "greedy_score": [r[0] for r in greedy.rewards],
+        "greedy_correct": [c == 1 for c in greedy.correct],
+        "samples_correct": samples.correct,
         "k": [cfg.k] * len(rows),
-        "completion_tokens": [len(c) for c in greedy],
+        "completion_tokens": [len(c[0]) for c in greedy.completions],
     }, schema_overrides={"samples_correct": pl.Int32, "k": pl.Int32, "completion_tokens": pl.Int32})
     write_parquet(results.to_arrow(), ctx.out / "results" / "part-00000.parquet")
-
-    metrics = summarize(results)
-    generated = sum(len(c) for c in greedy) + sum(len(c) for cs in samples for c in cs)
-    metrics["generated_tokens"] = generated
-    metrics["generate_seconds"] = round(greedy_seconds + sample_seconds, 3)
-    metrics["generate_tokens_per_s"] = generated / max(1e-9, greedy_seconds + sample_seconds)
+    metrics = {**summarize(results), **generation_metrics(greedy, samples)}
     return {"rows": {"results": len(results)}, "metrics": metrics}
 
 

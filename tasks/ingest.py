@@ -11,12 +11,20 @@ from __future__ import annotations
 import hashlib
 import unicodedata
 from collections import Counter
+from pathlib import Path
 
 import pyarrow as pa
 from pydantic import Field
 
 from tasks.core.orchestration import stage_task
-from tasks.core.sources import SourceConfig, SourceError, estimate_count, read_source, validate
+from tasks.core.sources import (
+    PackageTextsSource,
+    PydocSource,
+    ReasoningGymSource,
+    SourceConfig,
+    SourceError,
+    StdlibSource,
+)
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError, log
 from tasks.core.store import write_parquet
 
@@ -24,8 +32,22 @@ VERSION = 1
 SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("source", pa.string())])
 
 
+def embedded_corpus() -> list:
+    """The default run's corpus: text that is on every machine, no download."""
+    return [
+        StdlibSource(max_bytes=200_000),  # the CPython standard library's .py files (real near-duplicates)
+        PydocSource(),  # the reference topics of the Python docs
+        # prose shipped inside installed packages: a Verne novel in reasoning-gym's data (its other .txt
+        # files are word lists), IDLE's NEWS/README files and the email package's notes
+        PackageTextsSource(packages=["reasoning_gym"], patterns=["data/in_the_year_2889.txt"]),
+        PackageTextsSource(name="stdlib_prose", packages=["idlelib", "email"], patterns=["*.txt", "*.rst"]),
+        ReasoningGymSource(size=200, seed=1234),  # worked problems from reasoning-gym's generators
+    ]
+
+
 class IngestConfig(StageConfig):
-    sources: list[SourceConfig] = Field(min_length=1)
+    sources: list[SourceConfig] = Field(default_factory=embedded_corpus, min_length=1,
+                                        description="where documents come from (default: the embedded corpus)")
     shard_rows: int = Field(2000, gt=0, description="documents per Parquet shard")
     max_doc_chars: int = Field(10_000_000, gt=0, description="longer documents are dropped and counted "
                                "(dropped_too_long): one pathological line must not stall every stage after it")
@@ -48,30 +70,40 @@ def decode(data: bytes | str) -> tuple[str, bool]:
 def check(cfg: IngestConfig) -> None:
     try:
         for src in cfg.sources:
-            validate(src)
+            src.check()
     except SourceError as e:
         raise StageError(str(e)) from None
+
+
+class ShardWriter:
+    """Documents into Parquet shards of `rows` documents each: part-00000.parquet, ..."""
+
+    def __init__(self, directory: Path, rows: int):
+        self.directory, self.rows, self.shards = directory, rows, 0
+        self.columns: dict[str, list] = {name: [] for name in SCHEMA.names}
+
+    def add(self, **doc: str) -> None:
+        for name, value in doc.items():
+            self.columns[name].append(value)
+        if len(self.columns["id"]) >= self.rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.columns["id"]:
+            write_parquet(pa.table(self.columns, schema=SCHEMA), self.directory / f"part-{self.shards:05d}.parquet")
+            self.shards += 1
+            self.columns = {name: [] for name in SCHEMA.names}
 
 
 def ingest(cfg: IngestConfig, inputs: dict, ctx: StageContext) -> dict:
     check(cfg)
     counts: Counter = Counter()
-    shard: dict[str, list] = {"id": [], "text": [], "source": []}
+    writer = ShardWriter(ctx.out / "documents", cfg.shard_rows)
     seen: set[str] = set()
-    n_shards = 0
-
-    def flush():
-        nonlocal n_shards
-        if shard["id"]:
-            write_parquet(pa.table(shard, schema=SCHEMA), ctx.out / "documents" / f"part-{n_shards:05d}.parquet")
-            n_shards += 1
-            for col in shard.values():
-                col.clear()
-
     for src in cfg.sources:
         stats: dict[str, int] = {}
         try:
-            for raw in ctx.progress(read_source(src, stats), estimate_count(src), f"{src.kind} documents"):
+            for raw in ctx.progress(src.read(stats), src.estimate(), f"{src.kind} documents"):
                 text, replaced = decode(raw.data)
                 if replaced and not counts[f"invalid_utf8.{raw.source}"]:
                     log.warning("ingest: %s:%s is not valid UTF-8: bad bytes replaced with U+FFFD (counted as "
@@ -90,17 +122,13 @@ def ingest(cfg: IngestConfig, inputs: dict, ctx: StageContext) -> dict:
                 if did in seen:
                     raise StageError(f"ingest: document {raw.source}:{raw.ref} appears twice (a source listed twice?)")
                 seen.add(did)
-                shard["id"].append(did)
-                shard["text"].append(text)
-                shard["source"].append(raw.source)
+                writer.add(id=did, text=text, source=raw.source)
                 counts[f"docs.{raw.source}"] += 1
                 counts[f"chars.{raw.source}"] += len(text)
-                if len(shard["id"]) >= cfg.shard_rows:
-                    flush()
         except SourceError as e:
             raise StageError(str(e)) from None
-        counts.update({f"{k}.{src.name or src.kind}": v for k, v in stats.items()})
-    flush()
+        counts.update({f"{k}.{src.source}": v for k, v in stats.items()})
+    writer.flush()
     if not seen:
         raise StageError("ingest: the configured sources produced no documents")
     metrics = dict(sorted(counts.items()))
@@ -110,7 +138,7 @@ def ingest(cfg: IngestConfig, inputs: dict, ctx: StageContext) -> dict:
         dropped_empty=sum(v for k, v in counts.items() if k.startswith("dropped_empty.")),
         dropped_too_long=sum(v for k, v in counts.items() if k.startswith("dropped_too_long.")),
         invalid_utf8=sum(v for k, v in counts.items() if k.startswith("invalid_utf8.")),
-        shards=n_shards,
+        shards=writer.shards,
     )
     return {"rows": {"documents": len(seen)}, "metrics": metrics}
 

@@ -40,6 +40,7 @@ from tokenizers import Tokenizer
 
 from tasks.core.orchestration import stage_task
 from tasks.core.outputs import TOKEN_SPLITS as SPLITS
+from tasks.core.outputs import document_shards
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError
 from tasks.core.store import write_parquet
 from tasks.core.tokens import BOS, PAD, below_fraction, doc_hash, hash_order, load_tokenizer, special_ids
@@ -109,9 +110,7 @@ def pack(cfg: PackConfig, inputs: dict, ctx: StageContext) -> dict:
     if BOS not in specials or PAD not in specials:
         raise StageError(f"pack: tokenizer {tok_art.key} has no {BOS} or {PAD} token (tokenizer.special_tokens)")
     bos_id, pad_id = specials[BOS], specials[PAD]
-    files = inputs["documents"].files("documents")
-    if not files:
-        raise StageError("pack: input 'documents' has no documents/*.parquet shards")
+    files = document_shards(inputs["documents"], "pack")
 
     start = time.monotonic()
     parts = ctx.map(tokenize_shard, list(enumerate(files)), tokenizer=tok_art.path, bos_id=bos_id,

@@ -70,6 +70,7 @@ from tokenizers import Tokenizer
 
 from tasks.core.model import CONFIG, load_model
 from tasks.core.orchestration import stage_task
+from tasks.core.outputs import document_shards
 from tasks.core.preselect import (
     auc,
     bits_per_char,
@@ -80,6 +81,7 @@ from tasks.core.preselect import (
     rank_correlation,
 )
 from tasks.core.rollout import load_policy, resolve_device
+from tasks.core.settings import Device, device_setting
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError
 from tasks.core.store import Artifact, write_parquet
 from tasks.core.tokens import BOS, doc_hash, hash_order, load_tokenizer, special_ids
@@ -98,13 +100,13 @@ _TRAIN = ("import fasttext, json, sys; a = json.loads(sys.argv[1]); "
 
 class PreselectConfig(StageConfig):
     benchmark: Literal["eval_pass_at_1", "val_loss", "val_bpb", "target_bpc"] = Field(
-        "eval_pass_at_1", description="each reference's score: eval_ref_<i>'s pass_at_1, -(ref_<i>'s val_loss/val_bpb), "
+        "target_bpc", description="each reference's score: eval_ref_<i>'s pass_at_1, -(ref_<i>'s val_loss/val_bpb), "
                                       "or -(its bits per character on the target prompts)")
     target_prompts: int = Field(500, ge=1, description="target_bpc: this many training prompts of input 'target' (lowest hash)")
     strength: Literal["concordance", "spearman", "pearson"] = Field(
-        "concordance", description="agreement of a document's losses with the benchmark: pair count, rank or linear correlation")
-    sample_docs: int = Field(2000, ge=4, description="documents scored by the references (the expensive part)")
-    max_chars: int = Field(4096, ge=1, description="a document's first max_chars characters stand for it (bpc and classifier)")
+        "pearson", description="agreement of a document's losses with the benchmark: pair count, rank or linear correlation")
+    sample_docs: int = Field(1500, ge=4, description="documents scored by the references (the expensive part)")
+    max_chars: int = Field(2000, ge=1, description="a document's first max_chars characters stand for it (bpc and classifier)")
     label_fraction: float = Field(0.25, gt=0, le=0.5, description="positives = this share of the sample; as many negatives")
     heldout_fraction: float = Field(0.2, ge=0, lt=1, description="share of each class held out to measure the classifier's AUC")
     epoch: int = Field(25, ge=1, description="fastText epochs (PreSelect's public setting: 3, for far more labels)")
@@ -113,7 +115,7 @@ class PreselectConfig(StageConfig):
     dim: int = Field(64, ge=1, description="fastText vector size (smaller than its 100: our label sets are small)")
     bucket: int = Field(100_000, ge=1, description="fastText n-gram hash buckets (its 2M would make a ~800 MB file)")
     batch_size: int = Field(16, ge=1, description="reference windows per forward pass")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
+    device: Device = device_setting()
     seed: int = Field(0, description="seed of the sample and split hashes and of fastText")
 
 
@@ -315,9 +317,7 @@ def preselect(cfg: PreselectConfig, inputs: dict[str, Artifact], ctx: StageConte
     k = reference_count(inputs)
     if "documents" not in inputs:
         raise StageError("preselect_scorer: missing input 'documents'")
-    files = inputs["documents"].files("documents")
-    if not files:
-        raise StageError("preselect_scorer: input 'documents' has no documents/*.parquet shards")
+    files = document_shards(inputs["documents"], "preselect_scorer")
     target = target_texts(cfg, inputs) if cfg.benchmark == "target_bpc" else []
     if not target:  # a benchmark read from manifests: fail before the expensive part
         scores = benchmark_scores(cfg, inputs, k)

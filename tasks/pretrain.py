@@ -24,6 +24,7 @@ VERSION = 1
 
 class PretrainConfig(StageConfig, TrainConfig):
     model: ModelConfig = Field(default_factory=ModelConfig, description="size: depth (width follows) + overrides")
+    eval_rows: int = Field(256, gt=0, description="validation rows per evaluation")
 
 
 def unigram_entropy(rows: np.ndarray, pad_id: int) -> float:

@@ -26,7 +26,7 @@ near-empty files, codec/token tables, heavily repeated code and a few pydoc gram
 Unknown sources get `thresholds`.
 
 Outputs: `documents` (kept rows, input schema + the score columns + `quality_kept`, one
-shard per input shard with the same name) and `scores` (`doc_id`, `source`, `chars`, the
+shard per input shard with the same name), `dropped` (reason: the first failing rule) and `scores` (`doc_id`, `source`, `chars`, the
 score columns, `quality_kept`, `quality_drop_reason` for every input document), so what a
 rule removed is one query away. Metrics: docs_in, docs_kept, chars_in, chars_kept,
 dropped.<rule> for every rule.
@@ -36,15 +36,16 @@ from __future__ import annotations
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
+from tasks.core.filters import Decision, write_filtered
 from tasks.core.orchestration import stage_task
+from tasks.core.outputs import document_shards
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError
 from tasks.core.store import Artifact, write_parquet
 
-VERSION = 1
+VERSION = 2  # 2: a dropped table (tasks.core.filters)
 SCORES = ("word_count", "mean_word_length", "symbol_to_word_ratio", "ellipsis_line_fraction", "bullet_line_fraction",
           "duplicate_line_fraction", "top_2gram_fraction", "duplicate_5gram_fraction", "alpha_word_fraction")
 BULLET = r"^\s*[•‣◦●\-*]"
@@ -235,18 +236,10 @@ def shard_quality(path: str, cfg: QualityConfig) -> pl.DataFrame:
 
 def quality(cfg: QualityConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
     check(cfg)
-    files = inputs["documents"].files("documents")
-    if not files:
-        raise StageError("quality: input 'documents' has no documents/*.parquet shards")
+    files = document_shards(inputs["documents"], "quality")
     parts = ctx.map(shard_quality, files, cfg=cfg)
-    for path, part in zip(files, parts):
-        table = pq.read_table(path)
-        for c in (*SCORES, "quality_kept"):
-            if c in table.column_names:  # a rerun over already-scored documents: the new scores win
-                table = table.drop_columns(c)
-            table = table.append_column(c, part[c].to_arrow())
-        write_parquet(table.filter(pa.array(part["quality_kept"].to_numpy())),
-                      ctx.out / "documents" / path.rsplit("/", 1)[-1])
+    write_filtered(files, [Decision(p["quality_kept"].to_numpy(), p["quality_drop_reason"].to_list(),
+                                    {c: p[c].to_arrow() for c in (*SCORES, "quality_kept")}) for p in parts], ctx.out)
     scores = pl.concat(parts)
     write_parquet(scores.to_arrow(), ctx.out / "scores" / "part-00000.parquet")
 

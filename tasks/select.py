@@ -28,7 +28,7 @@ times over in one pretraining run. Half still makes a real choice. Not tuned by 
 measurement: set 0.1 to follow the paper.
 
 Output `documents` (the kept rows, same schema, one shard per input shard with the same
-names, possibly empty). Metrics: docs_in, docs_kept, chars_in, chars_kept,
+names, possibly empty) and `dropped` (reason `dropped_source`, `quality_filter` or `over_budget`). Metrics: docs_in, docs_kept, chars_in, chars_kept,
 kept_char_fraction, and units_in/units_kept/budget in the chosen unit.
 """
 
@@ -38,17 +38,18 @@ from typing import Literal
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field
 
+from tasks.core.filters import Decision, write_filtered
 from tasks.core.orchestration import stage_task
+from tasks.core.outputs import document_shards
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError
-from tasks.core.store import Artifact, write_parquet
+from tasks.core.store import Artifact
 from tasks.core.tokens import doc_hash, hash_order, load_tokenizer
 
-VERSION = 1
+VERSION = 2  # 2: a dropped table (tasks.core.filters)
 
 
 class SelectConfig(StageConfig):
@@ -121,9 +122,7 @@ def eligible_mask(cfg: SelectConfig, files: list[str], parts: list[dict]) -> np.
 
 
 def select(cfg: SelectConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
-    files = inputs["documents"].files("documents")
-    if not files:
-        raise StageError("select: input 'documents' has no documents/*.parquet shards")
+    files = document_shards(inputs["documents"], "select")
     tokenizer = None
     if cfg.unit == "tokens":
         if "tokenizer" not in inputs:
@@ -152,12 +151,11 @@ def select(cfg: SelectConfig, inputs: dict[str, Artifact], ctx: StageContext) ->
         keep[order[:budget_prefix(sizes[order], cfg.fraction)]] = True
         budget = cfg.fraction * float(sizes[eligible].sum())
 
-    start = 0
-    for path, p in zip(files, parts):
-        n = len(p["id"])
-        table = pq.read_table(path)
-        write_parquet(table.filter(pa.array(keep[start:start + n])), ctx.out / "documents" / path.rsplit("/", 1)[-1])
-        start += n
+    # why each dropped document went: its source, the quality filter, or the budget
+    reason = np.where(~eligible, "dropped_source", "quality_filter" if cfg.method == "quality" else "over_budget")
+    bounds = np.cumsum([0, *(len(p["id"]) for p in parts)])
+    write_filtered(files, [Decision(keep[a:b], np.where(keep[a:b], None, reason[a:b]).tolist())
+                           for a, b in zip(bounds[:-1], bounds[1:])], ctx.out)
 
     chars = docs["chars"].to_numpy()
     metrics = {

@@ -21,6 +21,7 @@ from tasks.core.fit import run_training, save_array
 from tasks.core.model import ModelConfig
 from tasks.core.orchestration import stage_task
 from tasks.core.outputs import load_pass_rates, load_prompts
+from tasks.core.settings import runtime
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError
 from tasks.core.store import Artifact
 from tasks.core.tokens import PAD, below_fraction, doc_hash, load_tokenizer, special_ids, tokenizer_path
@@ -33,12 +34,13 @@ class SFTConfig(StageConfig, TrainConfig):
     # SFT's own defaults: a lower LR with linear decay (PAPERS: larger batches, lower LR)
     # (a field redeclared here must restate TrainConfig's bounds: pydantic replaces the whole field)
     batch_size: int = Field(32, gt=0, description="sequences per optimizer step (global, all processes)")
-    max_steps: int = Field(300, gt=0)
+    max_steps: int = Field(200, gt=0)
     lr: float = Field(1e-3, gt=0)
     schedule: Literal["wsd", "cosine", "linear"] = "linear"
     warmup_steps: int = Field(10, ge=0)
-    eval_every: int = Field(100, gt=0)
-    seq_len: int | None = Field(None, gt=0, description="row length; default the base model's max_seq_len")
+    eval_every: int = runtime(50, "steps between validation losses", gt=0)
+    seq_len: int | None = Field(64, gt=0, description="row length (None: the base model's max_seq_len); chat "
+                                "examples are short: rows of 64 tokens pack 1-3 of them")
     val_fraction: float = Field(0.02, gt=0, lt=1, description="training prompts held out for SFT validation loss")
     use_solutions: bool = Field(True, description="train on the worked solution where the task has one")
     max_pass_rate: float | None = Field(0.9, gt=0, le=1, description="drop prompts the base model solves at least this often")

@@ -37,6 +37,7 @@ from pydantic import Field
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from tasks.core.orchestration import stage_task
+from tasks.core.outputs import document_shards
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError
 from tasks.core.tokens import (
     BOS,
@@ -118,9 +119,7 @@ def _batches(texts: Iterator[str], size: int = _BATCH) -> Iterator[list[str]]:
 
 def train_tokenizer(cfg: TokenizerConfig, inputs: dict, ctx: StageContext) -> dict:
     check(cfg)
-    files = inputs["documents"].files("documents")
-    if not files:
-        raise StageError("tokenizer: input 'documents' has no documents/*.parquet shards")
+    files = document_shards(inputs["documents"], "tokenizer")
     parts = ctx.map(_shard_index, files, seed=cfg.seed)
     ids = [i for p in parts for i in p["id"]]
     hashes = np.concatenate([p["hash"] for p in parts])

@@ -142,7 +142,7 @@ def test_eval_metrics_match_the_results_table(env, monkeypatch):
 
 
 def test_eval_real_model_is_deterministic(env):
-    cfg = E.EvalConfig(k=2, max_prompts_per_task=3, max_new_tokens=8, batch_size=4, device="cpu")
+    cfg = E.EvalConfig(k=2, max_prompts_per_task=3, max_completion_length=8, batch_size=4, device="cpu")
     a = run(E.STAGE, cfg, env)
     results = table(a, "results")
     assert len(results) == 6 and a.rows == {"results": 6}
@@ -164,7 +164,7 @@ def brute_force_counts(model, tok, rows, cfg) -> tuple[list[int], list[list[floa
     rewards = [[] for _ in rows]
     for s in range(0, len(seqs), cfg.batch_size):
         batch = seqs[s:s + cfg.batch_size]
-        outs = model.generate([p for _, p in batch], cfg.max_new_tokens, temperature=cfg.temperature,
+        outs = model.generate([p for _, p in batch], cfg.max_completion_length, temperature=cfg.temperature,
                               top_k=cfg.top_k, eos_id=end_id(tok), generator=g, use_cache=True)
         for (i, _), ids in zip(batch, outs):
             rewards[i].append(chat.score(rows[i], chat.decode_completion(tok, ids)))
@@ -191,7 +191,7 @@ def test_difficulty_pass_rates_match_a_brute_force_count(env, monkeypatch):
 
 
 def test_difficulty_real_model_matches_regeneration_and_is_deterministic(env):
-    cfg = D.DifficultyConfig(k=3, max_prompts_per_task=3, max_new_tokens=6, batch_size=4, seed=2, device="cpu")
+    cfg = D.DifficultyConfig(k=3, max_prompts_per_task=3, max_completion_length=6, batch_size=4, seed=2, device="cpu")
     a = run(D.STAGE, cfg, env)
     rates, samples = load_pass_rates(a), table(a, "samples")
     rows = {r["id"]: r for r in load_prompts(env["prompts"], "train")}
@@ -242,10 +242,12 @@ def test_in_band_is_strict_on_scalars_and_arrays():
     assert in_band(0.0, (0.0, 1.0)) is False and in_band(0.5, (0.0, 1.0)) is True
 
 
-def test_bad_band_is_a_stage_error(env):
+def test_bad_band_is_a_config_error():
+    from pydantic import ValidationError
+
+    from tasks.rl import RLConfig
+
     for band in [(0.9, 0.1), (0.5, 0.5), (-0.1, 0.5), (0.2, 1.5)]:
-        with pytest.raises(StageError, match="difficulty.band"):
-            D.check(D.DifficultyConfig(band=band))
-    with pytest.raises(StageError, match="difficulty.band"):
-        run(D.STAGE, D.DifficultyConfig(band=(0.9, 0.1)), env)
-    assert not any(Path(env["store"].root, "difficulty").glob(".tmp-*"))  # nothing left behind
+        for cls in (D.DifficultyConfig, RLConfig):
+            with pytest.raises(ValidationError, match=r"band\n.*need 0 <= low < high <= 1"):
+                cls(band=band)

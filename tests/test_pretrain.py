@@ -224,7 +224,7 @@ def test_rl_raises_reward_records_history_and_registers(trained):
     kept = history.filter(pl.col("kept"))["pass_rate"]
     assert len(kept) and kept.min() > 0.1 and kept.max() < 0.9
     assert history.filter(~pl.col("kept"))["pass_rate"].is_in([0.0, 1.0]).mean() > 0.5
-    assert set(history["step"]) == set(range(20))
+    assert set(history["step"]) == set(range(1, 21))  # the step each group was drawn for, as in `steps`
     # the held-out evaluation of the RL model is on the report card beside SFT's
     assert report["eval_rl"]["metrics"]["pass_at_1"] >= report["eval_sft"]["metrics"]["pass_at_1"], report
     assert art.manifest["info"]["registered_version"] == "1"
@@ -254,17 +254,18 @@ def test_rl_resumes_after_a_kill_exactly_like_a_straight_run(trained, tmp_path):
     root, report = trained
     data, models = Store(root / "data"), Store(root / "models")
     inputs = {"model": models.get("sft", report["sft"]["key"]), "prompts": data.get("prompts", report["prompts"]["key"])}
-    settings = dict(steps=4, batch_prompts=4, num_generations=4, max_new_tokens=8, filter="mixed", lr=1e-3,
+    settings = dict(max_steps=4, batch_prompts=4, num_generations=4, max_completion_length=8, filter="mixed", lr=1e-3,
                     max_generation_rounds=2, eval_every=2, eval_prompts_per_task=5, checkpoint_every=2, seed=3)
     straight = run_stage(RL, RLConfig(**settings), inputs, Store(tmp_path / "straight")).artifact
     killed = tmp_path / "killed"
     script = (
         "import time, json\n"
         "import tasks.rl as rl\n"
-        "orig = rl.save_checkpoint\n"
+        "import tasks.core.rl_loop as loop\n"
+        "orig = loop.save_checkpoint\n"
         "def slow(*a, **k):\n"
         "    orig(*a, **k); time.sleep(60)\n"
-        "rl.save_checkpoint = slow\n"
+        "loop.save_checkpoint = slow\n"
         "from tasks.core.stage import run_stage\n"
         "from tasks.core.store import Store\n"
         f"inputs = {{'model': Store({str(root / 'models')!r}).get('sft', {report['sft']['key']!r}), "

@@ -7,17 +7,17 @@ from pydantic import TypeAdapter, ValidationError
 
 from tasks.core.sources import (
     JsonlSource, PackageTextsSource, ParquetSource, PydocSource, RawDoc, ReasoningGymSource,
-    SourceConfig, SourceError, StdlibSource, _chunks, estimate_count, read_source, validate,
+    SourceConfig, SourceError, StdlibSource, _chunks,
 )
 
 
 def docs(cfg, stats=None):
-    return list(read_source(cfg, stats))
+    return list(cfg.read(stats))
 
 
 def raises(cfg, *parts, cheap=True):
-    """validate() (unless not cheap) and read_source() fail at call time, one line naming every part."""
-    for fn in (validate, read_source) if cheap else (read_source,):
+    """check() (unless not cheap) and read() fail at call time, one line naming every part."""
+    for fn in (lambda c: c.check(), lambda c: c.read()) if cheap else (lambda c: c.read(),):
         with pytest.raises(SourceError) as ei:
             fn(cfg)
         msg = str(ei.value)
@@ -55,7 +55,7 @@ def test_parquet_reads_rows_in_order_skipping_nulls(tmp_path):
     assert [(d.ref.split("/")[-1], d.data) for d in out] == [("a.parquet:0", "first"), ("b.parquet:0", "a"),
                                                            ("b.parquet:2", "c")]
     assert all(d.source == "parquet" for d in out) and stats == {"skipped_null": 1}
-    assert estimate_count(cfg) == 4
+    assert cfg.estimate() == 4
     assert docs(ParquetSource(path=str(tmp_path / "*.parquet"), name="mine"))[0].source == "mine"
 
 
@@ -82,7 +82,7 @@ def test_jsonl_reads_lines_keeps_invalid_utf8_as_bytes(tmp_path):
     assert out[0].data == "hello" and out[2].data == "été"
     assert out[1].data == b"caf\xe9 ok"  # invalid UTF-8 passed through; ingest decodes with replace
     assert stats == {"skipped_null": 1}
-    assert estimate_count(JsonlSource(path=str(f))) is None
+    assert JsonlSource(path=str(f)).estimate() is None
 
 
 def test_jsonl_bad_inputs(tmp_path):
@@ -90,7 +90,7 @@ def test_jsonl_bad_inputs(tmp_path):
     good = '{"text": "x"}\n'
     (tmp_path / "a.jsonl").write_text(good * 16 + "{not json\n")
     bad17 = JsonlSource(path=str(tmp_path / "a.jsonl"))
-    validate(bad17)  # cheap check reads the first line only; read_source reads all before yielding
+    bad17.check()  # the cheap check reads the first line only; read() reads all before yielding
     raises(bad17, "a.jsonl line 17: not valid JSON", cheap=False)
     (tmp_path / "b.jsonl").write_text(good * 2 + '{"body": "x"}\n')
     raises(JsonlSource(path=str(tmp_path / "b.jsonl")), "b.jsonl line 3: no key 'text'", cheap=False)
@@ -103,7 +103,7 @@ def test_jsonl_bad_inputs(tmp_path):
 def test_stdlib_small_deterministic_and_size_limit():
     cfg = StdlibSource(max_files=5)
     out = docs(cfg)
-    assert len(out) == 5 == estimate_count(cfg) and out == docs(cfg)
+    assert len(out) == 5 == cfg.estimate() and out == docs(cfg)
     assert all(isinstance(d, RawDoc) and d.ref.endswith(".py") and isinstance(d.data, bytes) for d in out)
     stats = {}
     small = docs(StdlibSource(max_bytes=300, max_files=3), stats)
@@ -116,7 +116,7 @@ def test_pydoc_one_doc_per_topic():
     from pydoc_data.topics import topics
 
     out = docs(PydocSource())
-    assert len(out) == len(topics) == estimate_count(PydocSource())
+    assert len(out) == len(topics) == PydocSource().estimate()
     assert out[0].ref.startswith("topic:") and all(isinstance(d.data, str) for d in out)
     assert [d.ref for d in out] == sorted(d.ref for d in out)
 
@@ -142,7 +142,7 @@ def test_chunks_split_at_paragraphs():
 def test_reasoning_gym_deterministic_by_seed():
     cfg = ReasoningGymSource(tasks=["basic_arithmetic", "gsm_symbolic"], size=5, seed=7)
     a, b = docs(cfg), docs(cfg)
-    assert a == b and len(a) == 10 == estimate_count(cfg)
+    assert a == b and len(a) == 10 == cfg.estimate()
     assert a[0].ref == "basic_arithmetic:7:0" and "\n\nAnswer: " in a[0].data
     assert a[5].data.count("\n\n") >= 2 and "####" not in a[5].data  # gsm_symbolic: worked solution
     c = docs(ReasoningGymSource(tasks=["basic_arithmetic", "gsm_symbolic"], size=5, seed=8))
@@ -156,3 +156,23 @@ def test_reasoning_gym_bad_inputs():
     raises(ReasoningGymSource(tasks=["foo"]), "unknown task 'foo' (known: ab, ")
     raises(ReasoningGymSource(tasks=["gcd"], task_args={"gcd": {"bogus": 1}}), "task_args for 'gcd'", "bogus")
     raises(ReasoningGymSource(tasks=["gcd"], task_args={"lcm": {}}), "'lcm'", "not in tasks")
+
+
+def test_a_new_kind_is_one_class(tmp_path):
+    """A Source subclass with its own `kind` is a source kind (the config union is built from `_kinds`)."""
+    from typing import Iterator, Literal
+
+    from tasks.core import sources
+
+    class LinesSource(sources.Source):
+        kind: Literal["lines"] = "lines"
+        path: str
+
+        def documents(self, stats=None) -> Iterator[RawDoc]:
+            for n, line in enumerate(open(self.path), 1):
+                yield RawDoc(self.source, f"{self.path}:{n}", line.strip())
+
+    assert LinesSource in sources._kinds()
+    (tmp_path / "a.txt").write_text("one\ntwo\n")
+    src = LinesSource(path=str(tmp_path / "a.txt"))
+    assert [d.data for d in src.read()] == ["one", "two"] and src.estimate() is None

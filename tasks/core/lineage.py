@@ -27,6 +27,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 
 from tasks.core.locks import FileLock
+from tasks.core.settings import identity, runtime_settings
 from tasks.core.store import Artifact
 
 log = logging.getLogger("slmflow")
@@ -100,7 +101,8 @@ class Tracker:
 
     def start_stage(self, parent_run_id, stage, key, cfg, tags=None, label=None) -> str:
         run_id = self._child(parent_run_id, stage, key, {"cached": "false", **(tags or {})}, label)
-        params = [Param(k, v) for k, v in flatten(cfg.model_dump(mode="json")).items()]
+        settings = {**identity(cfg), "runtime": runtime_settings(cfg)}  # runtime ones as runtime.<name>
+        params = [Param(k, v) for k, v in flatten(settings).items()]
         self.client.log_batch(run_id, params=params)
         return run_id
 

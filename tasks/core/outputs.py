@@ -1,4 +1,4 @@
-"""Readers of stage outputs that other stages consume: prompts, pass rates, packed tokens.
+"""Readers of stage outputs that other stages consume: documents shards, prompts, pass rates, packed tokens.
 
 A stage reads another stage's output only through these (or `Artifact.files`), so the producing
 stage module is never imported by a consumer: the table layout is the contract between them.
@@ -15,6 +15,14 @@ from tasks.core.store import Artifact
 
 PROMPT_SPLITS = ("train", "eval")
 TOKEN_SPLITS = ("train", "val")
+
+
+def document_shards(artifact: Artifact, stage: str) -> list[str]:
+    """The `documents` shards of an input, or a one-line error naming the stage."""
+    files = artifact.files("documents")
+    if not files:
+        raise StageError(f"{stage}: input 'documents' ({artifact.stage} {artifact.key}) has no documents/*.parquet shards")
+    return files
 
 
 def load_prompts(artifact: Artifact, split: str) -> list[dict]:

@@ -1,6 +1,6 @@
 """Rollouts: sample completions for chat prompts and score them with the tasks' verifiers.
 
-Shared by eval, difficulty and RL. A prompt row is a dict from `tasks.prompts.load_prompts`
+Shared by eval, difficulty and RL (`score_prompts`). A prompt row is a dict from `load_prompts`
 (`id`, `task`, `question`, `answer`, `metadata`, ...). Completions are token ids generated with
 the model's KV cache (`GPT.generate`), stopping at `<|end|>` (kept as the last id when sampled).
 
@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
 import fsspec
+import numpy as np
+import polars as pl
 import torch
 
 from tasks.core import chat
@@ -85,6 +89,67 @@ def score_completions(tok, rows: Sequence[dict], completions: Sequence[Sequence[
     texts = [[chat.decode_completion(tok, list(ids)) for ids in per_row] for per_row in completions]
     rewards = [[float(chat.score(row, text)) for text in per_row] for row, per_row in zip(rows, texts)]
     return texts, rewards
+
+
+@dataclass
+class Scored:
+    """n completions per prompt, each scored by its task's verifier (nested per prompt, per sample)."""
+
+    rows: list[dict]
+    completions: list[list[list[int]]]  # generated token ids
+    texts: list[list[str]]
+    rewards: list[list[float]]
+    seconds: float  # generation time
+
+    @property
+    def correct(self) -> list[int]:
+        """Full-credit samples per prompt."""
+        return [sum(map(is_correct, r)) for r in self.rewards]
+
+    @property
+    def pass_rate(self) -> float:
+        """Mean over prompts of the share of full-credit samples (greedy n=1: pass@1)."""
+        return float(np.mean([c / len(r) for c, r in zip(self.correct, self.rewards)])) if self.rows else 0.0
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(len(c) for per_row in self.completions for c in per_row)
+
+    def table(self) -> pl.DataFrame:
+        """One row per prompt: `prompt_id`, `task`, `k`, `correct`, `pass_rate`."""
+        return pl.DataFrame({
+            "prompt_id": [r["id"] for r in self.rows], "task": [r["task"] for r in self.rows],
+            "k": [len(r) for r in self.rewards], "correct": self.correct,
+        }, schema_overrides={"k": pl.Int32, "correct": pl.Int32}).with_columns(
+            pass_rate=pl.col("correct") / pl.col("k"))
+
+    def samples(self) -> pl.DataFrame:
+        """One row per sample: `prompt_id`, `sample`, `completion`, `reward`."""
+        return pl.DataFrame({
+            "prompt_id": [r["id"] for r, ts in zip(self.rows, self.texts) for _ in ts],
+            "sample": [j for ts in self.texts for j in range(len(ts))],
+            "completion": [t for ts in self.texts for t in ts],
+            "reward": [x for rs in self.rewards for x in rs],
+        }, schema_overrides={"sample": pl.Int32, "reward": pl.Float64})
+
+
+def score_prompts(model, tok, rows: Sequence[dict], n: int, temperature: float, top_k: int | None,
+                  max_new_tokens: int, batch_size: int, seed: int,
+                  progress: Callable[[Iterable, int, str], Iterator] | None = None) -> Scored:
+    """Sample n completions per prompt (temperature 0: greedy, use n=1) and score each with its
+    task's verifier: what eval, offline difficulty and RL's held-out check all measure."""
+    start = time.monotonic()
+    completions = sample_completions(model, tok, rows, n, temperature, top_k, max_new_tokens, batch_size, seed, progress)
+    seconds = time.monotonic() - start
+    texts, rewards = score_completions(tok, rows, completions)
+    return Scored(list(rows), completions, texts, rewards, seconds)
+
+
+def generation_metrics(*scored: Scored) -> dict[str, float]:
+    """Tokens generated, seconds spent and the rate, over one or more scored sets."""
+    tokens, seconds = sum(s.generated_tokens for s in scored), sum(s.seconds for s in scored)
+    return {"generated_tokens": tokens, "generate_seconds": round(seconds, 3),
+            "generate_tokens_per_s": tokens / max(1e-9, seconds)}
 
 
 def take_per_task(rows: Sequence[dict], cap: int | None) -> list[dict]:

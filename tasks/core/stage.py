@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 from pydantic import BaseModel, ConfigDict
 
 from tasks.core.lineage import Tracker
+from tasks.core.settings import identity, runtime_settings
 from tasks.core.store import Artifact, Store, stage_key
 
 log = logging.getLogger("slmflow")
@@ -189,7 +190,8 @@ def _compute(stage: Stage, cfg: StageConfig, inputs: dict[str, Artifact], store:
             "stage": stage.name,
             "key": key,
             "version": stage.version,
-            "config": cfg.model_dump(mode="json"),
+            "config": identity(cfg),  # what the key hashes
+            "runtime": runtime_settings(cfg),  # how this output was computed (not hashed)
             "inputs": {k: {"stage": a.stage, "key": a.key} for k, a in inputs.items()},
             "rows": result.get("rows", {}),
             "metrics": result.get("metrics", {}),

@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
 
 from tasks.core.locks import FileLock
+from tasks.core.settings import identity
 
 MANIFEST = "manifest.json"
 KEY_CHARS = 16  # 64 bits of sha256: short enough for paths, far from collisions at our scale
@@ -47,8 +48,8 @@ def canonical_json(value: Any) -> str:
 
 
 def stage_key(name: str, version: int, config: BaseModel | dict, input_keys: dict[str, str]) -> str:
-    """Hash of the stage name, its VERSION, its canonical config and its inputs' keys: nothing else."""
-    cfg = config.model_dump(mode="json") if isinstance(config, BaseModel) else config
+    """Hash of the stage name, its VERSION, the identity of its config and its inputs' keys: nothing else."""
+    cfg = identity(config) if isinstance(config, BaseModel) else config
     payload = canonical_json({"stage": name, "version": version, "config": cfg, "inputs": input_keys})
     return hashlib.sha256(payload.encode()).hexdigest()[:KEY_CHARS]
 

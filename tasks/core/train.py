@@ -30,6 +30,7 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.core.model import GPT, ModelConfig, load_model, load_weights, save_model
+from tasks.core.settings import Device, device_setting, runtime
 from tasks.core.store import fsync_file, fsync_tree
 
 log = logging.getLogger("slmflow")
@@ -41,7 +42,7 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     batch_size: int = Field(16, gt=0, description="sequences per optimizer step (global, all processes)")
-    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    grad_accum: int = runtime(1, "micro-batches per optimizer step (the same global batch: memory, not math)", gt=0)
     max_steps: int = Field(200, gt=0)
     lr: float = Field(3e-3, gt=0)
     schedule: Literal["wsd", "cosine", "linear"] = "wsd"
@@ -52,14 +53,14 @@ class TrainConfig(BaseModel):
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 = off")
-    eval_every: int = Field(50, gt=0)
+    eval_every: int = runtime(50, "steps between validation losses", gt=0)
     eval_rows: int = Field(64, gt=0, description="validation rows per evaluation")
-    checkpoint_every: int = Field(100, gt=0)
-    log_every: int = Field(10, gt=0)
+    checkpoint_every: int = runtime(100, "steps between checkpoints (what a rerun resumes from)", gt=0)
+    log_every: int = runtime(10, "steps between logged training losses", gt=0)
     seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    compile: bool = False
-    nproc: int = Field(1, gt=0, description="processes; > 1 runs DDP under torchrun (gloo on CPU, nccl on GPU)")
+    device: Device = device_setting()
+    compile: bool = runtime(False, "torch.compile the model")
+    nproc: int = runtime(1, "processes; > 1 runs DDP under torchrun (gloo on CPU, nccl on GPU)", gt=0)
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:

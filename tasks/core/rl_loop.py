@@ -1,0 +1,253 @@
+"""The GRPO training loop, the RL counterpart of `tasks.core.train`: draw prompts, sample a group of
+completions per prompt, keep the groups the online filter allows, update the policy, checkpoint.
+
+Each step draws `batch_prompts x oversample` prompts per round (in the training loop's order, one
+permutation per pass: resumable from a cursor), samples `num_generations` completions per prompt
+with the current policy, scores them with the task verifiers, and refills until `batch_prompts`
+groups pass the filter or `max_generation_rounds` rounds are spent (then it trains on what it has
+and logs the shortfall). A checkpoint holds the weights, optimizer, RNG, the prompt cursor and the
+sample count, with the step's history rows written first, so a resumed run redoes identical steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+import polars as pl
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.core import chat
+from tasks.core.grpo import fill_batch, group_advantages, policy_loss, token_logprobs
+from tasks.core.rollout import end_id, is_correct, score_prompts
+from tasks.core.settings import Band, Device, device_setting, runtime
+from tasks.core.store import write_parquet
+from tasks.core.tokens import PAD, special_ids
+from tasks.core.train import BatchOrder, checkpoint_state, checkpoints, load_checkpoint, save_checkpoint
+
+log = logging.getLogger("slmflow")
+
+
+class GRPOConfig(BaseModel):
+    """GRPO settings under TRL's GRPOConfig names where TRL has the concept (the RL stage extends this)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    max_steps: int = Field(30, gt=0, description="optimizer steps, one batch of groups each")
+    max_generated_samples: int | None = Field(None, gt=0, description="generation budget: stop once this many "
+                                              "completions were sampled (compare filters at equal cost)")
+    batch_prompts: int = Field(16, gt=0, description="groups (prompts) per optimizer step")
+    num_generations: int = Field(8, ge=2, description="G, completions per prompt (TRL default 8; DAPO uses 16)")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of the rollouts")
+    top_k: int | None = Field(None, ge=1, description="sample from the top_k tokens only (None: all)")
+    max_completion_length: int = Field(16, gt=0, description="tokens generated per completion at most")
+    lr: float = Field(5e-4, gt=0, description="AdamW learning rate")
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 = off")
+    epsilon: float = Field(0.2, ge=0, description="lower clip of the ratio, 1 - epsilon (PPO, GRPO: 0.2)")
+    epsilon_high: float = Field(0.28, ge=0, description="upper clip, 1 + epsilon_high; DAPO's clip-higher recommends "
+                                "0.28 (TRL defaults it to epsilon)")
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = Field(
+        "dapo", description="grpo: mean per sequence, then over sequences (DeepSeekMath; biased to short answers); "
+                            "dr_grpo: sum / (sequences x max_completion_length) (Dr. GRPO, removes that bias); dapo: "
+                            "mean over all tokens of the batch (DAPO's token-level loss, TRL's default)")
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="divide advantages by the group's std (GRPO), the batch's, or nothing (Dr. GRPO "
+                             "recommends none: the std favours too easy and too hard prompts)")
+    beta: float = Field(0.0, ge=0, description="k3 KL penalty to the frozen start model; 0 (no reference model) as "
+                        "DAPO and Dr. GRPO recommend, TRL's default")
+    num_iterations: int = Field(1, gt=0, description="updates per batch (GRPO's mu); 1 = fully on-policy, the ratio "
+                                "is exactly 1 (TRL default)")
+    mask_truncated_completions: bool = Field(True, description="no loss on completions cut at max_completion_length "
+                                             "(DAPO's overlong filtering recommends it)")
+    format_reward: float = Field(0.0, ge=0, description="bonus for a completion that contains 'Answer:'")
+    filter: Literal["none", "mixed", "balanced"] = Field(
+        "balanced", description="none: plain GRPO; mixed: 0 < pass rate < 1 (DAPO's dynamic sampling); balanced: "
+                                "band[0] < pass rate < band[1] (Online Difficulty Filtering)")
+    band: Band = Field((0.1, 0.9), description="the balanced filter's pass-rate band (the paper: 0.2-0.8 or so)")
+    oversample: float = Field(2.0, ge=1, description="prompts drawn per round = batch_prompts x oversample")
+    max_generation_rounds: int = Field(4, gt=0, description="rounds of drawing per step at most (verl: "
+                                       "max_num_gen_batches; DAPO caps it too)")
+    eval_every: int = runtime(10, "steps between held-out greedy pass@1 checks", gt=0)
+    checkpoint_every: int = runtime(10, "steps between checkpoints (what a rerun resumes from)", gt=0)
+    history_samples: int = Field(2, ge=0, description="completions per group stored in the history table")
+    batch_size: int = Field(128, gt=0, description="sequences per generation batch (decides each sample's draws)")
+    device: Device = device_setting()
+    seed: int = 0
+
+
+@dataclass
+class SampledGroup:
+    """The G completions of one drawn prompt and their rewards."""
+
+    gid: str  # unique within a step: step:round:index
+    row: dict  # the prompt row
+    completions: list[list[int]]
+    texts: list[str]
+    rewards: np.ndarray  # [G]
+
+    @property
+    def pass_rate(self) -> float:
+        return float(np.mean([is_correct(r) for r in self.rewards]))
+
+
+@dataclass
+class LoopState:
+    """Everything a checkpoint restores besides weights, optimizer and RNG."""
+
+    step: int = 0
+    cursor: int = 0  # position in the endless prompt order
+    generated_samples: int = 0
+    history: list[dict] = field(default_factory=list)  # one metrics row per step
+    resumed_from: int = 0  # the checkpoint's step this run started from
+
+
+class Rollouts:
+    """Draws the next prompts in order and samples a group for each; keeps this step's groups."""
+
+    def __init__(self, model, tok, rows: list[dict], cfg: GRPOConfig, state: LoopState):
+        self.model, self.tok, self.rows, self.cfg, self.state = model, tok, rows, cfg, state
+        self.order = BatchOrder(len(rows), 1, cfg.seed)  # the training loop's order
+        self.per_round = max(cfg.batch_prompts, math.ceil(cfg.batch_prompts * cfg.oversample))
+        self.drawn: dict[str, SampledGroup] = {}
+
+    def draw(self, round_index: int) -> tuple[list[str], np.ndarray]:
+        """One round: the next prompts, G completions each; returns (group ids, rewards [n, G])."""
+        cfg, step = self.cfg, self.state.step
+        n = self.per_round if cfg.filter != "none" else cfg.batch_prompts
+        batch = [self.rows[i] for i in self.order.take(self.state.cursor, n)]
+        self.state.cursor += len(batch)
+        scored = score_prompts(self.model, self.tok, batch, cfg.num_generations, cfg.temperature, cfg.top_k,
+                               cfg.max_completion_length, cfg.batch_size, seed=cfg.seed * 1_000_003 + step * 101 + round_index)
+        rewards = np.array(scored.rewards, dtype=np.float64)
+        if cfg.format_reward:
+            rewards += cfg.format_reward * np.array([["Answer:" in t for t in ts] for ts in scored.texts])
+        groups = [SampledGroup(f"{step}:{round_index}:{i}", row, c, t, r)
+                  for i, (row, c, t, r) in enumerate(zip(batch, scored.completions, scored.texts, rewards))]
+        self.drawn.update({g.gid: g for g in groups})
+        return [g.gid for g in groups], rewards
+
+
+def training_batch(tok, groups: list[SampledGroup], end: int, pad: int, mask_truncated: bool):
+    """Right-padded prompt+completion ids and the completion mask (truncated ones masked if asked)."""
+    seqs, masks = [], []
+    for group in groups:
+        prompt = chat.prompt_ids(tok, group.row["question"])
+        for ids in group.completions:
+            keep = 0 if (mask_truncated and (not ids or ids[-1] != end)) else 1
+            seqs.append(prompt + list(ids))
+            masks.append([0] * len(prompt) + [keep] * len(ids))
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
+    mask = torch.tensor([m + [0] * (width - len(m)) for m in masks])
+    return ids, mask
+
+
+def update_policy(model, ref, opt, tok, groups: list[SampledGroup], rewards: np.ndarray, cfg: GRPOConfig,
+                  device: torch.device) -> dict[str, float]:
+    """`num_iterations` clipped policy-gradient updates on the kept groups; the loss's statistics."""
+    ids, mask = training_batch(tok, groups, end_id(tok), special_ids(tok)[PAD], cfg.mask_truncated_completions)
+    ids, mask = ids.to(device), mask.to(device)
+    adv = group_advantages(torch.tensor(rewards, dtype=torch.float32), cfg.scale_rewards).flatten().to(device)
+    with torch.no_grad():
+        old = token_logprobs(model, ids, mask) if cfg.num_iterations > 1 else None
+        ref_lp = token_logprobs(ref, ids, mask) if ref is not None else None
+    for _ in range(cfg.num_iterations):
+        lp = token_logprobs(model, ids, mask)
+        loss, stats = policy_loss(lp, lp.detach() if old is None else old, adv, mask, eps_low=cfg.epsilon,
+                                  eps_high=cfg.epsilon_high, loss_type=cfg.loss_type,
+                                  max_completion_len=cfg.max_completion_length, ref_logprobs=ref_lp, beta=cfg.beta)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        opt.step()
+    return {k: v for k, v in stats.items() if v == v}  # NaN stats (e.g. no clipped tokens) dropped
+
+
+def greedy_pass_rate(model, tok, rows: list[dict], cfg: GRPOConfig) -> float:
+    """Held-out greedy pass@1 of the current policy (its own generator: the training draws are untouched)."""
+    return score_prompts(model.eval(), tok, rows, 1, 0.0, None, cfg.max_completion_length, cfg.batch_size,
+                         cfg.seed).pass_rate
+
+
+def history_rows(step: int, groups: dict[str, SampledGroup], kept: set[str], per_group: int) -> list[dict]:
+    """The `history` table's rows of one step: up to `per_group` samples of every drawn group."""
+    return [{"step": step, "prompt_id": g.row["id"], "task": g.row["task"], "sample": s, "completion": g.texts[s],
+             "reward": float(g.rewards[s]), "pass_rate": g.pass_rate, "kept": g.gid in kept}
+            for g in groups.values() for s in range(min(per_group, len(g.texts)))]
+
+
+def grpo(model, tok, rows: list[dict], eval_rows: list[dict], cfg: GRPOConfig, work: Path, device: torch.device,
+         log_step: Callable[[int, dict], None] | None = None) -> LoopState:
+    """Train `model` in place from its current weights; resumes from the last checkpoint in `work`.
+    Each step's samples go to `work/samples-<step>.parquet` (the `history` table, read with
+    `history_table`)."""
+    model.train()
+    ref = copy.deepcopy(model).eval() if cfg.beta > 0 else None
+    opt = model.configure_optimizer(cfg.lr, cfg.weight_decay, (0.9, 0.99), fused=device.type == "cuda")
+    state = LoopState()
+    if found := checkpoints(work):
+        state.step, state.history = load_checkpoint(found[-1], model, opt)
+        saved = checkpoint_state(found[-1])
+        state.cursor, state.generated_samples = saved["cursor"], saved["generated_samples"]
+        state.resumed_from = state.step
+        log.info("rl: resuming from %s (step %d)", found[-1].name, state.step)
+    if state.step == 0:
+        state.history.append({"step": 0, "eval_pass_at_1": greedy_pass_rate(model, tok, eval_rows, cfg)})
+    rollouts = Rollouts(model, tok, rows, cfg, state)
+    samples: list[dict] = []
+    budget = cfg.max_generated_samples or math.inf
+    while state.step < cfg.max_steps and state.generated_samples < budget:
+        t0 = time.perf_counter()
+        rollouts.drawn = {}
+        model.eval()
+        fill = fill_batch(rollouts.draw, cfg.batch_prompts, cfg.filter, cfg.band, cfg.max_generation_rounds)
+        gen_seconds = time.perf_counter() - t0
+        model.train()
+        drawn, kept = rollouts.drawn, set(fill.group_ids)
+        samples += history_rows(state.step + 1, drawn, kept, cfg.history_samples)  # the step they train
+        if fill.shortfall:
+            log.info("rl: step %d kept %d of %d groups after %d rounds", state.step + 1, len(kept), cfg.batch_prompts,
+                     fill.rounds_used)
+        state.generated_samples += len(drawn) * cfg.num_generations
+        metrics = {"reward_mean": float(np.mean([g.rewards for g in drawn.values()])),
+                   "kept_fraction": fill.stats["kept_fraction"],
+                   "zero_variance_fraction": fill.stats["zero_variance_fraction"],
+                   "generation_rounds": fill.rounds_used, "shortfall": float(fill.shortfall),
+                   "generation_seconds": gen_seconds, "generated_samples": state.generated_samples,
+                   "generated_tokens_per_s": sum(len(c) for g in drawn.values() for c in g.completions) / max(gen_seconds, 1e-9)}
+        t1 = time.perf_counter()
+        if fill.group_ids:
+            metrics.update(update_policy(model, ref, opt, tok, [drawn[g] for g in fill.group_ids], fill.rewards, cfg,
+                                         device))
+        metrics["train_seconds"] = time.perf_counter() - t1
+        state.step += 1
+        if state.step % cfg.eval_every == 0 or state.step == cfg.max_steps or state.generated_samples >= budget:
+            metrics["eval_pass_at_1"] = greedy_pass_rate(model, tok, eval_rows, cfg)
+            model.train()
+        state.history.append({"step": state.step, **metrics})
+        if log_step:
+            log_step(state.step, metrics)
+        log.info("rl step %d/%d reward %.3f kept %.2f gen %.1fs train %.1fs", state.step, cfg.max_steps,
+                 metrics["reward_mean"], metrics["kept_fraction"], gen_seconds, metrics["train_seconds"])
+        if state.step % cfg.checkpoint_every == 0 and state.step < cfg.max_steps:
+            # samples first: a crash between the two redoes these steps (same seeds, same file names)
+            write_parquet(pl.DataFrame(samples).to_arrow(), work / f"samples-{state.step:06d}.parquet")
+            save_checkpoint(work, state.step, model, opt, state.history,
+                            extra={"cursor": state.cursor, "generated_samples": state.generated_samples})
+            samples = []
+    if samples:
+        write_parquet(pl.DataFrame(samples).to_arrow(), work / f"samples-{state.step:06d}.parquet")
+    return state
+
+
+def history_table(work: Path) -> pl.DataFrame:
+    """Every drawn group's stored samples over the run, from the loop's per-checkpoint files."""
+    parts = sorted(work.glob("samples-*.parquet"))
+    return pl.concat([pl.read_parquet(p) for p in parts]) if parts else pl.DataFrame()
