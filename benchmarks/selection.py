@@ -80,7 +80,7 @@ def source_shares(selected: Artifact) -> dict[str, float]:
 
 
 def run_method(cfg, run: Runner, up: dict, method: str, seeds: list[int], target: list[str]) -> tuple[dict, list[dict]]:
-    inputs = {"documents": up["quality"], **({"scores": up["preselect_scorer"]} if method == "preselect" else {})}
+    inputs = {"documents": up["quality"], **({"scores": up["preselect"]} if method == "preselect" else {})}
     selected = run(select.STAGE, cfg.select.model_copy(update={"method": method}), **inputs)
     bpe = run(tokenizer.STAGE, cfg.tokenizer, documents=selected)
     packed = run(pack.STAGE, cfg.pack, documents=selected, tokenizer=bpe)
@@ -117,13 +117,13 @@ def main() -> None:
     start = time.monotonic()
     cfg = load_config(args.config, [*args.pretrain, "select.method=preselect", *args.set])
     run = Runner(cfg)
-    up = run.upstream(make_plan(cfg), ["preselect_scorer", "prompts"])
+    up = run.upstream(make_plan(cfg), ["preselect", "prompts"])
     # held-out: the eval prompts (selection only ever saw the train split)
     target = target_texts(PreselectConfig(target_prompts=10**9), {"target": up["prompts"]}, split="eval")
     selection, runs = {}, {}
     for method in args.methods:
         selection[method], runs[method] = run_method(cfg, run, up, method, args.seeds, target)
-    ps = up["preselect_scorer"].manifest["metrics"]
+    ps = up["preselect"].manifest["metrics"]
     summary = {m: {"eval_pass_at_1": round(float(np.mean([r["eval_pass_at_1"] for r in rs])), 4),
                    "target_bpc": round(float(np.mean([r["target_bpc"] for r in rs])), 4)} for m, rs in runs.items()}
     pre = cfg.pretrain

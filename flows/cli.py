@@ -323,13 +323,15 @@ def export(
 
     cfg, plan = _load(config, set_)
     art = _artifact(cfg, plan, stage, key)
-    model_dir = Path(art.path) / "model"
-    if not (model_dir / "model.safetensors").exists():
+    from tasks.core.store import local_dir
+
+    if "model/model.safetensors" not in art.manifest["files"]:
         fail(f"{stage} has no model to export (not a training stage)")
     from tasks.core.tokens import BOS, END, PAD
 
     special = {"bos_token": BOS, "eos_token": END, "pad_token": PAD}
     try:
+        model_dir = local_dir(f"{art.path}/model")
         out_dir = export_hf(model_dir, directory, tokenizer_json=model_dir / "tokenizer.json", special_tokens=special)
     except ValueError as e:
         fail(f"export {stage}: {e}")

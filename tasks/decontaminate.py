@@ -26,14 +26,13 @@ from collections import Counter
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from pydantic import Field
 
 from tasks.core.filters import Decision, write_filtered
 from tasks.core.orchestration import stage_task
 from tasks.core.outputs import document_shards, load_prompts
 from tasks.core.stage import Stage, StageConfig, StageContext
-from tasks.core.store import write_parquet
+from tasks.core.store import read_table, write_parquet
 from tasks.core.tokens import normalize
 
 VERSION = 2  # 2: a dropped table (tasks.core.filters)
@@ -80,7 +79,7 @@ def shard_matches(path: str, prompts: list[dict], sources: list[str]) -> dict:
     `prompts` are plain {"id", "task", "question"} dicts (cheap to ship to a worker); the
     index is rebuilt per shard, which costs O(questions)."""
     index = QuestionIndex(prompts)
-    table = pq.read_table(path, columns=["id", "text", "source"])
+    table = read_table(path, columns=["id", "text", "source"])
     checked = set(sources)
     keep, matches, removed = [], [], Counter()
     for doc, text, source in zip(table["id"].to_pylist(), table["text"].to_pylist(), table["source"].to_pylist()):

@@ -1,4 +1,5 @@
-"""Dedup: exact duplicates (normalized text), then MinHash-LSH near-duplicates (PAPERS.md).
+"""Dedup: exact duplicates (normalized text), then MinHash-LSH near-duplicates (Broder's MinHash with LSH banding,
+as datatrove and text-dedup run it).
 
 Per shard (mapped over workers): a digest of each document's normalized text and its MinHash
 signature of word n-gram shingles. Globally: exact groups, LSH with explicit `bands` x `rows`
@@ -18,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 from pydantic import Field
 
 from tasks.core.filters import Decision, write_filtered
@@ -32,7 +32,7 @@ from tasks.core.minhash import (
 from tasks.core.orchestration import stage_task
 from tasks.core.outputs import document_shards
 from tasks.core.stage import Stage, StageConfig, StageContext, new_figure
-from tasks.core.store import write_parquet
+from tasks.core.store import read_table, write_parquet
 from tasks.core.tokens import normalize
 
 VERSION = 2  # 2: a dropped table (tasks.core.filters); kept shards keep their input names
@@ -53,7 +53,7 @@ class DedupConfig(StageConfig):
 
 def shard_signatures(path: str, cfg: DedupConfig) -> dict:
     """One shard: ids, sources, exact digests and MinHash signatures (mapped over workers)."""
-    table = pq.read_table(path, columns=["id", "source", "text"])
+    table = read_table(path, columns=["id", "source", "text"])
     texts = table["text"].combine_chunks()
     digests = [hashlib.blake2b(normalize(t, cfg.lowercase).encode(), digest_size=16).hexdigest()
                for t in texts.to_pylist()]

@@ -1,4 +1,5 @@
-"""Difficulty: offline difficulty filtering of a prompt set with the current model (PAPERS.md).
+"""Difficulty: offline difficulty filtering of a prompt set with the current model: a pass-rate
+band keeps the prompts the model solves sometimes, not always or never.
 
 For each prompt (the first `max_prompts_per_task` of each task of `split`, in table order):
 k samples at `temperature`, each scored by the task's verifier; a sample is correct on full
@@ -20,10 +21,9 @@ from pydantic import Field
 
 from tasks.core.grpo import in_band
 from tasks.core.orchestration import stage_task
-from tasks.core.outputs import load_prompts
-from tasks.core.rollout import generation_metrics, load_policy, resolve_device, score_prompts, take_per_task
+from tasks.core.rollout import generation_metrics, prompts_and_policy, score_prompts
 from tasks.core.settings import Band, Device, device_setting
-from tasks.core.stage import Stage, StageConfig, StageContext, StageError, new_figure
+from tasks.core.stage import Stage, StageConfig, StageContext, new_figure
 from tasks.core.store import Artifact, write_parquet
 
 VERSION = 1
@@ -58,10 +58,7 @@ def pass_rate_figure(table: pl.DataFrame, k: int, band: tuple[float, float]):
 
 
 def difficulty(cfg: DifficultyConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
-    rows = take_per_task(load_prompts(inputs["prompts"], cfg.split), cfg.max_prompts_per_task)
-    if not rows:
-        raise StageError(f"difficulty: prompts split {cfg.split!r} has no rows")
-    model, tok = load_policy(inputs["model"], resolve_device(cfg.device))
+    rows, model, tok = prompts_and_policy("difficulty", inputs, cfg.split, cfg.max_prompts_per_task, cfg.device)
 
     scored = score_prompts(model, tok, rows, cfg.k, cfg.temperature, cfg.top_k, cfg.max_completion_length, cfg.batch_size,
                            cfg.seed, ctx.progress)

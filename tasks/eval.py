@@ -22,10 +22,9 @@ from pydantic import Field
 
 from tasks.core import chat
 from tasks.core.orchestration import stage_task
-from tasks.core.outputs import load_prompts
-from tasks.core.rollout import generation_metrics, load_policy, resolve_device, score_prompts, take_per_task
+from tasks.core.rollout import generation_metrics, prompts_and_policy, score_prompts
 from tasks.core.settings import Device, device_setting
-from tasks.core.stage import Stage, StageConfig, StageContext, StageError
+from tasks.core.stage import Stage, StageConfig, StageContext
 from tasks.core.store import Artifact, write_parquet
 
 VERSION = 1
@@ -69,10 +68,7 @@ def summarize(results: pl.DataFrame) -> dict[str, float]:
 
 
 def evaluate(cfg: EvalConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
-    rows = take_per_task(load_prompts(inputs["prompts"], cfg.split), cfg.max_prompts_per_task)
-    if not rows:
-        raise StageError(f"eval: prompts split {cfg.split!r} has no rows")
-    model, tok = load_policy(inputs["model"], resolve_device(cfg.device))
+    rows, model, tok = prompts_and_policy("eval", inputs, cfg.split, cfg.max_prompts_per_task, cfg.device)
 
     greedy = score_prompts(model, tok, rows, 1, 0.0, None, cfg.max_completion_length, cfg.batch_size, cfg.seed, ctx.progress)
     samples = score_prompts(model, tok, rows, cfg.k, cfg.temperature, cfg.top_k, cfg.max_completion_length, cfg.batch_size,

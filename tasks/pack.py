@@ -34,7 +34,6 @@ import time
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pydantic import Field
 from tokenizers import Tokenizer
 
@@ -42,7 +41,7 @@ from tasks.core.orchestration import stage_task
 from tasks.core.outputs import TOKEN_SPLITS as SPLITS
 from tasks.core.outputs import document_shards
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError
-from tasks.core.store import write_parquet
+from tasks.core.store import read_table, write_parquet
 from tasks.core.tokens import BOS, PAD, below_fraction, doc_hash, hash_order, load_tokenizer, special_ids
 
 VERSION = 1
@@ -70,7 +69,7 @@ def tokenize_shard(item: tuple[int, str], tokenizer: str, bos_id: int, seed: int
     index, path = item
     start = time.monotonic()
     tok = _plain_tokenizer(tokenizer)
-    table = pq.read_table(path, columns=["id", "text"])
+    table = read_table(path, columns=["id", "text"])
     ids = table["id"].to_pylist()
     texts = table["text"].to_pylist()
     lengths = np.empty(len(texts), np.int64)

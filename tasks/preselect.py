@@ -1,6 +1,6 @@
 """PreSelect scorer: learn which documents "predict" model ability, then score every document.
 
-PAPERS.md, "Predictive data selection". Inputs:
+"The Data That Predicts Is the Data That Teaches" (PreSelect). Inputs:
 - `documents`: a documents output (`documents/part-*.parquet`: id, text, ...), e.g. dedup,
   decontaminate or quality.
 - `ref_0`, `ref_1`, ... (at least two): model-stage outputs (`model/` with model.safetensors
@@ -63,7 +63,6 @@ import fsspec
 import numpy as np
 import polars as pl
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 from pydantic import Field
 from tokenizers import Tokenizer
@@ -83,7 +82,7 @@ from tasks.core.preselect import (
 from tasks.core.rollout import load_policy, resolve_device
 from tasks.core.settings import Device, device_setting
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError
-from tasks.core.store import Artifact, write_parquet
+from tasks.core.store import Artifact, local_dir, read_table, write_parquet
 from tasks.core.tokens import BOS, doc_hash, hash_order, load_tokenizer, special_ids
 
 VERSION = 1
@@ -131,12 +130,12 @@ def reference_count(inputs: dict[str, Artifact]) -> int:
         if m:
             (evals if m.group(1) else refs).add(int(m.group(2)))
         elif name not in ("documents", "tokenizer", "target"):
-            raise StageError(f"preselect_scorer: unknown input {name!r} (documents, tokenizer, target, ref_<i>, eval_ref_<i>)")
+            raise StageError(f"preselect: unknown input {name!r} (documents, tokenizer, target, ref_<i>, eval_ref_<i>)")
     k = len(refs)
     if refs != set(range(k)) or k < 2:
-        raise StageError(f"preselect_scorer: need inputs ref_0..ref_<K-1>, K >= 2; got {sorted(refs)}")
+        raise StageError(f"preselect: need inputs ref_0..ref_<K-1>, K >= 2; got {sorted(refs)}")
     if evals - refs:
-        raise StageError(f"preselect_scorer: input eval_ref_{min(evals - refs)} has no ref_{min(evals - refs)}")
+        raise StageError(f"preselect: input eval_ref_{min(evals - refs)} has no ref_{min(evals - refs)}")
     return k
 
 
@@ -153,21 +152,21 @@ def benchmark_scores(cfg: PreselectConfig, inputs: dict[str, Artifact], k: int,
             name, metric, sign = f"ref_{i}", cfg.benchmark, -1.0
         art = inputs.get(name)
         if art is None:
-            raise StageError(f"preselect_scorer: benchmark {cfg.benchmark} needs input {name!r}"
+            raise StageError(f"preselect: benchmark {cfg.benchmark} needs input {name!r}"
                              f"{' (an eval output of ref_%d)' % i if name.startswith('eval') else ''}")
         of = art.manifest.get("inputs", {}).get("model", {}).get("key")
         if name.startswith("eval") and of is not None and of != inputs[f"ref_{i}"].key:
-            raise StageError(f"preselect_scorer: {name} evaluated model {of}, not ref_{i} ({inputs[f'ref_{i}'].key})")
+            raise StageError(f"preselect: {name} evaluated model {of}, not ref_{i} ({inputs[f'ref_{i}'].key})")
         value = art.manifest.get("metrics", {}).get(metric)
         if not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise StageError(f"preselect_scorer: input {name!r} ({art.stage}/{art.key}) has no finite metric {metric!r}")
+            raise StageError(f"preselect: input {name!r} ({art.stage}/{art.key}) has no finite metric {metric!r}")
         scores.append(sign * float(value))
     return distinct_scores(cfg, np.array(scores))
 
 
 def distinct_scores(cfg: PreselectConfig, scores: np.ndarray) -> np.ndarray:
     if comparable_pairs(scores) == 0:
-        raise StageError(f"preselect_scorer: every reference has the same {cfg.benchmark} ({scores[0]:g}): "
+        raise StageError(f"preselect: every reference has the same {cfg.benchmark} ({scores[0]:g}): "
                          "nothing to predict; use references of different ability or another benchmark")
     return scores
 
@@ -180,11 +179,11 @@ def target_text(row: dict) -> str:
 def target_texts(cfg: PreselectConfig, inputs: dict[str, Artifact], split: str = "train") -> list[str]:
     """The target_prompts prompts of lowest hash in a split of input 'target' (independent of task order), as text."""
     if "target" not in inputs:
-        raise StageError("preselect_scorer: benchmark target_bpc needs input 'target' (a prompts output)")
+        raise StageError("preselect: benchmark target_bpc needs input 'target' (a prompts output)")
     files = inputs["target"].files(split)
     if not files:
-        raise StageError(f"preselect_scorer: input 'target' ({inputs['target'].key}) has no {split}/*.parquet shards")
-    rows = [r for f in files for r in pq.read_table(f, columns=["id", "question", "answer"]).to_pylist()]
+        raise StageError(f"preselect: input 'target' ({inputs['target'].key}) has no {split}/*.parquet shards")
+    rows = [r for f in files for r in read_table(f, columns=["id", "question", "answer"]).to_pylist()]
     ids = [r["id"] for r in rows]
     order = hash_order(doc_hash(ids, cfg.seed), ids)[: cfg.target_prompts]
     return [target_text(rows[i]) for i in order]
@@ -201,13 +200,13 @@ def load_reference(art: Artifact, tokenizer: Artifact | None, device, name: str)
     directory = f"{art.path.rstrip('/')}/model"
     fs, path = fsspec.core.url_to_fs(directory)
     if not fs.exists(f"{path}/{CONFIG}"):
-        raise StageError(f"preselect_scorer: input {name!r} has no model/{CONFIG} ({directory})")
+        raise StageError(f"preselect: input {name!r} has no model/{CONFIG} ({directory})")
     if fs.exists(f"{path}/tokenizer.json"):
         model, tok = load_policy(art, device)
     elif tokenizer is not None:
-        model, tok = load_model(path, device).eval(), load_tokenizer(tokenizer)
+        model, tok = load_model(local_dir(directory), device).eval(), load_tokenizer(tokenizer)
     else:
-        raise StageError(f"preselect_scorer: {name} has no model/tokenizer.json; give a 'tokenizer' input")
+        raise StageError(f"preselect: {name} has no model/tokenizer.json; give a 'tokenizer' input")
     tok.encode_special_tokens = True  # documents are plain text (pack does the same)
     return model, tok
 
@@ -217,7 +216,7 @@ def load_reference(art: Artifact, tokenizer: Artifact | None, device, name: str)
 
 
 def _shard_index(path: str, seed: int) -> dict:
-    table = pq.read_table(path, columns=["id", "text"])
+    table = read_table(path, columns=["id", "text"])
     ids = table["id"].to_pylist()
     return {"id": ids, "hash": doc_hash(ids, seed), "chars": pc.utf8_length(table["text"]).to_numpy().astype(np.int64)}
 
@@ -231,7 +230,7 @@ def sample_texts(files: list[str], parts: list[dict], n: int, max_chars: int) ->
     chosen = {ids[i] for i in order[chars[order] > 0][:n]}
     texts: dict[str, str] = {}
     for path in files:
-        table = pq.read_table(path, columns=["id", "text"])
+        table = read_table(path, columns=["id", "text"])
         for doc, text in zip(table["id"].to_pylist(), table["text"].to_pylist()):
             if doc in chosen:
                 texts[doc] = text[:max_chars]
@@ -242,11 +241,11 @@ def sample_texts(files: list[str], parts: list[dict], n: int, max_chars: int) ->
 def reference_bpc(model, tok: Tokenizer, texts: list[str], batch_size: int, name: str) -> np.ndarray:
     bos = special_ids(tok).get(BOS)
     if bos is None:
-        raise StageError(f"preselect_scorer: the tokenizer of {name} has no {BOS} token")
+        raise StageError(f"preselect: the tokenizer of {name} has no {BOS} token")
     docs = [[bos, *e.ids] for e in tok.encode_batch_fast(texts)]
     top = max(max(d) for d in docs)
     if top >= model.dims.vocab_size:
-        raise StageError(f"preselect_scorer: {name}'s tokenizer gives id {top} >= its model's vocab_size {model.dims.vocab_size}")
+        raise StageError(f"preselect: {name}'s tokenizer gives id {top} >= its model's vocab_size {model.dims.vocab_size}")
     return bits_per_char(model, docs, [len(t) for t in texts], batch_size)
 
 
@@ -271,7 +270,7 @@ def train_classifier(texts: list[str], positive: list[bool], path: Path, cfg: Pr
         run = subprocess.run([sys.executable, "-c", _TRAIN, json.dumps(args), str(path)], capture_output=True, text=True)
     if run.returncode:
         last = (run.stderr.strip().splitlines() or ["no message"])[-1]
-        raise StageError(f"preselect_scorer: fastText training failed ({last}); try a lower preselect_scorer.lr")
+        raise StageError(f"preselect: fastText training failed ({last}); try a lower preselect.lr")
     return path
 
 
@@ -289,7 +288,7 @@ def score_shard(path: str, classifier: str, max_chars: int) -> dict:
     import fasttext
 
     model = fasttext.load_model(classifier)
-    table = pq.read_table(path, columns=["id", "text"])
+    table = read_table(path, columns=["id", "text"])
     texts = [classifier_text(t, max_chars) for t in table["text"].to_pylist()]
     return {"doc_id": table["id"].to_pylist(), "preselect_score": predict_positive(model, texts),
             "chars": pc.utf8_length(table["text"]).to_numpy().astype(np.int64)}
@@ -316,8 +315,8 @@ def heldout_mask(ids: list[str], positive: np.ndarray, fraction: float, seed: in
 def preselect(cfg: PreselectConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
     k = reference_count(inputs)
     if "documents" not in inputs:
-        raise StageError("preselect_scorer: missing input 'documents'")
-    files = document_shards(inputs["documents"], "preselect_scorer")
+        raise StageError("preselect: missing input 'documents'")
+    files = document_shards(inputs["documents"], "preselect")
     target = target_texts(cfg, inputs) if cfg.benchmark == "target_bpc" else []
     if not target:  # a benchmark read from manifests: fail before the expensive part
         scores = benchmark_scores(cfg, inputs, k)
@@ -326,7 +325,7 @@ def preselect(cfg: PreselectConfig, inputs: dict[str, Artifact], ctx: StageConte
     parts = ctx.map(_shard_index, files, seed=cfg.seed)
     ids, texts = sample_texts(files, parts, cfg.sample_docs, cfg.max_chars)
     if len(ids) < 4:
-        raise StageError(f"preselect_scorer: input 'documents' has {len(ids)} non-empty documents; need 4")
+        raise StageError(f"preselect: input 'documents' has {len(ids)} non-empty documents; need 4")
 
     bpc, target_bpc = np.zeros((len(ids), k)), np.zeros(k)
     start = time.monotonic()
@@ -335,7 +334,7 @@ def preselect(cfg: PreselectConfig, inputs: dict[str, Artifact], ctx: StageConte
         bpc[:, i] = reference_bpc(model, tok, texts, cfg.batch_size, f"ref_{i}")
         if target:
             target_bpc[i] = corpus_bpc(model, tok, target, cfg.batch_size, f"ref_{i}")
-        log.info("preselect_scorer: ref_%d: mean %.4f bits/char on %d documents%s", i, bpc[:, i].mean(), len(ids),
+        log.info("preselect: ref_%d: mean %.4f bits/char on %d documents%s", i, bpc[:, i].mean(), len(ids),
                  f", {target_bpc[i]:.4f} on the target" if target else "")
         del model
     bpc_seconds = time.monotonic() - start
@@ -348,7 +347,7 @@ def preselect(cfg: PreselectConfig, inputs: dict[str, Artifact], ctx: StageConte
                 "pearson": lambda: linear_correlation(bpc, scores)}[cfg.strength]()
     pos, neg = pick_labels(strength, cfg.label_fraction, ids)
     if len(pos) < 2:
-        raise StageError(f"preselect_scorer: label_fraction {cfg.label_fraction} of {len(ids)} sampled documents "
+        raise StageError(f"preselect: label_fraction {cfg.label_fraction} of {len(ids)} sampled documents "
                          "gives fewer than 2 positives; raise sample_docs or label_fraction")
     labeled = np.concatenate([pos, neg])
     positive = np.arange(len(labeled)) < len(pos)
@@ -402,6 +401,6 @@ def preselect(cfg: PreselectConfig, inputs: dict[str, Artifact], ctx: StageConte
     return {"rows": {"scores": len(all_scores), "sample": len(ids)}, "metrics": metrics}
 
 
-STAGE = Stage("preselect_scorer", VERSION, PreselectConfig, preselect,
+STAGE = Stage("preselect", VERSION, PreselectConfig, preselect,
               report_metrics=("heldout_auc", "positives", "label_gap", "benchmark_range", "docs_scored"))
-preselect_scorer_task = stage_task(STAGE)
+preselect_task = stage_task(STAGE)

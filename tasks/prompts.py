@@ -10,7 +10,7 @@ items shifted by one index; the generator seed is therefore a hash of (task, see
 Clean-up, on the normalized question (`tasks.core.tokens.normalize`: NFC, whitespace folded,
 lowercased, stripped): duplicates within eval and within train are dropped (the first kept), then every
 train question that also appears in eval is removed (TULU 3 style decontamination,
-PAPERS.md). `decontaminated.<task>` counts distinct train questions removed (further copies
+the eval set stays unseen). `decontaminated.<task>` counts distinct train questions removed (further copies
 of one count as duplicates). Small generator settings have few distinct questions, so both
 counts can be large: fewer than `train_size` train rows per task may remain (`train.<task>`).
 
@@ -31,7 +31,7 @@ import io
 import json
 import re
 from collections import Counter
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow as pa
 from pydantic import Field
@@ -143,6 +143,18 @@ def generate(task: str, kwargs: dict, split: str, seed: int, size: int, ctx: Sta
     return rows
 
 
+def distinct(rows: list[dict], seen: set[str], counts: Counter, split: str) -> Iterator[tuple[dict, str]]:
+    """(row, normalized question) of the rows whose question `seen` lacks (it is added); counts the rest
+    as `duplicates_dropped.<split>`."""
+    for row in rows:
+        key = normalize(row["question"])
+        if key in seen:
+            counts[f"duplicates_dropped.{split}"] += 1
+            continue
+        seen.add(key)
+        yield row, key
+
+
 def _write(rows: list[dict], split: str, shard_rows: int, ctx: StageContext) -> None:
     chunks = [rows[s:s + shard_rows] for s in range(0, len(rows), shard_rows)] or [[]]
     for n, chunk in enumerate(chunks):
@@ -157,24 +169,16 @@ def make_prompts(cfg: PromptsConfig, inputs: dict, ctx: StageContext) -> dict:
 
     eval_rows, eval_keys = [], set()
     for task in tasks:
-        for row in generate(task, cfg.tasks[task], "eval", cfg.eval_seed, cfg.eval_size, ctx):
-            key = normalize(row["question"])
-            if key in eval_keys:
-                counts["duplicates_dropped.eval"] += 1
-                continue
-            eval_keys.add(key)
+        rows = generate(task, cfg.tasks[task], "eval", cfg.eval_seed, cfg.eval_size, ctx)
+        for row, _ in distinct(rows, eval_keys, counts, "eval"):
             eval_rows.append(row)
             counts[f"eval.{task}"] += 1
 
     train_rows, train_keys = [], set()
     for task in tasks:
         counts[f"decontaminated.{task}"] += 0
-        for row in generate(task, cfg.tasks[task], "train", cfg.train_seed, cfg.train_size, ctx):
-            key = normalize(row["question"])
-            if key in train_keys:
-                counts["duplicates_dropped.train"] += 1
-                continue
-            train_keys.add(key)
+        rows = generate(task, cfg.tasks[task], "train", cfg.train_seed, cfg.train_size, ctx)
+        for row, key in distinct(rows, train_keys, counts, "train"):
             if key in eval_keys:
                 counts[f"decontaminated.{task}"] += 1
             else:

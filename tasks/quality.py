@@ -1,4 +1,6 @@
-"""Quality: Gopher/C4-style heuristic filters, one score column per heuristic (PAPERS.md).
+"""Quality: Gopher's heuristic filters (MassiveText's quality and repetition rules, Rae et al. 2021),
+one score column per heuristic. C4's rules (terminal punctuation, "lorem ipsum", curly braces, ...)
+are not implemented: they would drop every Python file of the default corpus.
 
 Per document (words = runs of non-whitespace; lines = the non-blank lines of `text`):
 
@@ -36,14 +38,13 @@ from __future__ import annotations
 
 import numpy as np
 import polars as pl
-import pyarrow.parquet as pq
 from pydantic import Field
 
 from tasks.core.filters import Decision, write_filtered
 from tasks.core.orchestration import stage_task
 from tasks.core.outputs import document_shards
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError
-from tasks.core.store import Artifact, write_parquet
+from tasks.core.store import Artifact, read_table, write_parquet
 
 VERSION = 2  # 2: a dropped table (tasks.core.filters)
 SCORES = ("word_count", "mean_word_length", "symbol_to_word_ratio", "ellipsis_line_fraction", "bullet_line_fraction",
@@ -222,7 +223,7 @@ def drop_reasons(scores: pl.DataFrame, sources: list[str], cfg: QualityConfig) -
 
 def shard_quality(path: str, cfg: QualityConfig) -> pl.DataFrame:
     """One shard (mapped over workers): id, source, chars, scores, kept, reason."""
-    table = pq.read_table(path, columns=["id", "text", "source"])
+    table = read_table(path, columns=["id", "text", "source"])
     texts = pl.from_arrow(table["text"]).cast(pl.String)
     scores = quality_scores(texts)
     reason = drop_reasons(scores, table["source"].to_pylist(), cfg)

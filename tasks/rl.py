@@ -13,8 +13,6 @@ step), then logs and registers the model in MLflow as `slmflow-rl`.
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import polars as pl
 import torch
@@ -26,7 +24,7 @@ from tasks.core.outputs import kept_ids, load_prompts
 from tasks.core.rl_loop import GRPOConfig, grpo, history_table
 from tasks.core.rollout import load_policy, resolve_device, take_per_task
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError, new_figure
-from tasks.core.store import Artifact, write_parquet
+from tasks.core.store import Artifact, copy_file, write_parquet
 
 VERSION = 2  # 2: TRL's setting names, 1-based steps in the history table
 REGISTERED_MODEL = "slmflow-rl"
@@ -72,7 +70,7 @@ def rl(cfg: RLConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
                                              strict=False).to_arrow(), ctx.out / "steps" / "part-00000.parquet")
     save_model(model, ctx.out / "model")
     ctx.log_figure(rl_curve_figure(history, ctx.stage), "rl_curve")
-    shutil.copy(f"{inputs['model'].path}/model/tokenizer.json", ctx.out / "model" / "tokenizer.json")
+    copy_file(f"{inputs['model'].path}/model/tokenizer.json", ctx.out / "model" / "tokenizer.json")
     info = {}
     if ctx.tracker and ctx.run_id:
         model_info = inputs["model"].manifest.get("info", {})

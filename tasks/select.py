@@ -1,7 +1,8 @@
-"""Select: keep a budget of documents by a selector's ranking (PAPERS.md, PreSelect and baselines).
+"""Select: keep a budget of documents by a selector's ranking (PreSelect, "The Data That Predicts
+Is the Data That Teaches", and its baselines).
 
 Input `documents` (documents/part-*.parquet, any columns carried through), plus `scores` (a
-preselect_scorer output) for method preselect and `tokenizer` for unit tokens.
+preselect output) for method preselect and `tokenizer` for unit tokens.
 
 Methods:
 - `preselect`: rank by `preselect_score` descending (ties: doc id ascending); every document
@@ -39,14 +40,13 @@ from typing import Literal
 import numpy as np
 import polars as pl
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pydantic import Field
 
 from tasks.core.filters import Decision, write_filtered
 from tasks.core.orchestration import stage_task
 from tasks.core.outputs import document_shards
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError
-from tasks.core.store import Artifact
+from tasks.core.store import Artifact, read_schema, read_table
 from tasks.core.tokens import doc_hash, hash_order, load_tokenizer
 
 VERSION = 2  # 2: a dropped table (tasks.core.filters)
@@ -72,9 +72,9 @@ def budget_prefix(sizes: np.ndarray, fraction: float) -> int:
 
 def _shard_sizes(path: str, tokenizer: str | None) -> dict:
     """One shard (mapped over workers): ids, characters, tokens (when a tokenizer is given), quality flag, source."""
-    schema = pq.read_schema(path)
+    schema = read_schema(path)
     optional = [c for c in ("quality_kept", "source") if c in schema.names]
-    table = pq.read_table(path, columns=["id", "text", *optional])
+    table = read_table(path, columns=["id", "text", *optional])
     out = {"id": table["id"].to_pylist(), "chars": pc.utf8_length(table["text"]).to_numpy().astype(np.int64),
            **{c: table[c].to_numpy(zero_copy_only=False) if c in optional else None for c in ("quality_kept", "source")}}
     if tokenizer is not None:
@@ -89,7 +89,7 @@ def preselect_scores(artifact: Artifact) -> pl.DataFrame:
     files = artifact.files("scores")
     if not files:
         raise StageError(f"select: input 'scores' ({artifact.stage}/{artifact.key}) has no scores/*.parquet shards")
-    table = pl.concat([pl.read_parquet(f, columns=["doc_id", "preselect_score"]) for f in files])
+    table = pl.concat([pl.from_arrow(read_table(f, columns=["doc_id", "preselect_score"])) for f in files])
     dup = table.filter(pl.col("doc_id").is_duplicated())
     if len(dup):
         raise StageError(f"select: input 'scores' holds document {dup['doc_id'][0]} more than once")
@@ -102,7 +102,7 @@ def ranking(cfg: SelectConfig, docs: pl.DataFrame, inputs: dict[str, Artifact]) 
         ids = docs["id"].to_list()
         return hash_order(doc_hash(ids, cfg.seed), ids)
     if "scores" not in inputs:
-        raise StageError("select: method preselect needs a 'scores' input (a preselect_scorer output)")
+        raise StageError("select: method preselect needs a 'scores' input (a preselect output)")
     scored = docs.with_row_index("row").join(preselect_scores(inputs["scores"]), left_on="id", right_on="doc_id", how="left")
     missing = scored.filter(pl.col("preselect_score").is_null())
     if len(missing):

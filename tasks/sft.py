@@ -10,7 +10,6 @@ with its own schedule, checkpoints, resume, metrics and logged model.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -23,7 +22,7 @@ from tasks.core.orchestration import stage_task
 from tasks.core.outputs import load_pass_rates, load_prompts
 from tasks.core.settings import runtime
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError
-from tasks.core.store import Artifact
+from tasks.core.store import Artifact, read_text
 from tasks.core.tokens import PAD, below_fraction, doc_hash, load_tokenizer, special_ids, tokenizer_path
 from tasks.core.train import TrainConfig
 
@@ -31,7 +30,7 @@ VERSION = 1
 
 
 class SFTConfig(StageConfig, TrainConfig):
-    # SFT's own defaults: a lower LR with linear decay (PAPERS: larger batches, lower LR)
+    # SFT's own defaults: a lower LR with linear decay (small-LM SFT studies: larger batches with a lower LR tend to win)
     # (a field redeclared here must restate TrainConfig's bounds: pydantic replaces the whole field)
     batch_size: int = Field(32, gt=0, description="sequences per optimizer step (global, all processes)")
     max_steps: int = Field(200, gt=0)
@@ -72,7 +71,7 @@ def sft(cfg: SFTConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
     base, tok_art = inputs["model"], inputs["tokenizer"]
     tok = load_tokenizer(tok_art)
     pad_id = special_ids(tok)[PAD]
-    model_cfg = ModelConfig.model_validate_json(Path(base.path, "model", "config.json").read_text())
+    model_cfg = ModelConfig.model_validate_json(read_text(f"{base.path}/model/config.json"))
     seq_len = cfg.seq_len or model_cfg.max_seq_len
     if seq_len > model_cfg.max_seq_len:
         raise StageError(f"sft.seq_len {seq_len} exceeds the base model's max_seq_len {model_cfg.max_seq_len}")

@@ -32,13 +32,13 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pydantic import Field
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from tasks.core.orchestration import stage_task
 from tasks.core.outputs import document_shards
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError
+from tasks.core.store import read_table
 from tasks.core.tokens import (
     BOS,
     PAD,
@@ -79,7 +79,7 @@ def check(cfg: TokenizerConfig) -> None:
 
 def _shard_index(path: str, seed: int) -> dict:
     """One shard: ids, hashes, characters and UTF-8 bytes per document (mapped over workers)."""
-    table = pq.read_table(path, columns=["id", "text"])
+    table = read_table(path, columns=["id", "text"])
     ids = table["id"].to_pylist()
     return {
         "path": path,
@@ -149,7 +149,7 @@ def train_tokenizer(cfg: TokenizerConfig, inputs: dict, ctx: StageContext) -> di
     def train_texts() -> Iterator[str]:
         nonlocal train_chars, train_bytes
         for path in ctx.progress(files, len(files), "shards read for training"):
-            table = pq.read_table(path, columns=["id", "text"])
+            table = read_table(path, columns=["id", "text"])
             for doc, text in zip(table["id"].to_pylist(), table["text"].to_pylist()):
                 if doc in heldout_ids:
                     heldout_texts.append(text)

@@ -42,8 +42,8 @@ def one_thread():
 def tiny_config(root: Path, **run) -> Path:
     """configs/tiny.yaml with its store and MLflow SQLite file under `root` (and `run` settings)."""
     raw = yaml.safe_load(TINY.read_text())
-    raw["run"].update(data_root=str(root / "data"), models_root=str(root / "models"),
-                      mlflow_uri=f"sqlite:///{root / 'mlflow.db'}", **run)
+    raw["run"].update({"data_root": str(root / "data"), "models_root": str(root / "models"),
+                       "mlflow_uri": f"sqlite:///{root / 'mlflow.db'}", **run})
     root.mkdir(parents=True, exist_ok=True)
     (root / "tiny.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     return root / "tiny.yaml"

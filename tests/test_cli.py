@@ -60,7 +60,6 @@ def test_missing_text_column(project):
     (["--only", "dedupe"], "dedupe"),
     # rules between sections
     (["--set", "pack.seed=3"], "pack.seed 3 must equal tokenizer.seed 0"),
-    (["--set", "pack.val_fraction=0.5"], "pack.val_fraction 0.5 must be at most tokenizer.heldout_fraction 0.05"),
     (["--set", "references.pack.seed=2"], "references.pack.seed 2 must equal references.tokenizer.seed 0"),
     (["--set", "preselect.benchmark=eval_pass_at_1"], "preselect.benchmark eval_pass_at_1 needs an eval stage"),
     (["--set", "rl.band=[0.9, 0.1]"], "rl.band: need 0 <= low < high <= 1, got [0.9, 0.1]"),

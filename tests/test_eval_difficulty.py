@@ -83,7 +83,10 @@ def varied_p(row) -> float:
 
 
 def use_model(monkeypatch, module, env, fake):
-    monkeypatch.setattr(module, "load_policy", lambda artifact, device: (fake, env["tok"]))
+    """The stage (eval or difficulty) scores `fake` instead of the model input."""
+    from tasks.core import rollout
+
+    monkeypatch.setattr(rollout, "load_policy", lambda artifact, device: (fake, env["tok"]))
 
 
 def table(artifact, name) -> pl.DataFrame:

@@ -7,13 +7,12 @@ setting of configs/tiny.yaml and states which stage instances must get a new key
 from __future__ import annotations
 
 import pytest
+from conftest import TINY
 
 from flows.config import load_config
 from flows.pipeline import make_plan
 from tasks.core.settings import runtime_settings
 from tasks.core.store import Store
-
-from conftest import TINY
 
 BASE = make_plan(load_config(TINY))
 TRAINING_DOWNSTREAM = {"pretrain", "difficulty_pretrain", "sft", "rl", "eval_pretrain", "eval_sft", "eval_rl"}
@@ -62,7 +61,7 @@ def test_runtime_settings_keep_every_key(setting):
     ("eval.batch_size=32", {"eval_pretrain", "eval_sft", "eval_rl"}),
     ("difficulty.k=3", {"difficulty_pretrain", "sft", "rl", "eval_sft", "eval_rl"}),
     ("pack.seq_len=64", TRAINING_DOWNSTREAM | {"pack"}),
-    ("references.models.0.pretrain.lr=0.02", {"ref_0", "preselect_scorer", "select", "tokenizer", "pack"}
+    ("references.models.0.pretrain.lr=0.02", {"ref_0", "preselect", "select", "tokenizer", "pack"}
      | TRAINING_DOWNSTREAM),
 ])
 def test_identity_settings_change_that_stage_and_what_is_downstream(setting, expected):

@@ -319,4 +319,4 @@ def test_collision_probability():
     assert collision_probability(0.0, 14, 8) == 0.0 and collision_probability(1.0, 14, 8) == 1.0
     s = np.array([0.5, 0.75, 0.9])
     assert np.allclose(collision_probability(s, 14, 8), 1 - (1 - s**8) ** 14)
-    assert 0.7 < collision_probability(0.75, 14, 8) < 0.8   # the knee PAPERS.md quotes
+    assert 0.7 < collision_probability(0.75, 14, 8) < 0.8   # the knee datatrove quotes for 14 x 8

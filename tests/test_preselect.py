@@ -193,7 +193,7 @@ def env(tmp_path_factory):
             "texts": dict(zip(ids, texts))}
 
 
-CFG = S.PreselectConfig(benchmark="val_loss", sample_docs=40, max_chars=60, label_fraction=0.25,
+CFG = S.PreselectConfig(benchmark="val_loss", strength="concordance", sample_docs=40, max_chars=60, label_fraction=0.25,
                         heldout_fraction=0.2, bucket=1000, dim=16, device="cpu")
 
 

@@ -73,16 +73,15 @@ def test_outputs_weights_tokenizer_history_and_mlflow(trained):
 
 def test_changing_a_pretrain_setting_reruns_pretrain_and_downstream_only(trained):
     root, base = trained
-    again = run(root, ["pretrain.max_steps=20", "pretrain.checkpoint_every=10", "pretrain.eval_every=10"],
-                only=["pretrain"])
+    again = run(root, ["pretrain.lr=0.02", "pretrain.max_steps=20", "pretrain.checkpoint_every=10"], only=["pretrain"])
     assert [s for s, r in again.items() if not r["cached"]] == ["pretrain"]
     assert again["pretrain"]["key"] != base["pretrain"]["key"]
-    upstream = ("ingest", "dedup", "prompts", "decontaminate", "quality", "tokenizer_ref", "ref_0", "preselect_scorer",
+    upstream = ("ingest", "dedup", "prompts", "decontaminate", "quality", "tokenizer_ref", "ref_0", "preselect",
                 "select", "tokenizer", "pack")
     assert all(again[s]["key"] == base[s]["key"] for s in upstream)
     from flows.pipeline import make_plan
 
-    plan = make_plan(load_config(root / "tiny.yaml", ["pretrain.max_steps=20"]))
+    plan = make_plan(load_config(root / "tiny.yaml", ["pretrain.lr=0.02"]))
     changed = {n for n, p in plan.stages.items() if p.key != base[n]["key"]}
     assert changed == {"pretrain", "difficulty_pretrain", "sft", "rl", "eval_pretrain", "eval_sft", "eval_rl"}
 
@@ -94,14 +93,14 @@ def test_select_keeps_the_configured_share_and_feeds_tokenizer_and_pack(trained)
     root, report = trained
     cfg = load_config(root / "tiny.yaml")
     data = Store(root / "data")
-    art = {s: data.get(s, report[s]["key"]) for s in ("quality", "preselect_scorer", "select", "tokenizer", "pack")}
+    art = {s: data.get(s, report[s]["key"]) for s in ("quality", "preselect", "select", "tokenizer", "pack")}
     inputs = {s: {k: v["key"] for k, v in a.manifest["inputs"].items()} for s, a in art.items()}
-    assert inputs["select"] == {"documents": art["quality"].key, "scores": art["preselect_scorer"].key}
+    assert inputs["select"] == {"documents": art["quality"].key, "scores": art["preselect"].key}
     assert inputs["tokenizer"] == {"documents": art["select"].key}
     assert inputs["pack"] == {"documents": art["select"].key, "tokenizer": art["tokenizer"].key}
     # kept = the shortest prefix of the score ranking whose characters reach fraction x the quality output's
     docs = pl.concat([pl.read_parquet(f, columns=["id", "text"]) for f in art["quality"].files("documents")])
-    scores = pl.concat([pl.read_parquet(f) for f in art["preselect_scorer"].files("scores")])
+    scores = pl.concat([pl.read_parquet(f) for f in art["preselect"].files("scores")])
     ranked = (docs.join(scores, left_on="id", right_on="doc_id").sort(["preselect_score", "id"], descending=[True, False])
               .with_columns(chars=pl.col("text").str.len_chars()))
     budget = cfg.select.fraction * ranked["chars"].sum()

@@ -42,7 +42,7 @@ def scores(root, df: pl.DataFrame, name: str = "scores") -> Artifact:
     for s in range(0, len(df), 25):
         write_parquet(table.slice(s, 25).to_arrow(), out / "scores" / f"part-{s // 25:05d}.parquet")
     files = {f"scores/{p.name}": "" for p in sorted((out / "scores").iterdir())}
-    return Artifact(stage="preselect_scorer", key=name, path=str(out), manifest={"files": files})
+    return Artifact(stage="preselect", key=name, path=str(out), manifest={"files": files})
 
 
 def kept(art: Artifact) -> pl.DataFrame:

@@ -18,9 +18,8 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from tasks.core.store import write_parquet
+from tasks.core.store import read_table, write_parquet
 
 DROPPED_SCHEMA = pa.schema([("doc_id", pa.string()), ("source", pa.string()), ("reason", pa.string())])
 
@@ -46,7 +45,7 @@ def write_filtered(files: list[str], decisions: Sequence[Decision], out: Path) -
     Returns docs_in, docs_out, chars_in, chars_out and `dropped.<reason>` counts."""
     counts: Counter = Counter()
     for path, decision in zip(files, decisions, strict=True):
-        table = pq.read_table(path)
+        table = read_table(path)
         keep = np.asarray(decision.keep, dtype=bool)
         if len(keep) != len(table):
             raise ValueError(f"a decision for {path} covers {len(keep)} of its {len(table)} documents")

@@ -9,7 +9,6 @@ torchrun (`nproc`), resuming from the last checkpoint if there is one.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ import polars as pl
 
 from tasks.core.model import ModelConfig
 from tasks.core.stage import StageContext, StageError, new_figure
-from tasks.core.store import Artifact, fsync_file, write_parquet
+from tasks.core.store import Artifact, copy_file, fsync_file, local_dir, write_parquet
 from tasks.core.train import DivergedError, TrainConfig, TrainSpec, launch
 
 
@@ -51,7 +50,7 @@ def run_training(cfg: TrainConfig, ctx: StageContext, model_cfg: ModelConfig, ar
     init_from: the upstream model stage to start from (logged as the run's input model)."""
     spec = TrainSpec(
         cfg=TrainConfig.model_validate(cfg.model_dump(include=set(TrainConfig.model_fields))),
-        model=model_cfg, init_from=f"{init_from.path}/model" if init_from else None,
+        model=model_cfg, init_from=str(local_dir(f"{init_from.path}/model")) if init_from else None,
         train_path=str(arrays["train"]), val_path=str(arrays["val"]),
         train_mask_path=str(arrays["train_mask"]) if "train_mask" in arrays else None,
         val_mask_path=str(arrays["val_mask"]) if "val_mask" in arrays else None,
@@ -63,7 +62,7 @@ def run_training(cfg: TrainConfig, ctx: StageContext, model_cfg: ModelConfig, ar
         result = launch(spec)
     except (DivergedError, RuntimeError, ValueError) as e:
         raise StageError(f"{ctx.stage}: {e}") from None
-    shutil.copy(tokenizer_json, ctx.out / "model" / "tokenizer.json")
+    copy_file(tokenizer_json, ctx.out / "model" / "tokenizer.json")
     history = result.pop("history")
     # Timings stay out of the stored table (they go to MLflow and the manifest's metrics), so the
     # same config gives the same bytes on CPU.

@@ -1,5 +1,6 @@
 """GRPO building blocks: group advantages, the clipped policy loss and its aggregations, per-token
-log-probs, and the online difficulty filter (PAPERS.md "RL with verifiable rewards").
+log-probs, and the online difficulty filter (DeepSeekMath's GRPO, with DAPO's and Dr. GRPO's variants and "Online
+Difficulty Filtering for Reasoning Oriented RL").
 
 Pure torch / numpy: no Prefect, no MLflow. `in_band` is also the offline difficulty stage's rule.
 

@@ -1,4 +1,4 @@
-"""MLflow lineage (DESIGN.md, "Lineage in MLflow").
+"""MLflow lineage: how a person follows a model back to its raw data in the MLflow UI.
 
 One experiment per pipeline, a parent run per pipeline run, a child run per stage (cache
 hits too, tagged `cached=true` and linked to the run that produced the output). Stage

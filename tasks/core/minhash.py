@@ -1,6 +1,6 @@
 """MinHash-LSH near-duplicate detection in plain numpy (+ pyarrow for UTF-8 lowercasing).
 
-Pipeline (PAPERS.md, "Exact and near-duplicate removal"):
+Pipeline (Broder's MinHash, LSH banding as in datatrove and text-dedup):
     word_shingle_hashes -> minhash_signatures -> lsh_candidate_pairs -> connected_components
 and optionally shingle_jaccard to verify candidate pairs.
 

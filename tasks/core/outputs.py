@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 import polars as pl
-import pyarrow.parquet as pq
 
 from tasks.core.stage import StageError
-from tasks.core.store import Artifact
+from tasks.core.store import Artifact, read_table
 
 PROMPT_SPLITS = ("train", "eval")
 TOKEN_SPLITS = ("train", "val")
@@ -33,12 +32,12 @@ def load_prompts(artifact: Artifact, split: str) -> list[dict]:
     files = artifact.files(split)
     if not files:
         raise StageError(f"prompts: output {artifact.key} has no {split}/*.parquet shards")
-    return [row for f in files for row in pq.read_table(f).to_pylist()]
+    return [row for f in files for row in read_table(f).to_pylist()]
 
 
 def load_pass_rates(artifact: Artifact) -> pl.DataFrame:
     """The `pass_rates` table of a difficulty output: `prompt_id`, `task`, `k`, `correct`, `pass_rate`, `kept`."""
-    return pl.concat([pl.from_arrow(pq.read_table(p)) for p in artifact.files("pass_rates")])
+    return pl.concat([pl.from_arrow(read_table(p)) for p in artifact.files("pass_rates")])
 
 
 def kept_ids(artifact: Artifact) -> set[str]:
@@ -53,6 +52,6 @@ def load_tokens(artifact: Artifact, split: str) -> np.ndarray:
     width = int(artifact.manifest["metrics"]["seq_len"]) + 1
     arrays = []
     for path in artifact.files(split):
-        col = pq.read_table(path, columns=["tokens"])["tokens"]
+        col = read_table(path, columns=["tokens"])["tokens"]
         arrays += [chunk.flatten().to_numpy().reshape(-1, width) for chunk in col.chunks if len(chunk)]
     return np.concatenate(arrays) if arrays else np.zeros((0, width), np.int32)

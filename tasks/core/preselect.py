@@ -1,4 +1,4 @@
-"""PreSelect's math (PAPERS.md, "Predictive data selection"): normalized losses, predictive
+"""PreSelect's math ("The Data That Predicts Is the Data That Teaches"): normalized losses, predictive
 strength, labels and the classifier's AUC. No I/O; the stage is tasks/preselect.py.
 
 - bits_per_char: a document's total NLL under a model in bits per character, comparable

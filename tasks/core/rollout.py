@@ -15,18 +15,19 @@ depends on the other prompts in a batch, which can move logits by float rounding
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
-import fsspec
 import numpy as np
 import polars as pl
 import torch
 
 from tasks.core import chat
 from tasks.core.model import load_model
+from tasks.core.outputs import load_prompts
+from tasks.core.stage import StageError
+from tasks.core.store import local_dir
 from tasks.core.tokens import END, load_tokenizer, special_ids
 
 log = logging.getLogger("slmflow")
@@ -165,6 +166,16 @@ def take_per_task(rows: Sequence[dict], cap: int | None) -> list[dict]:
     return out
 
 
+def prompts_and_policy(stage: str, inputs: dict, split: str, per_task: int | None, device: str):
+    """(prompt rows, model, tokenizer) of a stage that scores a model: the first `per_task` rows of each
+    task of the `prompts` input's split, and the `model` input on `device`."""
+    rows = take_per_task(load_prompts(inputs["prompts"], split), per_task)
+    if not rows:
+        raise StageError(f"{stage}: prompts split {split!r} has no rows")
+    model, tok = load_policy(inputs["model"], resolve_device(device))
+    return rows, model, tok
+
+
 def resolve_device(device: str) -> torch.device:
     """The torch device of a `device` setting: auto is cuda when available, else cpu."""
     if device == "auto":
@@ -174,10 +185,5 @@ def resolve_device(device: str) -> torch.device:
 
 def load_policy(artifact, device: str | torch.device = "cpu"):
     """(model in eval mode, tokenizer) from a training-stage output: `<artifact.path>/model/`."""
-    directory = f"{artifact.path.rstrip('/')}/model"
-    fs, path = fsspec.core.url_to_fs(directory)
-    if not (fs.protocol in ("file", "local") or "file" in fs.protocol):  # a remote store: copy it here
-        local = tempfile.mkdtemp(prefix="slmflow-model-")
-        fs.get(path.rstrip("/") + "/", local, recursive=True)
-        directory = local
+    directory = local_dir(f"{artifact.path.rstrip('/')}/model")  # a remote store's model is copied here once
     return load_model(directory, device).eval(), load_tokenizer(directory)

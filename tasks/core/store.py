@@ -68,6 +68,51 @@ def write_parquet(table: pa.Table, path: Path) -> None:
     pq.write_table(table, path, compression="zstd")
 
 
+def _is_local(fs) -> bool:
+    return fs.protocol in ("file", "local") or "file" in fs.protocol
+
+
+def read_table(path: str, columns: list[str] | None = None) -> pa.Table:
+    """A Parquet file of a store, by local path or fsspec URI (what every stage reads its inputs with)."""
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    return pq.read_table(fs_path if _is_local(fs) else path, columns=columns, filesystem=None if _is_local(fs) else fs)
+
+
+def read_schema(path: str) -> pa.Schema:
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    with fs.open(fs_path, "rb") as f:
+        return pq.read_schema(f)
+
+
+def read_text(path: str) -> str:
+    with fsspec.open(path, "r", encoding="utf-8") as f:
+        return f.read()
+
+
+def copy_file(path: str, local: Path) -> None:
+    """Copy one file of a store (local path or URI) to a local path."""
+    with fsspec.open(path, "rb") as src:
+        local.write_bytes(src.read())
+
+
+def local_dir(path: str) -> Path:
+    """A directory of a store as a local directory: itself for a local store, else a copy downloaded once
+    per process into the temp dir (stage outputs never change under their key, so the copy stays valid)."""
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    if _is_local(fs):
+        return Path(fs_path)
+    local = Path(tempfile.gettempdir()) / "slmflow-cache" / hashlib.sha256(path.encode()).hexdigest()[:16]
+    if not local.exists():
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=local.parent))
+        fs.get(fs_path.rstrip("/") + "/", str(tmp), recursive=True)
+        try:
+            os.replace(tmp, local)
+        except OSError:  # another process got there first: theirs is the same bytes
+            shutil.rmtree(tmp, ignore_errors=True)
+    return local
+
+
 def fsync_tree(root: Path) -> None:
     """Flush every file and directory under `root` (and `root` itself) to disk."""
     for dirpath, _, filenames in os.walk(root):
@@ -118,7 +163,7 @@ class Store:
     def __init__(self, root: str | os.PathLike):
         self.root = str(root).rstrip("/")
         self.fs, self._root_path = fsspec.core.url_to_fs(self.root)
-        self.local = self.fs.protocol in ("file", "local") or "file" in self.fs.protocol
+        self.local = _is_local(self.fs)
 
     def path(self, stage: str, key: str) -> str:
         return f"{self.root}/{stage}/{key}"
