@@ -28,6 +28,7 @@ err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="pipeline YAML")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override: stage.field=value (repeatable)")]
+KeyOpt = Annotated[Optional[str], typer.Option(help="a stored key other than the configured one")]
 DEFAULT_CONFIG = Path("configs/default.yaml")
 
 
@@ -157,7 +158,7 @@ def show(
     stage: str,
     config: ConfigOpt = DEFAULT_CONFIG,
     set_: SetOpt = None,
-    key: Annotated[Optional[str], typer.Option(help="a stored key other than the configured one")] = None,
+    key: KeyOpt = None,
     table: Annotated[Optional[str], typer.Option(help="which table of the output (default: first)")] = None,
     rows: Annotated[int, typer.Option(help="rows to show")] = 5,
 ):
@@ -189,7 +190,7 @@ def lineage(
     stage: str,
     config: ConfigOpt = DEFAULT_CONFIG,
     set_: SetOpt = None,
-    key: Annotated[Optional[str], typer.Option(help="a stored key other than the configured one")] = None,
+    key: KeyOpt = None,
 ):
     """The chain of stages and keys that produced a stage's output."""
     cfg, plan = _load(config, set_)
@@ -213,14 +214,13 @@ def _roots(cfg: PipelineConfig) -> list[Store]:
     return [Store(root) for root in dict.fromkeys((cfg.run.data_root, cfg.run.models_root))]
 
 
-@app.command()
+@app.command(help="Check stored outputs against their manifests (every file's size and sha256); a damaged "
+             "output is named and set aside, so the next run recomputes it. Exit 1 if any was.")
 def verify(
     stage: Annotated[Optional[str], typer.Argument(help="a stage or instance name (default: every output)")] = None,
     config: ConfigOpt = DEFAULT_CONFIG,
     set_: SetOpt = None,
 ):
-    """Check stored outputs against their manifests (every file's size and sha256). A damaged output
-    is reported one line per file and set aside, so the next run recomputes it; exit 1 if any was."""
     cfg, plan = _load(config, set_)
     name = plan.stages[stage].stage.name if stage in plan.stages else stage
     checked, damaged, nbytes = 0, 0, 0
@@ -246,15 +246,14 @@ def verify(
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(help="List (with --yes remove) what no longer counts in the stores: unfinished or replaced outputs "
+             "of stopped runs, damaged outputs set aside, stale checkpoints and lock files, and outputs that no given "
+             "config reaches. Keys a run holds are never touched.")
 def gc(
     config: Annotated[Optional[list[Path]], typer.Option("--config", "-c", help="configs whose outputs to keep "
                                                          "(repeatable; default configs/default.yaml)")] = None,
     yes: Annotated[bool, typer.Option("--yes", help="remove what is listed (default: only list it)")] = False,
 ):
-    """List what no longer counts in the stores of the given configs: unfinished and replaced outputs of
-    stopped runs, damaged outputs set aside, checkpoints of finished or unnamed keys, stale lock files,
-    and outputs that none of the configs reaches. Entries of runs in progress are never touched."""
     from tasks.core.housekeeping import find_garbage
 
     configs = config or [DEFAULT_CONFIG]
@@ -316,7 +315,7 @@ def export(
     directory: Path,
     config: ConfigOpt = DEFAULT_CONFIG,
     set_: SetOpt = None,
-    key: Annotated[Optional[str], typer.Option(help="a stored key other than the configured one")] = None,
+    key: KeyOpt = None,
 ):
     """Write a model stage's weights in the Hugging Face layout (loads as LlamaForCausalLM)."""
     from tasks.core.export import export_hf
