@@ -123,7 +123,8 @@ class ChaosRun:
             time.sleep(0.01)
         if not kill.missed:
             time.sleep(delay_s)
-            kill.hit = self.running() or (["report"] if proc.poll() is None else [])
+            # nothing writing at that moment: the report, or the gap between two stages
+            kill.hit = self.running() or ([kind if kind == "report" else "between stages"] if proc.poll() is None else [])
             kill.checkpointed = kind in ("pretrain", "sft", "rl") and target in kill.hit
         with_group(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -247,8 +248,11 @@ def main() -> None:
             result["failures"].append({"trial": trial, "kind": kind, "target": target, "problems": problems})
         else:
             result["survived"] += 1
-        print(f"trial {trial + 1}/{args.trials}: kill in {kind} ({target}) hit {kill.hit or 'nothing'}: "
-              f"{'ok' if not problems else '; '.join(problems)}", file=sys.stderr, flush=True)
+        elapsed = time.monotonic() - start
+        eta = elapsed / (trial + 1) * (args.trials - trial - 1)
+        print(f"trial {trial + 1}/{args.trials} ({elapsed:.0f} s, ETA {eta:.0f} s): kill in {kind} ({target}) "
+              f"hit {kill.hit or 'nothing'}: {'ok' if not problems else '; '.join(problems)}",
+              file=sys.stderr, flush=True)
     result["seconds"] = round(time.monotonic() - start, 1)
     result["workdir"] = str(work)
     print(json.dumps(result, indent=2))

@@ -18,7 +18,8 @@ from prefect.runtime import flow_run
 from prefect.states import Failed
 
 from flows.config import ConfigError, PipelineConfig, resolve_config
-from flows.report import report_card, write_report
+from flows.record import RunRecord, lineage
+from flows.report import headline_metrics, report_card, write_report
 from tasks import (
     decontaminate,
     dedup,
@@ -203,14 +204,19 @@ class PrefectRunner:
 
 
 @contextlib.contextmanager
-def parent_run(cfg: PipelineConfig, name: str, tags: dict[str, str], existing: str | None = None):
-    """The MLflow run that groups one pipeline run's stage runs (`existing`: join that one instead)."""
+def parent_run(cfg: PipelineConfig, name: str, tags: dict[str, str], existing: str | None = None,
+               overrides: list[str] | None = None):
+    """The MLflow run that groups one pipeline run's stage runs (`existing`: join that one instead).
+    It logs the resolved config as params (`dedup.bands`, ...) and the overrides, so two pipeline
+    runs compare side by side in the MLflow UI."""
     tracker = Tracker(tracking_uri(cfg.run.mlflow_uri), cfg.run.experiment)
     if existing:
         yield tracker, existing
         return
-    parent = tracker.start_parent(name, tags)
-    tracker.log_text(parent, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
+    parent = tracker.start_parent(name, {**tags, "overrides": " ".join(overrides or [])})
+    resolved = cfg.model_dump(mode="json")
+    tracker.log_params(parent, resolved)
+    tracker.log_text(parent, yaml.safe_dump(resolved, sort_keys=False), "config.yaml")
     try:
         yield tracker, parent
     except BaseException:
@@ -219,22 +225,48 @@ def parent_run(cfg: PipelineConfig, name: str, tags: dict[str, str], existing: s
     tracker.end(parent, "FINISHED")
 
 
-def run_context(cfg: PipelineConfig, parent_run_id: str, dask_address: str | None) -> RunContext:
+def run_context(cfg: PipelineConfig, parent_run_id: str, dask_address: str | None,
+                config_file: str | None = None) -> RunContext:
     return RunContext(data_root=cfg.run.data_root, models_root=cfg.run.models_root, mlflow_uri=cfg.run.mlflow_uri,
-                      experiment=cfg.run.experiment, parent_run_id=parent_run_id, dask_address=dask_address)
+                      experiment=cfg.run.experiment, parent_run_id=parent_run_id, dask_address=dask_address,
+                      config_file=config_file)
+
+
+def describe_final_model(tracker: Tracker, record: RunRecord, outcomes: dict[str, Outcome]) -> None:
+    """The registered RL model version: a description with its lineage, tags (key, store path, the
+    run of every upstream output) and its held-out scores, so the registry page says what it is."""
+    if "rl" not in outcomes or not outcomes["rl"].artifact.manifest.get("info", {}).get("registered_version"):
+        return
+    final = outcomes["rl"].artifact
+    info = final.manifest["info"]
+    scores = outcomes["eval_rl"].artifact.manifest.get("metrics", {}) if "eval_rl" in outcomes else {}
+    held_out = {k: float(v) for k, v in scores.items() if k.startswith(("pass_at_1", "sampled_pass_at_1", "pass_at_k"))}
+    graph = lineage(record, ["rl"])
+    chain = " <- ".join(f"{n.name} {n.key}" for n in graph.main_chain(f"rl:{final.key}"))
+    score = f"Held-out greedy pass@1 {held_out['pass_at_1']:.3f}. " if "pass_at_1" in held_out else ""
+    description = (f"GRPO policy trained by slmflow (instance rl, key {final.key}).\n\n{score}Lineage: {chain}. "
+                   f"Store: {final.path}. Producing MLflow run: {final.manifest.get('mlflow_run_id')}.")
+    tags = {"stage_key": final.key, "store_path": final.path, "lineage": chain[:5000],
+            **{f"run.{n.name}": n.mlflow_run_id for n in graph.nodes.values() if n.mlflow_run_id}}
+    tracker.describe_model_version(rl.REGISTERED_MODEL, info["registered_version"], description, tags,
+                                   info.get("mlflow_model_id"), final.manifest.get("mlflow_run_id"), held_out)
 
 
 @flow(name=PIPELINE_FLOW)
 def pipeline(config: str | dict = "configs/default.yaml", only: list[str] | None = None, force: list[str] | None = None,
-             overrides: list[str] | None = None) -> dict:
-    """The whole DAG (or `only` some stages and what they need), like `slmflow run`."""
+             overrides: list[str] | None = None, config_file: str | None = None) -> dict:
+    """The whole DAG (or `only` some stages and what they need), like `slmflow run`.
+    config_file: where a config given as a dict came from (recorded for `slmflow ls` and the read commands)."""
+    if isinstance(config, str):
+        config_file = config_file or config
     try:
-        return _pipeline(config, only, force, overrides)
+        return _pipeline(config, only, force, overrides, config_file)
     except (ConfigError, StageError) as e:  # bad input or settings: a one-line Failed state, not a traceback
         return Failed(message=str(e), data=e)
 
 
-def _pipeline(config: str | dict, only: list[str] | None, force: list[str] | None, overrides: list[str] | None) -> dict:
+def _pipeline(config: str | dict, only: list[str] | None, force: list[str] | None, overrides: list[str] | None,
+              config_file: str | None) -> dict:
     cfg = resolve_config(config, overrides)
     if cfg.run.execution == "deployments":  # remote stages must find the same store and tracking server
         cfg = cfg.model_copy(update={"run": cfg.run.shared()})
@@ -243,12 +275,17 @@ def _pipeline(config: str | dict, only: list[str] | None, force: list[str] | Non
     needed = plan.needed(only)
     tags = {"prefect.flow_run_id": str(flow_run.id or ""), "only": ",".join(only or []), "force": ",".join(force or [])}
     remote = set(cfg.run.remote_families) if cfg.run.execution == "deployments" else set()
-    with (parent_run(cfg, f"pipeline-{flow_run.name or 'local'}", tags) as (tracker, parent),
+    with (parent_run(cfg, f"pipeline-{flow_run.name or 'local'}", tags, overrides=overrides) as (tracker, parent),
           dask_scheduler(cfg.run.runner, cfg.run.dask_address, cfg.run.dask_workers) as dask_address):
-        runner = PrefectRunner(plan, run_context(cfg, parent, dask_address), tracker, needed, set(force or []),
-                               cfg.model_dump(mode="json"), remote)
+        runner = PrefectRunner(plan, run_context(cfg, parent, dask_address, config_file), tracker, needed,
+                               set(force or []), cfg.model_dump(mode="json"), remote)
         dag(cfg, runner)
         card = report_card(runner.outcomes, plan)
         path = write_report(card, cfg.run.data_root, parent)
         tracker.log_text(parent, path.read_text(), "report.md")
+        tracker.log_metrics(parent, headline_metrics(card))
+        record = RunRecord.from_plan(cfg, plan, config_file, overrides, parent)
+        tracker.log_text(parent, lineage(record, needed).to_mermaid(), "lineage.mmd")
+        describe_final_model(tracker, record, dict(runner.outcomes))
+        record.save()
     return {"report": card, "report_path": str(path), "mlflow_run_id": parent}

@@ -67,7 +67,8 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def _healthy(url: str) -> bool:
+def healthy(url: str) -> bool:
+    """`GET <url>/health` answers 200 within 5 s (Prefect's API and MLflow's server both have it)."""
     try:
         with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
             return response.status == 200
@@ -94,7 +95,7 @@ def _start(timeout_s: float, log) -> tuple[subprocess.Popen, str]:
                 [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
                  "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"],
                 env=env, stdout=subprocess.DEVNULL, stderr=err, preexec_fn=_die_with_parent)
-        while proc.poll() is None and not _healthy(url):
+        while proc.poll() is None and not healthy(url):
             if time.monotonic() > deadline:
                 proc.kill()
                 raise ServerError(f"Prefect's temporary server did not answer within {timeout_s:.0f} s "
@@ -114,6 +115,10 @@ def prefect_api(log=print, timeout_s: float | None = None) -> Iterator[str]:
     lives for this block. Raises ServerError (one line) if it cannot be started."""
     configured = os.environ.get("PREFECT_API_URL")
     if configured:
+        if not healthy(configured):
+            raise ServerError(f"the Prefect server at PREFECT_API_URL={configured} does not answer: start it "
+                              f"(prefect server start --host 127.0.0.1) or unset PREFECT_API_URL, and slmflow "
+                              f"starts a temporary one")
         yield configured
         return
     from tasks.core.locks import FileLock

@@ -7,13 +7,27 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
+from flows.record import runs_dir
 from tasks.core.stage import Outcome
+from tasks.core.store import make_readable
 
 
 def fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def headline_metrics(card: list[dict]) -> dict[str, float]:
+    """The report card's numbers for the MLflow parent run: held-out scores per evaluated model
+    (`eval_rl.pass_at_1`, `eval_rl.pass_at_1.gcd`, ...) and each stage's seconds."""
+    out = {f"{r['stage']}.seconds": float(r["seconds"]) for r in card}
+    for r in card:
+        if r["accuracy"]:
+            out.update({f"{r['stage']}.{m}": float(r["metrics"][m]) for m in
+                        ("pass_at_1", "sampled_pass_at_1", "pass_at_k") if m in r["metrics"]})
+            out.update({f"{r['stage']}.pass_at_1.{t}": float(v) for t, v in r["accuracy"].items()})
+    return out
 
 
 def report_card(outcomes: list[tuple[str, Outcome]], plan) -> list[dict]:
@@ -63,12 +77,12 @@ def to_markdown(card: list[dict]) -> str:
 def write_report(card: list[dict], data_root: str, run_id: str) -> Path:
     """`<data_root>/runs/<UTC time>-<run>/report.md` (a local directory even for remote stores),
     written beside it and renamed into place: a killed run leaves no half-written report."""
-    base = Path(data_root) if "://" not in data_root else Path("runs")
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    runs = base / "runs" if base.name != "runs" else base
+    runs = runs_dir(data_root)
     runs.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=runs))
     (tmp / "report.md").write_text(f"# slmflow report card\n\nMLflow run `{run_id}`\n\n" + to_markdown(card))
+    make_readable(tmp)
     out = runs / f"{stamp}-{run_id[:8]}"
     os.replace(tmp, out)
     return out / "report.md"

@@ -69,14 +69,14 @@ def rl(cfg: RLConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
     write_parquet(pl.DataFrame(history).drop(["generation_seconds", "train_seconds", "generated_tokens_per_s"],
                                              strict=False).to_arrow(), ctx.out / "steps" / "part-00000.parquet")
     save_model(model, ctx.out / "model")
-    ctx.log_figure(rl_curve_figure(history, ctx.stage), "rl_curve")
+    ctx.log_figure(rl_curve_figure(history, ctx.instance), "rl_curve")
     copy_file(f"{inputs['model'].path}/model/tokenizer.json", ctx.out / "model" / "tokenizer.json")
     info = {}
     if ctx.tracker and ctx.run_id:
         model_info = inputs["model"].manifest.get("info", {})
         if model_info.get("mlflow_model_id"):
             ctx.tracker.log_model_input(ctx.run_id, model_info["mlflow_model_id"])
-        info["mlflow_model_id"] = ctx.tracker.log_model(ctx.run_id, ctx.out / "model", "rl", step=state.step)
+        info["mlflow_model_id"] = ctx.tracker.log_model(ctx.run_id, ctx.out / "model", ctx.instance, step=state.step)
         info["registered_version"] = ctx.tracker.register_model(info["mlflow_model_id"], ctx.run_id, REGISTERED_MODEL)
     rewards = [h["reward_mean"] for h in history if "reward_mean" in h]
     evals = [h["eval_pass_at_1"] for h in history if "eval_pass_at_1" in h]

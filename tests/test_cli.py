@@ -96,7 +96,11 @@ def test_run_status_show_lineage(tiny_run):
     lineage = runner.invoke(app, ["lineage", "dedup", "-c", cfg])
     assert lineage.exit_code == 0, lineage.output
     text = lineage.output
-    assert text.index("dedup") < text.index("ingest") and "MLflow run" in text
+    from flows.config import load_config
+    from flows.pipeline import make_plan
+
+    keys = {n: p.key for n, p in make_plan(load_config(cfg)).stages.items()}
+    assert text.index(keys["ingest"]) < text.rindex(keys["dedup"]) and "MLflow run" in text  # upstream first
     missing = runner.invoke(app, ["show", "dedup", "-c", cfg, "--set", "dedup.seed=99"])
     assert missing.exit_code == 1 and "not in the store" in missing.output
 

@@ -11,6 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 from tasks.core.export import export_hf  # noqa: E402
 from tasks.core.model import GPT, ModelConfig, save_model  # noqa: E402
+from tasks.core.store import current_umask  # noqa: E402
 
 V = 120
 
@@ -75,3 +76,32 @@ def test_tokenizer_round_trip(tmp_path):
     assert config["eos_token_id"] == tok.token_to_id("<|eos|>")
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
     assert hf.generation_config.eos_token_id == tok.token_to_id("<|eos|>")
+
+
+def test_chat_template_and_readable_files(tmp_path):
+    """`apply_chat_template` on the export gives the prompt ids SFT and RL trained on; files are 0644."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from tasks.core.chat import HF_CHAT_TEMPLATE, prompt_ids
+    from tasks.core.tokens import BOS, END, PAD, SPECIAL_TOKENS
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["What is 3 + 4? Answer: 7", "the gcd of 12 and 18 is 6", "hello world"] * 20
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=list(SPECIAL_TOKENS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    special = {"bos_token": BOS, "eos_token": END, "pad_token": PAD}
+    model = GPT(ModelConfig(vocab_size=tok.get_vocab_size(), depth=1, width=64))
+    out = export_hf(model, tmp_path / "hf", tokenizer_json=path, special_tokens=special, chat_template=HF_CHAT_TEMPLATE)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
+    for question in ["What is 3 + 4?", "Find the gcd of 12 and 18.\nBe brief."]:
+        ids = hf_tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                         tokenize=True, return_dict=False)
+        assert list(ids) == prompt_ids(tok, question)
+    with pytest.raises(Exception, match="user and assistant"):
+        hf_tok.apply_chat_template([{"role": "system", "content": "x"}], tokenize=False)
+    for f in out.iterdir():
+        assert f.stat().st_mode & 0o777 == 0o644 & ~current_umask(), f

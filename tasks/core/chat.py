@@ -49,6 +49,15 @@ from tasks.core.tokens import ASSISTANT, BOS, END, USER, special_ids
 
 ANSWER_PREFIX = "Answer:"
 CHAT_TOKENS = (BOS, USER, END, ASSISTANT)
+# The same format for transformers' chat helpers (saved with an exported model): `apply_chat_template(
+# [{"role": "user", "content": q}], add_generation_prompt=True)` gives `prompt_ids(tok, q)`.
+HF_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}" + USER + "{{ message['content'] }}" + END
+    + "{% elif message['role'] == 'assistant' %}" + ASSISTANT + "{{ message['content'] }}" + END
+    + "{% else %}{{ raise_exception('slmflow models know the user and assistant roles only') }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}" + ASSISTANT + "{% endif %}"
+)
 
 
 def _ids(tok: Tokenizer) -> dict[str, int]:

@@ -7,12 +7,14 @@ weights are a rename; the config maps our dims onto LlamaConfig's fields.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 from safetensors.torch import save_file
 
 from tasks.core.model import GPT, load_model
+from tasks.core.store import current_umask
 
 SPECIAL_ROLES = ("bos_token", "eos_token", "pad_token", "unk_token")
 
@@ -22,12 +24,14 @@ def _write_json(path: Path, value: dict) -> None:
 
 
 def export_hf(model: GPT | str | Path, out_dir: str | Path, tokenizer_json: str | Path | None = None,
-              special_tokens: dict[str, str] | None = None) -> Path:
+              special_tokens: dict[str, str] | None = None, chat_template: str | None = None) -> Path:
     """Write model.safetensors, config.json, generation_config.json (+ tokenizer files) to out_dir.
 
     model: a GPT or a directory written by `save_model`. special_tokens maps a role in
     SPECIAL_ROLES (e.g. "eos_token") to its token string in tokenizer_json; their ids go into
-    the configs. Refuses a model with qk_norm: Llama has no q/k normalization.
+    the configs. chat_template: a Jinja template for `apply_chat_template` (in tokenizer_config.json).
+    Files are written readable by group and others (0644 less the umask; safetensors writes 0600).
+    Refuses a model with qk_norm: Llama has no q/k normalization.
     """
     model = model if isinstance(model, GPT) else load_model(model)
     d = model.dims
@@ -61,7 +65,8 @@ def export_hf(model: GPT | str | Path, out_dir: str | Path, tokenizer_json: str 
         shutil.copyfile(tokenizer_json, out / "tokenizer.json")
         _write_json(out / "tokenizer_config.json", {
             "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": d.max_seq_len,
-            "clean_up_tokenization_spaces": False, **special_tokens})
+            "clean_up_tokenization_spaces": False, **special_tokens,
+            **({"chat_template": chat_template} if chat_template else {})})
         _write_json(out / "special_tokens_map.json", special_tokens)
 
     _write_json(out / "config.json", {
@@ -90,4 +95,9 @@ def export_hf(model: GPT | str | Path, out_dir: str | Path, tokenizer_json: str 
     _write_json(out / "generation_config.json", {
         "bos_token_id": ids["bos_token"], "eos_token_id": ids["eos_token"], "pad_token_id": ids["pad_token"],
         "max_length": d.max_seq_len})
+    mask = current_umask()
+    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+                 "tokenizer_config.json", "special_tokens_map.json"):
+        if (out / name).exists():
+            os.chmod(out / name, 0o644 & ~mask)
     return out

@@ -68,13 +68,13 @@ def run_training(cfg: TrainConfig, ctx: StageContext, model_cfg: ModelConfig, ar
     # same config gives the same bytes on CPU.
     table = pl.DataFrame(history).drop("tokens_per_s", "mfu", strict=False)
     write_parquet(table.to_arrow(), ctx.out / "history" / "part-00000.parquet")
-    ctx.log_figure(loss_curve_figure(history, ctx.stage), "loss_curve")
+    ctx.log_figure(loss_curve_figure(history, ctx.instance), "loss_curve")
     info = {}
     if ctx.tracker and ctx.run_id:
         if init_from and init_from.manifest.get("info", {}).get("mlflow_model_id"):
             ctx.tracker.log_model_input(ctx.run_id, init_from.manifest["info"]["mlflow_model_id"])
         info["mlflow_model_id"] = ctx.tracker.log_model(
-            ctx.run_id, ctx.out / "model", ctx.stage, step=result["steps"],
+            ctx.run_id, ctx.out / "model", ctx.instance, step=result["steps"],
             params={"params": result["params"], **model_cfg.model_dump()})
     metrics = {k: v for k, v in result.items() if v is not None}
     return {"rows": {"history": len(history)}, "metrics": metrics, "info": info}

@@ -4,6 +4,10 @@ One experiment per pipeline, a parent run per pipeline run, a child run per stag
 hits too, tagged `cached=true` and linked to the run that produced the output). Stage
 inputs and outputs are MLflow datasets whose digest is the stage key and whose source is
 the store path, so producer and consumer share one dataset record (`dataset.digest`).
+Every stage run also links each input to the one run that produced it (tag `input.<name>`
+and a clickable line in the run's description), so a person clicks from the RL run back to
+ingest; a cache hit points to the producer and never poses as one (its output is logged with
+context `reused`, not `output`).
 Uses MlflowClient with explicit run ids, never the fluent API's thread-local active run,
 so stages may run in worker threads or processes. A SQLite tracking store has one writer at a
 time: every call holds a lock file beside the database (two runs at once, or a training process
@@ -32,6 +36,8 @@ from tasks.core.store import Artifact
 
 log = logging.getLogger("slmflow")
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+# MLflow 3's UI opens an experiment without this tag in its GenAI (traces) view
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 def tracking_uri(configured: str | None = None) -> str:
@@ -88,6 +94,30 @@ class Tracker:
             self.client = OneWriter(self.client, db.absolute())
         found = self.client.get_experiment_by_name(experiment)
         self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        if found is None or found.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+            self.client.set_experiment_tag(self.experiment_id, *EXPERIMENT_KIND)
+
+    def run_link(self, run_id: str) -> str:
+        """A markdown link to a run in the MLflow UI (relative: it works wherever the UI is served)."""
+        try:
+            experiment = self.client.get_run(run_id).info.experiment_id
+        except MlflowException:  # produced under another tracking store: the id is all we have
+            return f"`{run_id}`"
+        return f"[{run_id[:8]}](#/experiments/{experiment}/runs/{run_id})"
+
+    def link_inputs(self, run_id: str, inputs: dict[str, Artifact], note: str = "") -> None:
+        """Tag `input.<name>` = the run that produced that input, and say so in the run's description."""
+        lines, tags = [note] if note else [], []
+        for name, a in inputs.items():
+            producer = a.manifest.get("mlflow_run_id")
+            if producer:
+                tags.append(RunTag(f"input.{name}", producer))
+                lines.append(f"- input `{name}`: {a.stage} `{a.key}`, produced by run {self.run_link(producer)}")
+            else:
+                lines.append(f"- input `{name}`: {a.stage} `{a.key}` (produced without MLflow)")
+        if lines:
+            tags.append(RunTag(MLFLOW_RUN_NOTE, "\n".join(lines)))
+            self.client.log_batch(run_id, tags=tags)
 
     def start_parent(self, name: str, tags: dict[str, str]) -> str:
         return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
@@ -101,22 +131,24 @@ class Tracker:
 
     def start_stage(self, parent_run_id, stage, key, cfg, tags=None, label=None) -> str:
         run_id = self._child(parent_run_id, stage, key, {"cached": "false", **(tags or {})}, label)
-        settings = {**identity(cfg), "runtime": runtime_settings(cfg)}  # runtime ones as runtime.<name>
-        params = [Param(k, v) for k, v in flatten(settings).items()]
-        self.client.log_batch(run_id, params=params)
+        self.log_params(run_id, {**identity(cfg), "runtime": runtime_settings(cfg)})  # runtime ones as runtime.<name>
         return run_id
+
+    def log_params(self, run_id: str, settings: dict) -> None:
+        params = [Param(k, v) for k, v in flatten(settings).items()]
+        for i in range(0, len(params), 100):  # MLflow's batch limit for params
+            self.client.log_batch(run_id, params=params[i : i + 100])
 
     def log_cached(self, parent_run_id, artifact: Artifact, inputs: dict[str, Artifact], tags=None,
                    label: str | None = None) -> str:
         """A child run for a cache hit: inputs, output and a link to the producing run."""
         producer = artifact.manifest.get("mlflow_run_id") or ""
-        run_id = self._child(parent_run_id, artifact.stage, artifact.key, {
-            "cached": "true", "produced_by_run": producer, **(tags or {}),
-            MLFLOW_RUN_NOTE: f"Cache hit: output produced by run [{producer}](#/experiments/"
-                             f"{self.experiment_id}/runs/{producer}).",
-        }, label)
+        run_id = self._child(parent_run_id, artifact.stage, artifact.key,
+                             {"cached": "true", "produced_by_run": producer, **(tags or {})}, label)
         self.log_datasets(run_id, inputs.values(), "input")
-        self.finish_stage(run_id, artifact, log_metrics=False)
+        note = f"Cache hit: the output was produced by run {self.run_link(producer)}." if producer else "Cache hit."
+        self.link_inputs(run_id, inputs, note)
+        self.finish_stage(run_id, artifact, produced=False)
         return run_id
 
     def log_datasets(self, run_id: str, artifacts: Iterable[Artifact], context: str) -> None:
@@ -166,16 +198,31 @@ class Tracker:
         source = self.client.get_logged_model(model_id).artifact_location
         return str(self.client.create_model_version(name, source=source, run_id=run_id, model_id=model_id).version)
 
+    def describe_model_version(self, name: str, version: str, description: str, tags: dict[str, str],
+                               model_id: str | None = None, run_id: str | None = None,
+                               metrics: dict[str, float] | None = None) -> None:
+        """Description and tags on a registered model version (and the model), metrics on its logged
+        model (MLflow shows a version's metrics from there); metrics are logged once per model."""
+        self.client.update_registered_model(name, description=description.split("\n\n")[0])
+        self.client.update_model_version(name, version, description=description)
+        for k, v in tags.items():
+            self.client.set_model_version_tag(name, version, k, v)
+        if model_id and run_id and metrics and not self.client.get_logged_model(model_id).metrics:
+            ts = int(time.time() * 1000)
+            self.client.log_batch(run_id, metrics=[Metric(k, float(v), ts, 0, model_id=model_id)
+                                                   for k, v in metrics.items()])
+
     def log_model_input(self, run_id: str, model_id: str) -> None:
         """The upstream model a training stage starts from: MLflow's model-to-model lineage."""
         self.client.log_inputs(run_id, models=[LoggedModelInput(model_id)])
 
-    def finish_stage(self, run_id: str, artifact: Artifact, log_metrics: bool = True) -> None:
-        self.log_datasets(run_id, [artifact], "output")
+    def finish_stage(self, run_id: str, artifact: Artifact, produced: bool = True) -> None:
+        """produced: this run computed the output (a cache hit logs it as `reused`, and no metrics)."""
+        self.log_datasets(run_id, [artifact], "output" if produced else "reused")
         rows = {f"rows.{k}": v for k, v in artifact.rows.items()}
         metrics = {k: v for k, v in artifact.manifest.get("metrics", {}).items() if isinstance(v, (int, float))}
         logged = self.client.get_run(run_id).data.metrics  # a training loop already logged its history
-        summary = {k: v for k, v in metrics.items() if k not in logged} if log_metrics else {}
+        summary = {k: v for k, v in metrics.items() if k not in logged} if produced else {}
         self.log_metrics(run_id, {**rows, **summary})
         self.client.log_batch(run_id, tags=[RunTag("store_path", artifact.path)])
         self.end(run_id, "FINISHED")

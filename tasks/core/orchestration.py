@@ -10,6 +10,7 @@ import contextlib
 import functools
 import inspect
 import os
+import re
 from typing import Callable, Iterator
 
 from prefect import task, unmapped
@@ -19,7 +20,7 @@ from prefect.states import Completed, Failed
 from pydantic import BaseModel
 
 from tasks.core.lineage import Tracker, tracking_uri
-from tasks.core.stage import Stage, StageConfig, StageError, log, run_stage
+from tasks.core.stage import Outcome, Stage, StageConfig, StageError, log, run_stage
 from tasks.core.store import Artifact, Store
 
 
@@ -32,6 +33,7 @@ class RunContext(BaseModel):
     experiment: str = "slmflow"
     parent_run_id: str | None = None
     dask_address: str | None = None  # data stages map their shards on this Dask scheduler (run.runner dask)
+    config_file: str | None = None  # the pipeline config file, recorded in each manifest it produces
 
     def store(self, stage: Stage) -> Store:
         return Store(self.models_root if stage.store == "models" else self.data_root)
@@ -96,6 +98,30 @@ def dask_scheduler(runner: str, address: str | None, workers: int) -> Iterator[s
         restore()
 
 
+def mlflow_run_url(tracker: Tracker, run_id: str) -> str:
+    """Where a person opens a run: a link on a tracking server, else how to open the local store."""
+    if tracker.uri.startswith(("http://", "https://")):
+        url = f"{tracker.uri.rstrip('/')}/#/experiments/{tracker.experiment_id}/runs/{run_id}"
+        return f"[{run_id}]({url})"
+    return f"`{run_id}` (open with `mlflow ui --backend-store-uri {tracker.uri}`)"
+
+
+def link_task_run(outcome: Outcome, instance: str, tracker: Tracker) -> None:
+    """A markdown artifact on the task run: its key, store path and MLflow run (Prefect UI, Artifacts)."""
+    from prefect.artifacts import create_markdown_artifact
+
+    art = outcome.artifact
+    lines = [f"**{instance}** ({art.stage}) `{art.key}`: {'cache hit' if outcome.cached else 'computed'}", "",
+             f"- store: `{art.path}`"]
+    if outcome.run_id:
+        lines.append(f"- MLflow stage run: {mlflow_run_url(tracker, outcome.run_id)}")
+    producer = art.manifest.get("mlflow_run_id")
+    if outcome.cached and producer:
+        lines.append(f"- produced by MLflow run: {mlflow_run_url(tracker, producer)}")
+    key = re.sub(r"[^a-z0-9-]", "-", f"{instance}-{art.key}".lower())  # Prefect's artifact key alphabet
+    create_markdown_artifact(markdown="\n".join(lines), key=key, description=f"{instance} {art.key}")
+
+
 @functools.cache  # one task object per stage, shared by its module and the flow
 def stage_task(stage: Stage):
     """The Prefect task of a stage: `task(run, cfg, inputs, force, label, key) -> Outcome`.
@@ -109,12 +135,15 @@ def stage_task(stage: Stage):
                label: str | None = None, key: str | None = None):
         tags = {"prefect.flow_run_id": str(flow_run.id or ""), "prefect.task_run_id": str(task_run.id or "")}
         try:
+            tracker = run.tracker()
             outcome = run_stage(
-                stage, cfg, inputs, run.store(stage), tracker=run.tracker(), parent_run_id=run.parent_run_id,
+                stage, cfg, inputs, run.store(stage), tracker=tracker, parent_run_id=run.parent_run_id,
                 force=force, map_fn=prefect_map(stage.name, run.dask_address), tags=tags, label=label, key=key,
+                config_file=run.config_file,
             )
         except StageError as e:  # bad input or settings: a one-line Failed state, not a traceback
             return Failed(message=str(e), data=e)
+        link_task_run(outcome, label or stage.name, tracker)
         if outcome.cached:
             return Completed(name="Cached", data=outcome, message=f"in the store: {outcome.artifact.path}")
         return outcome

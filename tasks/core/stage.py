@@ -14,13 +14,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
-from tasks.core.lineage import Tracker
 from tasks.core.settings import identity, runtime_settings
 from tasks.core.store import Artifact, Store, stage_key
+
+if TYPE_CHECKING:  # mlflow is imported by whoever makes a Tracker, not by every stage module
+    from tasks.core.lineage import Tracker
 
 log = logging.getLogger("slmflow")
 log.setLevel(logging.INFO)  # progress lines; Prefect forwards this logger (PREFECT_LOGGING_EXTRA_LOGGERS)
@@ -58,6 +60,7 @@ class Outcome(BaseModel):
     artifact: Artifact
     cached: bool
     seconds: float
+    run_id: str | None = None  # this task's MLflow stage run (on a hit, the run that records the hit)
 
 
 def _map_threads(fn: Callable[..., R], items: list[T], **common: Any) -> list[R]:
@@ -88,6 +91,10 @@ class StageContext:
     run_id: str | None = None
     map: Callable[..., list] = _map_threads  # map(fn, items, **common); Prefect swaps in task.map
     work: Path | None = None  # survives a crash of this stage key (checkpoints); see Store.work_dir
+    instance: str = ""  # the name in the DAG (`ref_0` for a pretrain stage); logged models are named by it
+
+    def __post_init__(self) -> None:
+        self.instance = self.instance or self.stage
 
     def work_dir(self) -> Path:
         assert self.work is not None, "run_stage sets ctx.work"
@@ -140,6 +147,7 @@ def run_stage(
     tags: dict[str, str] | None = None,
     label: str | None = None,
     key: str | None = None,
+    config_file: str | None = None,
 ) -> Outcome:
     """Return the stage's output, computing it unless the store already holds it.
 
@@ -147,16 +155,16 @@ def run_stage(
     (`Store.lock`); another run waits for it and then takes the output as a cache hit. A lock left
     by a killed run is free at once, and the next holder drops the killed run's scratch.
     label: the instance name in the DAG (MLflow run name), when a stage appears more than once.
-    key: the stage key when the caller computed it already (the plan); else computed here."""
+    key: the stage key when the caller computed it already (the plan); else computed here.
+    config_file: the pipeline config that asked for the output (recorded in the manifest for `slmflow ls`)."""
     key = key or stage_key(stage.name, stage.version, cfg, {k: a.key for k, a in inputs.items()})
     start = time.monotonic()
 
     def cached(hit: Artifact) -> Outcome:
         log.info("%s: cache hit %s", label or stage.name, key)
         store.tidy(stage.name, key)
-        if tracker:
-            tracker.log_cached(parent_run_id, hit, inputs, tags, label=label)
-        return Outcome(artifact=hit, cached=True, seconds=time.monotonic() - start)
+        run_id = tracker.log_cached(parent_run_id, hit, inputs, tags, label=label) if tracker else None
+        return Outcome(artifact=hit, cached=True, seconds=time.monotonic() - start, run_id=run_id)
 
     if not force and (hit := store.get(stage.name, key)) is not None:
         return cached(hit)
@@ -171,20 +179,23 @@ def run_stage(
         if not force and (hit := store.get(stage.name, key)) is not None:  # computed while we waited
             return cached(hit)
         store.clear_stale(stage.name, key)
-        return _compute(stage, cfg, inputs, store, key, start, tracker, parent_run_id, map_fn, tags, label)
+        return _compute(stage, cfg, inputs, store, key, start, tracker, parent_run_id, map_fn, tags, label,
+                        config_file)
     finally:
         lock.release()
 
 
 def _compute(stage: Stage, cfg: StageConfig, inputs: dict[str, Artifact], store: Store, key: str, start: float,
              tracker: Tracker | None, parent_run_id: str | None, map_fn: Callable[..., list] | None,
-             tags: dict[str, str] | None, label: str | None) -> Outcome:
+             tags: dict[str, str] | None, label: str | None, config_file: str | None) -> Outcome:
     scratch = store.scratch(stage.name, key)
     run_id = tracker.start_stage(parent_run_id, stage.name, key, cfg, tags, label=label) if tracker else None
-    ctx = StageContext(stage.name, scratch, tracker, run_id, map_fn or _map_threads, store.work_dir(stage.name, key))
+    ctx = StageContext(stage.name, scratch, tracker, run_id, map_fn or _map_threads, store.work_dir(stage.name, key),
+                       label or stage.name)
     try:
         if tracker:
             tracker.log_datasets(run_id, inputs.values(), "input")
+            tracker.link_inputs(run_id, inputs)
         result = stage.fn(cfg, inputs, ctx) or {}
         manifest = {
             "stage": stage.name,
@@ -198,6 +209,7 @@ def _compute(stage: Stage, cfg: StageConfig, inputs: dict[str, Artifact], store:
             "info": result.get("info", {}),  # non-numeric facts, e.g. the MLflow logged model id
             "mlflow_run_id": run_id,
             "prefect": tags or {},
+            "config_file": config_file,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "seconds": round(time.monotonic() - start, 3),
         }
@@ -212,4 +224,4 @@ def _compute(stage: Stage, cfg: StageConfig, inputs: dict[str, Artifact], store:
         raise
     if tracker and run_id:
         tracker.finish_stage(run_id, artifact)
-    return Outcome(artifact=artifact, cached=False, seconds=time.monotonic() - start)
+    return Outcome(artifact=artifact, cached=False, seconds=time.monotonic() - start, run_id=run_id)

@@ -130,6 +130,21 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def make_readable(root: Path) -> None:
+    """Files 0644 and directories 0755 (less the umask): temp dirs are created 0700 and safetensors
+    writes 0600, but a store is shared (a group's runs, a worker reading what another wrote)."""
+    mask = current_umask()
+    for p in [root, *root.rglob("*")]:
+        if not p.is_symlink():
+            os.chmod(p, (0o755 if p.is_dir() else 0o644) & ~mask)
+
+
 def check_name(value: str, what: str) -> str:
     """A stage or key as a path component: no separators, no leading dot (`../../etc` is refused)."""
     if not _NAME.fullmatch(value or ""):
@@ -306,6 +321,7 @@ class Store:
         files = sorted(p for p in scratch.rglob("*") if p.is_file() and p.name != MANIFEST)
         manifest["files"] = {p.relative_to(scratch).as_posix(): file_digest(p) for p in files}
         manifest["sizes"] = {p.relative_to(scratch).as_posix(): p.stat().st_size for p in files}
+        make_readable(scratch)
         if self.local:
             fsync_tree(scratch)  # the data is on disk before the manifest that vouches for it
         (scratch / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
