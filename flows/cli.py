@@ -87,6 +87,9 @@ def _require_server(what: str) -> str:
     if not url:
         fail(f"{what} needs a Prefect server: start one (prefect server start --host 127.0.0.1) and set "
              f"PREFECT_API_URL=http://127.0.0.1:4200/api (README, \"Running on GPU agents and on a schedule\")")
+    if not healthy(url):
+        fail(f"{what}: the Prefect server at PREFECT_API_URL={url} does not answer: start it "
+             f"(prefect server start --host 127.0.0.1) or point PREFECT_API_URL at one")
     return url
 
 

@@ -213,6 +213,7 @@ def parent_run(cfg: PipelineConfig, name: str, tags: dict[str, str], existing: s
     if existing:
         yield tracker, existing
         return
+    tracker.close_dead_runs()
     parent = tracker.start_parent(name, {**tags, "overrides": " ".join(overrides or [])})
     resolved = cfg.model_dump(mode="json")
     tracker.log_params(parent, resolved)

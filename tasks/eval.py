@@ -24,7 +24,7 @@ from tasks.core import chat
 from tasks.core.orchestration import stage_task
 from tasks.core.rollout import generation_metrics, prompts_and_policy, score_prompts
 from tasks.core.settings import Device, device_setting
-from tasks.core.stage import Stage, StageConfig, StageContext
+from tasks.core.stage import Stage, StageConfig, StageContext, log
 from tasks.core.store import Artifact, write_parquet
 
 VERSION = 1
@@ -87,6 +87,10 @@ def evaluate(cfg: EvalConfig, inputs: dict[str, Artifact], ctx: StageContext) ->
     }, schema_overrides={"samples_correct": pl.Int32, "k": pl.Int32, "completion_tokens": pl.Int32})
     write_parquet(results.to_arrow(), ctx.out / "results" / "part-00000.parquet")
     metrics = {**summarize(results), **generation_metrics(greedy, samples)}
+    tasks = sorted(k.split(".", 1)[1] for k in metrics if k.startswith("pass_at_1."))
+    log.info("%s: held-out greedy pass@1 %.3f (%s), sampled pass@1 %.3f, pass@%d %.3f, %d prompts", ctx.instance,
+             metrics["pass_at_1"], ", ".join(f"{t} {metrics[f'pass_at_1.{t}']:.3f}" for t in tasks),
+             metrics["sampled_pass_at_1"], cfg.k, metrics["pass_at_k"], len(results))
     return {"rows": {"results": len(results)}, "metrics": metrics}
 
 

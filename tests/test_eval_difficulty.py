@@ -4,7 +4,6 @@ pass rates against a brute-force recount, the band's strict ends, determinism.""
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -21,7 +20,7 @@ from tasks.core.grpo import in_band
 from tasks.core.outputs import kept_ids, load_pass_rates, load_prompts
 from tasks.core.model import GPT, ModelConfig, save_model
 from tasks.core.rollout import end_id
-from tasks.core.stage import StageError, run_stage
+from tasks.core.stage import run_stage
 from tasks.core.store import Store
 from tasks.tokenizer import TokenizerConfig, new_tokenizer
 

@@ -109,7 +109,6 @@ def make_documents(root, texts: list[str], sources: list[str], shard_rows: int) 
 
 def test_stage_outputs_metrics_and_determinism(tmp_path):
     docs = planted()
-    names = list(docs) + ["good_code"]
     texts = list(docs.values()) + [docs["max_symbol_to_word_ratio"]]
     sources = ["web"] * len(docs) + ["code"]
     art = make_documents(tmp_path, texts, sources, shard_rows=5)

@@ -250,3 +250,8 @@ def test_chaos_kills_at_four_moments_then_matches_a_clean_run(tiny_run, tmp_path
     assert [n for n in expected if got[n] != expected[n]] == []  # every file of every stage, weights included
     assert run.resumed("pretrain") and run.resumed("rl")
     assert run.leftovers() == []
+    from mlflow import MlflowClient  # the killed runs' MLflow runs were ended by the rerun
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'chaos' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("slmflow-chaos").experiment_id], max_results=1000)
+    assert {r.info.status for r in runs} == {"FINISHED", "KILLED"}

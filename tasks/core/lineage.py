@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 import warnings
 from pathlib import Path
@@ -54,6 +55,21 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
         else:
             out[name] = str(v)[:6000]  # MLflow's param value limit
     return out
+
+
+def owner() -> dict[str, str]:
+    """Tags naming the process that made a run, so a later run can tell it died (`close_dead_runs`)."""
+    return {"slmflow.host": socket.gethostname(), "slmflow.pid": str(os.getpid())}
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 class OneWriter:
@@ -120,11 +136,22 @@ class Tracker:
             self.client.log_batch(run_id, tags=tags)
 
     def start_parent(self, name: str, tags: dict[str, str]) -> str:
-        return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+        return self.client.create_run(self.experiment_id, run_name=name, tags={**tags, **owner()}).info.run_id
+
+    def close_dead_runs(self) -> list[str]:
+        """End as KILLED the runs that a killed slmflow process on this host left RUNNING (SIGKILL gives
+        a process no chance to end its own runs). A run whose pid is alive again (reused) stays."""
+        host, dead = socket.gethostname(), []
+        for run in self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'", max_results=1000):
+            tags = run.data.tags
+            if tags.get("slmflow.host") == host and tags.get("slmflow.pid", "").isdigit() and not alive(int(tags["slmflow.pid"])):
+                self.client.set_terminated(run.info.run_id, "KILLED")
+                dead.append(run.info.run_id)
+        return dead
 
     def _child(self, parent_run_id: str | None, stage: str, key: str, tags: dict[str, str] | None,
                label: str | None = None) -> str:
-        all_tags = {"stage": stage, "stage_key": key, "instance": label or stage, **(tags or {})}
+        all_tags = {"stage": stage, "stage_key": key, "instance": label or stage, **owner(), **(tags or {})}
         if parent_run_id:
             all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
         return self.client.create_run(self.experiment_id, run_name=label or stage, tags=all_tags).info.run_id
