@@ -7,7 +7,7 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-from tasks.core.stage import run_stage
+from tasks.core.stage import StageError, run_stage
 from tasks.core.store import Artifact, Store, write_parquet
 from tasks.core.tokens import normalize
 from tasks.dedup import STAGE, DedupConfig
@@ -16,13 +16,14 @@ from tasks.ingest import SCHEMA
 RNG_WORDS = [f"w{i}" for i in range(5000)]
 
 
-def make_documents(tmp_path, texts: list[str], shard_rows: int = 40) -> Artifact:
-    """A fake ingest output: documents shards with ids in shuffled order."""
+def make_documents(tmp_path, texts: list[str], shard_rows: int = 40, sources: list[str] | None = None) -> Artifact:
+    """A fake ingest output: documents shards with ids in shuffled order (one source "t" by default)."""
     store = Store(tmp_path / "in")
     out = tmp_path / "in" / "ingest" / "k"
     ids = [f"d{i:05d}" for i in np.random.default_rng(0).permutation(len(texts))]
     for s in range(0, len(texts), shard_rows):
-        rows = {"id": ids[s:s + shard_rows], "text": texts[s:s + shard_rows], "source": ["t"] * len(texts[s:s + shard_rows])}
+        rows = {"id": ids[s:s + shard_rows], "text": texts[s:s + shard_rows],
+                "source": (sources or ["t"] * len(texts))[s:s + shard_rows]}
         write_parquet(pa.table(rows, schema=SCHEMA), out / "documents" / f"part-{s // shard_rows:05d}.parquet")
     files = {f"documents/{p.name}": "" for p in sorted((out / "documents").iterdir())}
     return Artifact(stage="ingest", key="k", path=str(out), manifest={"files": files, "rows": {}}), ids, store
@@ -44,7 +45,9 @@ def test_exact_dedup_equals_polars_unique_oracle(tmp_path):
         t = base[rng.integers(len(base))]
         texts.append(t.upper() if rng.random() < 0.3 else t.replace(" ", "  \n ", 2))
     docs, ids, _ = make_documents(tmp_path, texts)
-    out = run_stage(STAGE, DedupConfig(near=False), {"documents": docs}, Store(tmp_path / "out")).artifact
+    # 200 copies of 60 texts remove 70% of the one source, by design: lift the wipeout guard
+    out = run_stage(STAGE, DedupConfig(near=False, max_source_removal=1.0), {"documents": docs},
+                    Store(tmp_path / "out")).artifact
     oracle = (pl.DataFrame({"id": ids, "text": texts})
               .with_columns(norm=pl.col("text").map_elements(lambda t: normalize(t, True), return_dtype=pl.String))
               .sort("id").unique("norm", keep="first", maintain_order=True))
@@ -115,3 +118,61 @@ def test_output_independent_of_sharding_and_repeatable(tmp_path, shard_rows):
     assert a.manifest["files"] == b.manifest["files"]  # same bytes
     assert sorted(read(a, "documents")["id"]) == sorted(set(docs_ids := read(a, "documents")["id"]))
     assert len(docs_ids) == 20
+
+
+def chained(rng, n_docs: int, words: int = 200, step: int = 4) -> list[str]:
+    """Documents that each differ from the previous one in `step` words: neighbours are near-duplicates
+    (true Jaccard ~0.9), the ends of the chain are not (the templated problems that wipe a source out)."""
+    doc, out = random_doc(rng, words), []
+    for k in range(n_docs):
+        doc = doc.copy()
+        doc[k * step:(k + 1) * step] = random_doc(rng, step)
+        out.append(" ".join(doc))
+    return out
+
+
+def wipeout_corpus(tmp_path, rng):
+    web = [" ".join(random_doc(rng)) for _ in range(40)]
+    tasks = chained(rng, 30)
+    return make_documents(tmp_path, web + tasks, sources=["web"] * len(web) + ["tasks"] * len(tasks))[0]
+
+
+def test_a_source_wipeout_stops_the_stage_unless_told(tmp_path, caplog):
+    docs = wipeout_corpus(tmp_path, np.random.default_rng(5))
+    with pytest.raises(StageError, match=r"dedup: source 'tasks' would lose 9\d% of its documents \(2\d of 30\), "
+                                         r"above dedup.max_source_removal 0.5"):
+        run_stage(STAGE, DedupConfig(), {"documents": docs}, Store(tmp_path / "a"))
+    assert not (tmp_path / "a" / "dedup").exists() or not any((tmp_path / "a" / "dedup").rglob("manifest.json"))
+
+    warned = run_stage(STAGE, DedupConfig(source_removal="warn"), {"documents": docs}, Store(tmp_path / "b")).artifact
+    assert warned.manifest["metrics"]["duplicate_rate.tasks"] > 0.9 and "source 'tasks' would lose" in caplog.text
+    assert warned.manifest["metrics"]["duplicate_rate.web"] == 0.0
+
+    for policy in ("exact", "exempt", 0.99):  # near-dup off for the source, or a Jaccard the chain never reaches
+        kept = run_stage(STAGE, DedupConfig(sources={"tasks": policy}), {"documents": docs},
+                         Store(tmp_path / f"c{policy}")).artifact
+        assert kept.manifest["metrics"]["duplicate_rate.tasks"] == 0.0, policy
+        assert kept.rows["documents"] == 70
+
+
+def test_threshold_and_precision_audit(tmp_path):
+    docs = wipeout_corpus(tmp_path, np.random.default_rng(6))
+    cfg = DedupConfig(source_removal="warn", audit_pairs=1000)  # every removed document audited
+    out = run_stage(STAGE, cfg, {"documents": docs}, Store(tmp_path / "out")).artifact
+    m = out.manifest["metrics"]
+    assert m["lsh_threshold"] == pytest.approx((1 / 14) ** (1 / 8))  # 0.719: the S-curve's knee
+    # the oracle: each removed document's true shingle Jaccard to the one its cluster kept
+    texts = dict(zip(*[pl.concat([pl.read_parquet(f) for f in docs.files("documents")])[c].to_list()
+                       for c in ("id", "text")]))
+    clusters = read(out, "clusters").filter(~pl.col("kept"))
+
+    def shingles(text):
+        w = text.lower().split()
+        return {tuple(w[i:i + 5]) for i in range(len(w) - 4)}
+
+    jaccard = [len(shingles(texts[d]) & shingles(texts[c])) / len(shingles(texts[d]) | shingles(texts[c]))
+               for d, c in zip(clusters["doc_id"], clusters["cluster_id"])]
+    assert m["audit_pairs"] == len(jaccard) > 20
+    assert m["audit_jaccard_mean"] == pytest.approx(np.mean(jaccard))
+    assert m["audit_precision"] == pytest.approx(np.mean(np.array(jaccard) >= 0.7))
+    assert m["audit_precision"] < 0.5  # the chain: most removed documents are far from the one kept
