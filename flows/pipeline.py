@@ -19,7 +19,7 @@ from prefect.states import Failed
 
 from flows.config import ConfigError, PipelineConfig, resolve_config
 from flows.record import RunRecord, lineage
-from flows.report import headline_metrics, report_card, write_report
+from flows.report import baseline_of, headline_metrics, report_card, write_report
 from tasks import (
     decontaminate,
     dedup,
@@ -282,11 +282,12 @@ def _pipeline(config: str | dict, only: list[str] | None, force: list[str] | Non
                                set(force or []), cfg.model_dump(mode="json"), remote)
         dag(cfg, runner)
         card = report_card(runner.outcomes, plan)
-        path = write_report(card, cfg.run.data_root, parent)
+        baseline = baseline_of(runner.outcomes, plan)
+        path = write_report(card, cfg.run.data_root, parent, baseline)
         tracker.log_text(parent, path.read_text(), "report.md")
-        tracker.log_metrics(parent, headline_metrics(card))
+        tracker.log_metrics(parent, headline_metrics(card, baseline))
         record = RunRecord.from_plan(cfg, plan, config_file, overrides, parent)
         tracker.log_text(parent, lineage(record, needed).to_mermaid(), "lineage.mmd")
         describe_final_model(tracker, record, dict(runner.outcomes))
         record.save()
-    return {"report": card, "report_path": str(path), "mlflow_run_id": parent}
+    return {"report": card, "baseline": baseline, "report_path": str(path), "mlflow_run_id": parent}

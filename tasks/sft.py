@@ -10,6 +10,7 @@ with its own schedule, checkpoints, resume, metrics and logged model.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Literal
 
 import numpy as np
@@ -21,7 +22,7 @@ from tasks.core.model import ModelConfig
 from tasks.core.orchestration import stage_task
 from tasks.core.outputs import load_pass_rates, load_prompts
 from tasks.core.settings import runtime
-from tasks.core.stage import Stage, StageConfig, StageContext, StageError
+from tasks.core.stage import Stage, StageConfig, StageContext, StageError, log
 from tasks.core.store import Artifact, read_text
 from tasks.core.tokens import PAD, below_fraction, doc_hash, load_tokenizer, special_ids, tokenizer_path
 from tasks.core.train import TrainConfig
@@ -67,6 +68,25 @@ def pack_examples(examples: list[tuple[list[int], list[int]]], seq_len: int, pad
     return np.array(tokens, np.int32).reshape(-1, width), np.array(masks, np.int8).reshape(-1, width), dropped
 
 
+def count_too_long(rows: list[dict], examples: list[tuple[list[int], list[int]]], seq_len: int, split: str,
+                   max_seq_len: int) -> dict[str, int]:
+    """Examples longer than a row, per task (`<split>_too_long.<task>`), each task's loss logged; a task
+    losing more than half of its training examples stops the stage (it would silently score 0)."""
+    totals = Counter(r["task"] for r in rows)
+    lengths: dict[str, list[int]] = {}
+    for r, (ids, _) in zip(rows, examples):
+        if len(ids) > seq_len + 1:
+            lengths.setdefault(r["task"], []).append(len(ids))
+    for task, too_long in sorted(lengths.items()):
+        message = (f"sft: {len(too_long):,} of {totals[task]:,} {split} examples of task {task} do not fit a row "
+                   f"(sft.seq_len {seq_len} + 1 tokens; the longest has {max(too_long)})")
+        if split == "train" and len(too_long) > totals[task] / 2:
+            raise StageError(f"{message}: raise sft.seq_len (the base model allows {max_seq_len}) or shorten the "
+                             f"task's prompts")
+        log.warning("%s: dropped", message)
+    return {f"{split}_too_long.{task}": len(v) for task, v in sorted(lengths.items())}
+
+
 def sft(cfg: SFTConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
     base, tok_art = inputs["model"], inputs["tokenizer"]
     tok = load_tokenizer(tok_art)
@@ -88,15 +108,15 @@ def sft(cfg: SFTConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
 
     arrays, metrics = {}, {"mastered_dropped": mastered}
     for split, select in (("train", ~is_val), ("val", is_val)):
-        examples = [
-            example_ids(tok, r["question"], completion_text(r["answer"], r.get("solution") if cfg.use_solutions else None))
-            for r, chosen in zip(rows, select) if chosen
-        ]
+        chosen = [r for r, c in zip(rows, select) if c]
+        examples = [example_ids(tok, r["question"], completion_text(r["answer"], r.get("solution") if cfg.use_solutions
+                                                                    else None)) for r in chosen]
+        metrics.update(count_too_long(chosen, examples, seq_len, split, model_cfg.max_seq_len))
         tokens, mask, dropped = pack_examples(examples, seq_len, pad_id)
         arrays[split], arrays[f"{split}_mask"] = ctx.work_dir() / f"{split}.npy", ctx.work_dir() / f"{split}_mask.npy"
         save_array(arrays[split], tokens)
         save_array(arrays[f"{split}_mask"], mask)
-        metrics.update({f"{split}_examples": len(examples), f"{split}_rows": len(tokens),
+        metrics.update({f"{split}_examples": len(examples) - dropped, f"{split}_rows": len(tokens),
                         f"{split}_too_long": dropped, f"{split}_target_tokens": int(mask[:, 1:].sum())})
     if metrics["train_rows"] < cfg.batch_size:
         raise StageError(f"sft.batch_size {cfg.batch_size} exceeds the {metrics['train_rows']} packed SFT rows")

@@ -41,3 +41,21 @@ def test_prompt_tokens_get_no_loss_and_no_gradient():
     grad_norm_per_position = logits.grad.abs().sum(-1)
     assert torch.all(grad_norm_per_position[~learn] == 0)  # prompt and pad positions: exactly zero
     assert torch.all(grad_norm_per_position[learn] > 0)
+
+
+def test_examples_that_do_not_fit_are_counted_per_task_and_a_lost_task_stops(caplog):
+    import pytest
+
+    from tasks.core.stage import StageError
+    from tasks.sft import count_too_long
+
+    rows = [{"task": "short"}] * 4 + [{"task": "wordy"}] * 4
+    examples = [example(5, 3, 0)] * 4 + [example(20, 3, 0)] * 3 + [example(5, 3, 0)]  # 3 of 4 wordy: 23 > 16
+    with pytest.raises(StageError, match=r"sft: 3 of 4 train examples of task wordy do not fit a row \(sft.seq_len "
+                                         r"15 \+ 1 tokens; the longest has 23\): raise sft.seq_len \(the base model "
+                                         r"allows 64\)"):
+        count_too_long(rows, examples, 15, "train", 64)
+    examples[5] = example(5, 3, 0)  # now 2 of 4: half, not most: counted and logged, not fatal
+    assert count_too_long(rows, examples, 15, "train", 64) == {"train_too_long.wordy": 2}
+    assert "2 of 4 train examples of task wordy do not fit a row" in caplog.text
+    assert count_too_long(rows[:4], examples[:4], 15, "train", 64) == {}

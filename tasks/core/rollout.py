@@ -153,6 +153,22 @@ def generation_metrics(*scored: Scored) -> dict[str, float]:
             "generate_tokens_per_s": tokens / max(1e-9, seconds)}
 
 
+def constant_answer_baseline(prompts, split: str, per_task: int | None) -> dict[str, dict]:
+    """Per task, what answering every prompt with the train split's most frequent gold answer scores on
+    the rows an eval stage sees (`split`, first `per_task` of each task), by the task's own verifier:
+    {task: {"answer", "pass_at_1", "prompts"}}. A model has learned a task only where it beats this."""
+    train = pl.DataFrame(load_prompts(prompts, "train")).select("task", "answer")
+    common = {t: a for t, a in train.group_by("task").agg(pl.col("answer").mode().sort().first()).iter_rows()}
+    rows = take_per_task(load_prompts(prompts, split), per_task)
+    out: dict[str, dict] = {}
+    for task in sorted({r["task"] for r in rows}):
+        mine = [r for r in rows if r["task"] == task]
+        answer = common.get(task)
+        correct = [answer is not None and chat.score(r, chat.completion_text(answer)) == 1.0 for r in mine]
+        out[task] = {"answer": answer, "pass_at_1": float(np.mean(correct)), "prompts": len(mine)}
+    return out
+
+
 def take_per_task(rows: Sequence[dict], cap: int | None) -> list[dict]:
     """The first `cap` rows of each task, in the given order (all rows when cap is None)."""
     if cap is None:
