@@ -1,6 +1,6 @@
 """How long `slmflow --help` and the read commands take, against what they used to import.
 
-Each command runs as a fresh process (`python -m flows.cli ...`), median of --repeats runs. The
+Each command runs as a fresh process (this checkout's `flows.cli`), median of --repeats runs. The
 baseline, measured in the same run, is the import every command paid before imports were deferred:
 the stage modules with torch, mlflow and prefect (`import flows.config, flows.pipeline`). Read
 commands run in --project, a directory whose data/runs/last-run.json records a run (the tiny
@@ -42,9 +42,11 @@ def main() -> None:
     parser.add_argument("--project", type=Path, default=ROOT, help="a directory with data/runs/last-run.json")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    cli = ["-m", "flows.cli"]
+    # this checkout's CLI even when --project is itself a checkout (`-m` would import the cwd's flows/)
+    cli = ["-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); from flows.cli import app; app()"]
     result = {"help_s": seconds([*cli, "--help"], args.project, args.repeats),
-              "baseline_import_s": seconds(["-c", "import flows.config, flows.pipeline"], args.project, args.repeats)}
+              "baseline_import_s": seconds(["-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); import flows.config, "
+                                                  "flows.pipeline"], args.project, args.repeats)}
     record = args.project / "data" / "runs" / "last-run.json"
     if record.exists():
         config = json.loads(record.read_text())["config_file"]
