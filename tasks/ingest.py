@@ -118,8 +118,11 @@ def ingest(cfg: IngestConfig, inputs: dict, ctx: StageContext) -> dict:
                 if not text.strip():
                     counts[f"dropped_empty.{raw.source}"] += 1
                     continue
-                did = doc_id(raw.source, raw.ref)
+                did = raw.id if raw.id is not None else doc_id(raw.source, raw.ref)
                 if did in seen:
+                    if raw.id is not None:
+                        raise StageError(f"ingest: id {did!r} ({raw.source}:{raw.ref}) appears twice: a source's "
+                                         f"id_column must hold unique ids")
                     raise StageError(f"ingest: document {raw.source}:{raw.ref} appears twice (a source listed twice?)")
                 seen.add(did)
                 writer.add(id=did, text=text, source=raw.source)

@@ -12,6 +12,13 @@ from flows.prefect_server import apply_defaults  # noqa: E402
 
 apply_defaults()  # as the CLI does, before Prefect is imported (stages also run outside a flow here)
 
+# Prefect binds its console log handler to sys.stderr when it sets up logging. The CLI imports it only
+# inside `slmflow run`; under CliRunner that stderr is a buffer closed after the call, and every later
+# Prefect log line would fail against it. Set it up here, bound to the real stderr.
+from prefect.logging.configuration import setup_logging  # noqa: E402
+
+setup_logging()
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 

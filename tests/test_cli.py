@@ -14,6 +14,9 @@ from flows.cli import app
 
 runner = CliRunner()
 MLFLOW_INFO = re.compile(r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d INFO mlflow")
+# Prefect's own log lines (`12:00:01.234 | INFO | Flow run ...`) reach the captured output when its console
+# handler was set up inside this CliRunner call (a test run alone): progress, not the error
+PREFECT_LOG = re.compile(r"\d\d:\d\d:\d\d\.\d{3} \| [A-Z]+ +\| ")
 
 
 def with_source(project, source: dict):
@@ -27,7 +30,8 @@ def fails_cleanly(project, args, *needles):
     result = runner.invoke(app, args)
     assert result.exit_code == 1, result.output
     # MLflow's INFO lines when it creates a new database (a run that got as far as a stage) are not errors
-    lines = [ln for ln in result.output.splitlines() if ln.strip() and not MLFLOW_INFO.match(ln)]
+    lines = [ln for ln in result.output.splitlines()
+             if ln.strip() and not MLFLOW_INFO.match(ln) and not PREFECT_LOG.match(ln)]
     assert len(lines) == 1 and lines[0].startswith("error:"), result.output
     for needle in needles:
         assert needle in lines[0]
@@ -130,7 +134,7 @@ def test_jsonl_invalid_utf8_is_replaced_counted_and_named(project, caplog):
     result, manifest = ingest_only(project, {"kind": "jsonl", "path": str(project / "c.jsonl")})
     assert result.exit_code == 0, result.output
     assert manifest["metrics"]["invalid_utf8"] == 1 and manifest["rows"]["documents"] == 2
-    assert f"ingest: jsonl:{project / 'c.jsonl'}:2 is not valid UTF-8" in caplog.text
+    assert "ingest: jsonl:c.jsonl:2 is not valid UTF-8" in caplog.text  # the file as the glob's directory sees it
 
 
 @pytest.mark.usefixtures("prefect_server")

@@ -32,3 +32,31 @@ def test_normalization_counts_and_stable_ids(tmp_path):
     assert docs["id"].n_unique() == 3
     again = run_stage(STAGE, cfg, {}, Store(tmp_path / "store2")).artifact
     assert again.manifest["files"] == out.manifest["files"]  # same ids, same bytes
+
+
+def test_compressed_jsonl_and_the_users_own_ids(tmp_path):
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import pytest
+
+    from tasks.core.stage import StageError
+
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(b'{"doc": "A1", "text": "one"}\n{"doc": 7, "text": "two"}\n'))
+    with pa.output_stream(str(tmp_path / "b.jsonl.zst"), compression="zstd") as out:
+        out.write(b'{"doc": "B1", "text": "three"}\n')
+    pq.write_table(pa.table({"key": ["P1", "P2"], "body": ["four", "five"]}), tmp_path / "c.parquet")
+    sources = [{"kind": "jsonl", "path": str(tmp_path / "*.jsonl.*"), "id_column": "doc"},
+               {"kind": "parquet", "path": str(tmp_path / "*.parquet"), "text_column": "body", "id_column": "key"}]
+    art = run_stage(STAGE, IngestConfig(sources=sources), {}, Store(tmp_path / "s")).artifact
+    docs = pl.concat([pl.read_parquet(f) for f in art.files("documents")])
+    assert dict(zip(docs["id"], docs["text"])) == {"A1": "one", "7": "two", "B1": "three", "P1": "four", "P2": "five"}
+
+    pq.write_table(pa.table({"key": ["P1"], "body": ["six"]}), tmp_path / "d.parquet")  # P1 again
+    with pytest.raises(StageError, match=r"ingest: id 'P1' \(parquet:d.parquet:0\) appears twice: a source's "
+                                         r"id_column must hold unique ids"):
+        run_stage(STAGE, IngestConfig(sources=sources), {}, Store(tmp_path / "t"))
+    missing = [{**sources[1], "id_column": "nope"}]
+    with pytest.raises(StageError, match=r"c.parquet has no id column 'nope' \(columns: key, body\)"):
+        run_stage(STAGE, IngestConfig(sources=missing), {}, Store(tmp_path / "u"))

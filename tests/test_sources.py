@@ -59,6 +59,24 @@ def test_parquet_reads_rows_in_order_skipping_nulls(tmp_path):
     assert docs(ParquetSource(path=str(tmp_path / "*.parquet"), name="mine"))[0].source == "mine"
 
 
+def test_refs_do_not_depend_on_how_the_path_is_spelled(tmp_path, monkeypatch):
+    """Relative, absolute, ./-prefixed or through a symlinked directory: the same refs (so the same
+    document ids and stage keys), naming each file below the glob's directory and the row."""
+    (tmp_path / "corpus" / "2024").mkdir(parents=True)
+    pq.write_table(pa.table({"text": ["x", "y"]}), tmp_path / "corpus" / "2024" / "a.parquet")
+    (tmp_path / "corpus" / "b.jsonl").write_text('{"text": "z"}\n')
+    (tmp_path / "link").symlink_to(tmp_path / "corpus")
+    monkeypatch.chdir(tmp_path)
+    for kind, pattern, expected in ((ParquetSource, "**/*.parquet", ["2024/a.parquet:0", "2024/a.parquet:1"]),
+                                    (JsonlSource, "*.jsonl", ["b.jsonl:1"])):
+        spellings = [f"corpus/{pattern}", f"./corpus/{pattern}", f"{tmp_path}/corpus/{pattern}", f"link/{pattern}",
+                     f"{tmp_path}/corpus/../corpus/{pattern}"]
+        for spelling in spellings:
+            assert [d.ref for d in docs(kind(path=spelling))] == expected, spelling
+    single = [d.ref for d in docs(JsonlSource(path="corpus/b.jsonl"))]
+    assert single == [d.ref for d in docs(JsonlSource(path=f"{tmp_path}/link/b.jsonl"))] == ["b.jsonl:1"]
+
+
 def test_parquet_bad_inputs(tmp_path):
     raises(ParquetSource(path=str(tmp_path / "*.parquet")), "no files match", "*.parquet")
     pq.write_table(pa.table({"text": ["ok"]}), tmp_path / "a.parquet")
@@ -77,7 +95,7 @@ def test_jsonl_reads_lines_keeps_invalid_utf8_as_bytes(tmp_path):
                   + json.dumps({"text": "\u00e9t\u00e9"}).encode() + b'\n{"text": "lone \\ud800"}\n')
     stats = {}
     out = docs(JsonlSource(path=str(f)), stats)
-    assert [d.ref for d in out] == [f"{f}:1", f"{f}:4", f"{f}:5", f"{f}:6"]
+    assert [d.ref for d in out] == ["a.jsonl:1", "a.jsonl:4", "a.jsonl:5", "a.jsonl:6"]
     assert isinstance(out[3].data, bytes) and out[3].data.startswith(b"lone ")  # unpaired \ud800 escape
     assert out[0].data == "hello" and out[2].data == "été"
     assert out[1].data == b"caf\xe9 ok"  # invalid UTF-8 passed through; ingest decodes with replace

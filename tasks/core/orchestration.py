@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import logging
 import os
 import re
 from typing import Callable, Iterator
@@ -22,6 +23,17 @@ from pydantic import BaseModel
 from tasks.core.lineage import Tracker, tracking_uri
 from tasks.core.stage import Outcome, Stage, StageConfig, StageError, log, run_stage
 from tasks.core.store import Artifact, Store
+
+
+class _QuietStageErrors(logging.Filter):
+    """Prefect logs a task that returns a Failed state at ERROR with the state's repr and an empty
+    traceback ("NoneType: None"); for a StageError the command prints its one line itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "result=StageError(" not in record.getMessage()
+
+
+logging.getLogger("prefect.task_runs").addFilter(_QuietStageErrors())
 
 
 class RunContext(BaseModel):

@@ -45,6 +45,7 @@ class RawDoc:
     source: str  # config source name (cfg.name or cfg.kind)
     ref: str  # stable reference within the source
     data: bytes | str
+    id: str | None = None  # the user's own id (a source's id_column); else ingest derives one from the ref
 
 
 def _bump(stats: dict | None, key: str) -> None:
@@ -269,12 +270,23 @@ class _Files(Source):
 
     path: str
     text_column: str = "text"
+    id_column: str | None = Field(None, description="a column of the user's own document ids, kept as the "
+                                  "documents' ids (they must be unique)")
 
     def files(self) -> list[str]:
         files = sorted(f for f in glob.glob(os.path.expanduser(self.path), recursive=True) if os.path.isfile(f))
         if not files:
             raise SourceError(f"{self.kind} source: no files match {self.path!r}")  # type: ignore[attr-defined]
         return files
+
+    def ref(self, f: str, row: int) -> str:
+        """`<file relative to the glob's fixed directory>:<row>`: the same whichever way the path is
+        spelled (relative, absolute, ~, ./, a symlinked directory), so ids and keys do not change
+        with it, and still naming the file and row a document came from."""
+        parts = Path(os.path.expanduser(self.path)).parts
+        fixed = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts) - 1)
+        base = os.path.realpath(Path(*parts[:fixed]) if fixed else ".")
+        return f"{Path(os.path.relpath(os.path.realpath(f), base)).as_posix()}:{row}"
 
 
 class ParquetSource(_Files):
@@ -294,6 +306,8 @@ class ParquetSource(_Files):
         schema = pf.schema_arrow
         if self.text_column not in schema.names:
             raise SourceError(f"parquet source: {f} has no column {self.text_column!r} (columns: {', '.join(schema.names)})")
+        if self.id_column and self.id_column not in schema.names:
+            raise SourceError(f"parquet source: {f} has no id column {self.id_column!r} (columns: {', '.join(schema.names)})")
         t = schema.field(self.text_column).type
         if not any(is_(t) for is_ in (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary,
                                       pa.types.is_large_binary)):
@@ -307,16 +321,27 @@ class ParquetSource(_Files):
     def documents(self, stats: dict | None = None) -> Iterator[RawDoc]:
         for f, pf in [(f, self.open(f)) for f in self.files()]:
             row = 0
-            for batch in pf.iter_batches(batch_size=self.batch_size, columns=[self.text_column]):
-                for value in batch.column(0).to_pylist():
+            columns = [self.text_column, *([self.id_column] if self.id_column else [])]
+            for batch in pf.iter_batches(batch_size=self.batch_size, columns=columns):
+                ids = batch.column(1).to_pylist() if self.id_column else [None] * batch.num_rows
+                for value, user_id in zip(batch.column(0).to_pylist(), ids):
                     if value is None:
                         _bump(stats, "skipped_null")
                     else:
-                        yield RawDoc(self.source, f"{f}:{row}", value)
+                        yield RawDoc(self.source, self.ref(f, row), value, _user_id(user_id, self, f, row))
                     row += 1
 
     def estimate(self) -> int | None:
         return sum(self.open(f).metadata.num_rows for f in self.files())
+
+
+def _user_id(value, source: _Files, f: str, row: int) -> str | None:
+    if not source.id_column:
+        return None
+    if value is None or isinstance(value, (dict, list, float)) or str(value) == "":
+        raise SourceError(f"{source.kind} source: {f} row {row}: id column {source.id_column!r} is {value!r}: "  # type: ignore[attr-defined]
+                          f"ids must be non-empty strings or integers")
+    return str(value)
 
 
 def _str_or_bytes(text: str) -> str | bytes:
@@ -332,14 +357,17 @@ def _str_or_bytes(text: str) -> str | bytes:
 
 
 class JsonlSource(_Files):
-    """Your own JSON-lines files by glob: one object per line with a text field."""
+    """Your own JSON-lines files by glob: one object per line with a text field; `.gz`, `.zst`, `.bz2`
+    and `.lz4` files are decompressed as they are read (pyarrow's streams, by extension)."""
 
     kind: Literal["jsonl"] = "jsonl"
 
-    def lines(self, f: str, limit: int | None = None) -> Iterator[tuple[int, bytes | str | None]]:
-        """(line number, text) per non-blank line; text None for a null value; bytes if not valid UTF-8."""
+    def lines(self, f: str, limit: int | None = None) -> Iterator[tuple[int, bytes | str | None, str | None]]:
+        """(line number, text, user id) per non-blank line; text None for a null value; bytes if not valid UTF-8."""
+        import pyarrow as pa
+
         key, seen = self.text_column, 0
-        with open(f, "rb") as fh:
+        with pa.input_stream(f, compression="detect") as stream, io.BufferedReader(stream) as fh:
             for n, line in enumerate(fh, 1):
                 if n == 1 and line.startswith(b"\xef\xbb\xbf"):
                     line = line[3:]
@@ -356,7 +384,10 @@ class JsonlSource(_Files):
                 text = obj[key]
                 if text is not None and not isinstance(text, str):
                     raise SourceError(f"jsonl source: {f} line {n}: {key!r} is {type(text).__name__}, expected string")
-                yield n, (None if text is None else _str_or_bytes(text))
+                if self.id_column and self.id_column not in obj:
+                    raise SourceError(f"jsonl source: {f} line {n}: no id key {self.id_column!r}")
+                user_id = _user_id(obj.get(self.id_column), self, f, n) if self.id_column else None
+                yield n, (None if text is None else _str_or_bytes(text)), user_id
                 seen += 1
                 if limit is not None and seen >= limit:
                     return
@@ -368,11 +399,11 @@ class JsonlSource(_Files):
 
     def documents(self, stats: dict | None = None) -> Iterator[RawDoc]:
         for f in self.files():
-            for n, text in self.lines(f):
+            for n, text, user_id in self.lines(f):
                 if text is None:
                     _bump(stats, "skipped_null")
                 else:
-                    yield RawDoc(self.source, f"{f}:{n}", text)
+                    yield RawDoc(self.source, self.ref(f, n), text, user_id)
 
 
 def _kinds(base: type[Source] = Source) -> list[type[Source]]:
