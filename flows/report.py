@@ -131,7 +131,7 @@ def write_report(card: list[dict], data_root: str, run_id: str, baseline: dict[s
     runs = runs_dir(data_root)
     runs.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=runs))
-    (tmp / "report.md").write_text(f"# slmflow report card\n\nMLflow run `{run_id}`\n\n" + to_markdown(card))
+    (tmp / "report.md").write_text(f"# slmflow report card\n\nMLflow run `{run_id}`\n\n" + to_markdown(card, baseline))
     make_readable(tmp)
     out = runs / f"{stamp}-{run_id[:8]}"
     os.replace(tmp, out)

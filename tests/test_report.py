@@ -46,3 +46,6 @@ def test_constant_answer_baseline_matches_an_oracle(tiny_run):
         assert b["prompts"] == len(answers)
         assert b["pass_at_1"] == pytest.approx((answers == b["answer"]).mean())  # these verifiers: exact match
     assert result["baseline"] == baseline  # the pipeline's card shows the same numbers
+    from pathlib import Path
+
+    assert "| constant answer |" in Path(result["report_path"]).read_text()  # and so does report.md
