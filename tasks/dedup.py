@@ -202,8 +202,8 @@ def dedup(cfg: DedupConfig, inputs: dict, ctx: StageContext) -> dict:
     parts = ctx.map(shard_signatures, files, cfg=cfg)
     docs, stats = find_clusters(parts, cfg)
     removal = check_sources(docs, cfg)  # before anything is written
-    log.info("dedup: LSH %d bands x %d rows: pairs above Jaccard ~%.2f become candidates", cfg.bands, cfg.rows,
-             (1 / cfg.bands) ** (1 / cfg.rows))
+    threshold = (1 / cfg.bands) ** (1 / cfg.rows)  # the S-curve's knee: P(candidate) ~ 0.5 there
+    log.info("dedup: LSH %d bands x %d rows: pairs above Jaccard ~%.2f become candidates", cfg.bands, cfg.rows, threshold)
 
     # Kept documents, shard by shard in the input's layout, with their cluster id when clustered.
     decisions, start = [], 0
@@ -231,7 +231,7 @@ def dedup(cfg: DedupConfig, inputs: dict, ctx: StageContext) -> dict:
         "largest_cluster": int(clustered["cluster_size"].max() or 0),
         **stats,
     }
-    metrics["lsh_threshold"] = (1 / cfg.bands) ** (1 / cfg.rows)  # the S-curve's knee: P(candidate) ~ 0.5 there
+    metrics["lsh_threshold"] = threshold
     metrics["lsh_p_candidate_at_0.5"] = float(collision_probability(0.5, cfg.bands, cfg.rows))
     metrics.update({f"duplicate_rate.{s}": r for s, r in removal.items()})
     metrics.update(audit(files, docs, cfg))
