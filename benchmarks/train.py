@@ -22,7 +22,6 @@ import json
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -30,14 +29,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tasks.core.model import GPT, ModelConfig  # noqa: E402
-from tasks.core.train import TrainConfig, TrainSpec, launch, peak_flops, targets_of  # noqa: E402
+from tasks.core.hardware import autocast, mfu, peak_flops  # noqa: E402
+from tasks.core.train import TrainConfig, TrainSpec, launch, targets_of  # noqa: E402
 
 
 def bare_loop(model_cfg: ModelConfig, rows: np.ndarray, cfg: TrainConfig, device, warmup: int) -> float:
     torch.manual_seed(cfg.seed)
     model = GPT(model_cfg).to(device)
     opt = model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), fused=device.type == "cuda")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    net = torch.compile(model) if cfg.compile else model
+    amp = autocast(device, cfg.precision)
     data = torch.from_numpy(rows).long()
     start = None
     for step in range(cfg.max_steps):
@@ -47,8 +48,8 @@ def bare_loop(model_cfg: ModelConfig, rows: np.ndarray, cfg: TrainConfig, device
             start = time.perf_counter()
         batch = data[(step * cfg.batch_size) % len(data):][: cfg.batch_size].to(device)
         inputs, targets = targets_of(batch, pad_id=-1)
-        with autocast:
-            _, loss = model(inputs, targets)
+        with amp:
+            _, loss = net(inputs, targets)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
@@ -116,7 +117,7 @@ def main() -> None:
     }
     if peak:
         for k in ("ours", "baseline"):
-            result[k]["mfu"] = round(result[k]["tokens_per_s"] * flops / peak, 4)
+            result[k]["mfu"] = round(mfu(result[k]["tokens_per_s"], flops, peak), 4)
     print(json.dumps(result))
 
 

@@ -1,14 +1,17 @@
 """RL with verifiable rewards: GRPO from the SFT model, with online difficulty filtering.
 
 What this GRPO keeps and drops, against DAPO and Dr. GRPO: it keeps DAPO's clip-higher (epsilon_high
-0.28), token-level loss (loss_type dapo), overlong masking and dynamic sampling (filter mixed, or
-the balanced band), and Dr. GRPO's choice of no KL (beta 0); it keeps GRPO's std scaling of the
-advantages (scale_rewards group, which Dr. GRPO drops) and drops DAPO's soft overlong punishment.
+0.28), token-level loss (loss_type dapo), overlong masking and dynamic sampling (filter mixed, the
+balanced band, or variance for partial-credit rewards), and Dr. GRPO's choice of no KL (beta 0); it
+keeps GRPO's std scaling of the advantages (scale_rewards group, which Dr. GRPO drops) and drops
+DAPO's soft overlong punishment. Unlike verl's dynamic sampling, passing groups beyond a full batch
+are trained by the next step instead of being thrown away (at most one step stale).
 
 The loop lives in `tasks.core.rl_loop`; this stage reads the SFT model and the prompts (optionally
 only those a difficulty table kept), runs it, and writes the model, the `history` table (every
-drawn group: step, prompt, pass rate, kept, sample completions) and the `steps` table (metrics per
-step), then logs and registers the model in MLflow as `slmflow-rl`.
+drawn group: the step that trains it, the step that drew it, prompt, verifier pass rate, kept,
+sample completions) and the `steps` table (metrics per step, the same step numbers), then logs and
+registers the model in MLflow as `slmflow-rl`.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from tasks.core.rollout import load_policy, resolve_device, take_per_task
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError, new_figure
 from tasks.core.store import Artifact, copy_file, write_parquet
 
-VERSION = 2  # 2: TRL's setting names, 1-based steps in the history table
+VERSION = 3  # 2: TRL's setting names, 1-based steps in the history table; 3: band (0.2, 0.8), overflow groups
+# carried to the next step and refills sized to what is missing, log-probs at the sampling temperature,
+# pass rates from the verifier alone, filter variance
 REGISTERED_MODEL = "slmflow-rl"
 
 
@@ -65,9 +70,11 @@ def rl(cfg: RLConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
                  log_step=lambda step, metrics: ctx.log_history([(step, metrics)]))
     history, table = state.history, history_table(ctx.work_dir())
     write_parquet(table.to_arrow(), ctx.out / "history" / "part-00000.parquet")
-    # timings stay out of the stored table (MLflow has them), so the same config gives the same bytes on CPU
-    write_parquet(pl.DataFrame(history).drop(["generation_seconds", "train_seconds", "generated_tokens_per_s"],
-                                             strict=False).to_arrow(), ctx.out / "steps" / "part-00000.parquet")
+    # timings stay out of the stored table (MLflow has them), so the same config gives the same bytes on CPU;
+    # every row is read for the schema: a metric can be missing from some steps (reward_mean when nothing was drawn)
+    steps = pl.DataFrame(history, infer_schema_length=None)
+    write_parquet(steps.drop(["generation_seconds", "train_seconds", "generated_tokens_per_s"], strict=False).to_arrow(),
+                  ctx.out / "steps" / "part-00000.parquet")
     save_model(model, ctx.out / "model")
     ctx.log_figure(rl_curve_figure(history, ctx.instance), "rl_curve")
     copy_file(f"{inputs['model'].path}/model/tokenizer.json", ctx.out / "model" / "tokenizer.json")

@@ -1,8 +1,11 @@
 """Tokenizer: a byte-level BPE trained on a deterministic sample of the documents.
 
-The pre-tokenizer is GPT-2's byte-level one (regex split, no prefix space) and the initial
-alphabet is all 256 byte symbols, so every string is representable and decode(encode(x))
-== x exactly (no normalizer). Special tokens take ids 0..k-1 in config order (the chat and
+The pre-tokenizer is GPT-2's byte-level one (regex split, no prefix space), followed, with
+`split_digits` (the default), by a rule that cuts every run of digits into single digits (as Llama
+and nanochat do): BPE then never merges "182" into one opaque token, so a number's digits, and the
+place-value structure arithmetic needs, stay visible to the model; on the default corpus it costs
+about 3% of the characters per token. The initial alphabet is all 256 byte symbols, so every string
+is representable and decode(encode(x)) == x exactly (no normalizer). Special tokens take ids 0..k-1 in config order (the chat and
 document tokens of `tasks.core.tokens`).
 
 Sampling: each document gets a 64-bit hash of (seed, id) (`tasks.core.tokens.doc_hash`).
@@ -63,6 +66,7 @@ class TokenizerConfig(StageConfig):
     max_train_chars: int = Field(20_000_000, gt=0, description="train on documents in hash order up to this many characters")
     heldout_fraction: float = Field(0.02, gt=0, lt=1, description="documents (by hash) never trained on; compression is measured on them")
     special_tokens: list[str] = Field(list(SPECIAL_TOKENS), description="ids 0..k-1 in this order; must include <|bos|> and <|pad|>")
+    split_digits: bool = Field(True, description="split numbers into single digits before BPE (no multi-digit tokens)")
     seed: int = Field(0, description="seed of the document hash; keep equal to pack.seed")
 
 
@@ -99,9 +103,12 @@ def metric_name(token: str) -> str:
 # The stage
 
 
-def new_tokenizer() -> Tokenizer:
+def new_tokenizer(split_digits: bool = True) -> Tokenizer:
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # digits map to themselves in the byte-level alphabet, so splitting after it cuts the same runs
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([byte_level, pre_tokenizers.Digits(individual_digits=True)])
+                         if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     return tok
 
@@ -160,7 +167,7 @@ def train_tokenizer(cfg: TokenizerConfig, inputs: dict, ctx: StageContext) -> di
                     train_bytes += len(text.encode())
                     yield text
 
-    tok = new_tokenizer()
+    tok = new_tokenizer(cfg.split_digits)
     trainer = trainers.BpeTrainer(
         vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency, special_tokens=list(cfg.special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,

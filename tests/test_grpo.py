@@ -1,5 +1,6 @@
 """GRPO blocks: advantages, loss aggregations (hand-computed), on-policy = REINFORCE, clipping,
-KL, log-prob alignment against a brute-force loop, and the online difficulty filter."""
+KL, log-prob alignment against a brute-force loop and at a sampling temperature, and the online
+difficulty filter (bands at G, variance, carry-over and refill sizes)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,14 @@ import pytest
 import torch
 
 from tasks.core.grpo import (
+    DEFAULT_BAND,
     fill_batch,
     group_advantages,
     group_pass_rates,
     keep_groups,
+    kept_counts,
     policy_loss,
+    round_size,
     sequence_logprobs,
     token_logprobs,
 )
@@ -210,6 +214,28 @@ def test_token_logprobs_alignment_matches_brute_force():
     assert model.embed_tokens.weight.grad is not None
 
 
+def test_token_logprobs_at_sampling_temperature():
+    torch.manual_seed(1)
+    model = GPT(ModelConfig(vocab_size=20, depth=1, width=32)).eval()
+    ids = torch.randint(0, 20, (2, 6))
+    cmask = torch.zeros(2, 6, dtype=torch.bool)
+    cmask[:, 2:] = True
+    with torch.no_grad():
+        logits = model(ids).float()
+        got = token_logprobs(model, ids, cmask, temperature=0.5)
+        plain = token_logprobs(model, ids, cmask)
+    for t in range(2, 6):  # by hand: log_softmax(logits / T) of the token, from the previous position
+        for b in range(2):
+            want = torch.log_softmax(logits[b, t - 1] / 0.5, -1)[ids[b, t]]
+            assert got[b, t].item() == pytest.approx(want.item(), abs=1e-5)
+            assert plain[b, t].item() == pytest.approx(torch.log_softmax(logits[b, t - 1], -1)[ids[b, t]].item(),
+                                                       abs=1e-5)
+    assert (got[cmask] - plain[cmask]).abs().min() > 1e-3  # T = 0.5 is not T = 1
+    assert torch.equal(got[~cmask], torch.zeros(int((~cmask).sum())))
+    with pytest.raises(ValueError):
+        sequence_logprobs(logits, ids, temperature=0.0)
+
+
 # ---------------------------------------------------------------- online filter
 
 
@@ -228,6 +254,36 @@ def test_pass_rates_and_keep_modes():
         keep_groups(p, "hard")
 
 
+def test_kept_counts_default_band_is_intermediate():
+    assert kept_counts((0.1, 0.9), 8) == [1, 2, 3, 4, 5, 6, 7]  # every k the mixed filter keeps
+    assert kept_counts(DEFAULT_BAND, 8) == [2, 3, 4, 5, 6]  # pass rates 0.25 .. 0.75
+    assert kept_counts((0.1, 0.9), 16) == list(range(2, 15))  # 1/16 = 0.0625 is out: not mixed at G = 16
+    assert kept_counts((0.4, 0.45), 8) == []
+    # planted pass rates k/8, k = 0..8, three groups each
+    p = np.repeat(np.arange(9) / 8, 3)
+    mixed, old, default = (keep_groups(p, "mixed"), keep_groups(p, "balanced", (0.1, 0.9)),
+                           keep_groups(p, "balanced", DEFAULT_BAND))
+    assert mixed.sum() == 21 and np.array_equal(old, mixed)
+    assert default.sum() == 15 and not (default & ~mixed).any()  # a strict subset: drops k = 1 and k = 7
+    np.testing.assert_array_equal(np.unique(p[default]), [0.25, 0.375, 0.5, 0.625, 0.75])
+
+
+def test_variance_filter_keeps_partial_credit_signal():
+    rewards = np.array([[0.5, 0.5, 0.5, 0.5],  # no variance: dropped
+                        [0.5, 0.0, 0.0, 0.0],  # no full credit, still a signal: kept (mixed drops it)
+                        [1.0, 1.0, 1.0, 1.0],  # dropped
+                        [1.0, 0.5, 1.0, 1.0]])  # kept (pass rate 0.75: mixed keeps it too)
+    rates = group_pass_rates(rewards)
+    np.testing.assert_array_equal(keep_groups(rates, "variance", rewards=rewards), [False, True, False, True])
+    np.testing.assert_array_equal(keep_groups(rates, "mixed"), [False, False, False, True])
+    with pytest.raises(ValueError):
+        keep_groups(rates, "variance")  # needs the rewards
+
+    res = fill_batch(lambda i, n: ([(i, j) for j in range(4)], rewards), 3, "variance", max_generation_rounds=5)
+    assert res.group_ids == [(0, 1), (0, 3), (1, 1)] and res.rounds_used == 2
+    assert res.stats["kept_fraction"] == 0.5 and res.stats["zero_variance_fraction"] == 0.5
+
+
 @pytest.mark.parametrize("G", [4, 8])
 def test_mixed_filter_sanity_law(G):
     rng = np.random.default_rng(0)
@@ -243,23 +299,23 @@ def test_mixed_filter_sanity_law(G):
 def test_fill_batch_hits_round_cap_with_shortfall():
     calls = []
 
-    def draw(i):
+    def draw(i, n):
         calls.append(i)
         return [f"r{i}g{j}" for j in range(6)], np.zeros((6, 4))
 
-    ids, rewards, rounds, shortfall, stats = fill_batch(draw, 4, "mixed", max_generation_rounds=5)
+    ids, rewards, rounds, shortfall, stats, overflow, carried = fill_batch(draw, 4, "mixed", max_generation_rounds=5)
     assert calls == [0, 1, 2, 3, 4] and rounds == 5 and shortfall
-    assert ids == [] and rewards.shape == (0, 4)
+    assert ids == [] and rewards.shape == (0, 4) and overflow == [] and carried == 0
     assert stats["groups_drawn"] == 30 and stats["groups_kept"] == 0 and stats["kept_fraction"] == 0.0
     assert stats["zero_variance_fraction"] == 1.0 and stats["rounds"] == 5
 
 
-def test_fill_batch_stops_early_and_truncates():
+def test_fill_batch_stops_early_and_returns_overflow():
     # each round: 4 groups, the 2nd and 4th mixed
     rows = np.array([[0, 0, 0, 0], [1, 0, 0, 1], [1, 1, 1, 1], [0, 1, 1, 1]], dtype=float)
     calls = []
 
-    def draw(i):
+    def draw(i, n):
         calls.append(i)
         return [(i, j) for j in range(4)], rows
 
@@ -267,6 +323,8 @@ def test_fill_batch_stops_early_and_truncates():
     assert calls == [0, 1] and res.rounds_used == 2 and not res.shortfall
     assert res.group_ids == [(0, 1), (0, 3), (1, 1)]
     np.testing.assert_array_equal(res.rewards, rows[[1, 3, 1]])
+    assert [gid for gid, _ in res.overflow] == [(1, 3)]  # passed beyond the batch: kept for the next step
+    np.testing.assert_array_equal(res.overflow[0][1], rows[3])
     assert res.stats["groups_drawn"] == 8 and res.stats["groups_kept"] == 4
     assert res.stats["kept_fraction"] == 0.5 and res.stats["zero_variance_fraction"] == 0.5
     assert res.stats["batch_fill"] == 1.0
@@ -277,3 +335,54 @@ def test_fill_batch_stops_early_and_truncates():
     # balanced (0.3, 0.6) keeps only p = 0.5 (row 1); p = 0.75 (row 3) is out
     res = fill_batch(draw, 2, "balanced", band=(0.3, 0.6), max_generation_rounds=10)
     assert res.group_ids == [(0, 1), (1, 1)] and res.rounds_used == 2
+
+
+def planted_draw(pass_plan: list[list[bool]], G: int = 4):
+    """A draw function whose round r (over the whole run) gives len(pass_plan[r]) groups, mixed (one
+    correct sample) where True, all wrong where False; records the n it was asked for."""
+    asked: list[int] = []
+    rounds = iter(range(len(pass_plan)))
+
+    def draw(i, n):
+        asked.append(n)
+        r = next(rounds)
+        rewards = np.array([[1.0] + [0.0] * (G - 1) if ok else [0.0] * G for ok in pass_plan[r]])
+        return [f"r{r}g{j}" for j in range(len(pass_plan[r]))], rewards
+
+    return draw, asked
+
+
+def test_overflow_is_carried_into_the_next_batch_and_refills_draw_what_is_missing():
+    # step 1: batch 3, oversample 2 -> one round of 6 prompts, 5 pass: 3 train now, 2 overflow
+    # step 2: the 2 carried go first; 1 missing -> ceil(1 x 2) = 2 prompts, 1 passes
+    draw, asked = planted_draw([[True, False, True, True, True, True], [False, True]])
+    first = fill_batch(draw, 3, "mixed", oversample=2.0)
+    assert asked == [6] and first.group_ids == ["r0g0", "r0g2", "r0g3"] and first.carried == 0
+    assert [gid for gid, _ in first.overflow] == ["r0g4", "r0g5"]
+    assert first.stats["groups_kept"] == 5 and first.stats["carried_groups"] == 0
+
+    second = fill_batch(draw, 3, "mixed", oversample=2.0, carried=first.overflow)
+    assert asked == [6, 2]  # sized to the one missing group, not a full round of 6
+    assert second.group_ids == ["r0g4", "r0g5", "r1g1"] and second.carried == 2 and second.overflow == []
+    np.testing.assert_array_equal(second.rewards[:2], np.stack([r for _, r in first.overflow]))
+    assert second.stats["carried_groups"] == 2 and second.stats["groups_drawn"] == 2
+    assert second.stats["kept_fraction"] == 0.5  # over the fresh draws only
+
+
+def test_refill_after_one_missing_group_draws_ceil_oversample():
+    # round 0: 5 prompts (ceil(3 x 1.5)), 2 pass; round 1 is for one group: ceil(1 x 1.5) = 2 prompts
+    draw, asked = planted_draw([[True, False, False, True, False], [False, True]])
+    res = fill_batch(draw, 3, "balanced", band=(0.2, 0.3), oversample=1.5)
+    assert asked == [5, 2] and res.group_ids == ["r0g0", "r0g3", "r1g1"] and res.rounds_used == 2
+    assert round_size(1, "mixed", 1.5) == 2 and round_size(1, "mixed", 1.0) == 1
+    assert round_size(10, "mixed", 1.1) == 11  # 10 x 1.1 = 11.000000000000002 in floats
+    assert round_size(5, "none", 2.0) == 5  # every group passes: no oversampling
+
+
+def test_carried_groups_beyond_the_batch_are_dropped_not_carried_again():
+    carried = [(f"c{j}", np.array([1.0, 0.0, 0.0, 0.0])) for j in range(5)]
+    draw, asked = planted_draw([])
+    res = fill_batch(draw, 3, "mixed", oversample=2.0, carried=carried)
+    assert asked == [] and res.rounds_used == 0 and not res.shortfall  # the carry fills the batch
+    assert res.group_ids == ["c0", "c1", "c2"] and res.overflow == [] and res.carried == 3
+    assert res.stats["carried_dropped"] == 2 and "kept_fraction" not in res.stats  # nothing drawn

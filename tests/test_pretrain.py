@@ -216,13 +216,15 @@ def test_rl_raises_reward_records_history_and_registers(trained):
     # RL on tiny raises the mean reward over its first steps (every step draws fresh prompts)
     assert reward[-5:].mean() > reward[:5].mean() + 0.02, reward
     on_policy = steps.filter(pl.col("ratio_mean").is_not_null())
-    assert len(on_policy) == 20 and (on_policy["ratio_mean"] == 1.0).all() and (on_policy["clip_fraction"] == 0).all()
+    # a step whose rounds found no group inside the band makes no update (no ratio): rare, never most steps
+    assert len(on_policy) >= 15 and (on_policy["ratio_mean"] == 1.0).all() and (on_policy["clip_fraction"] == 0).all()
     # balanced: every kept group has a pass rate strictly inside the band
     history = pl.read_parquet(art.files("history"))
     assert set(history.columns) >= {"step", "prompt_id", "task", "sample", "completion", "reward", "pass_rate", "kept"}
     kept = history.filter(pl.col("kept"))["pass_rate"]
-    assert len(kept) and kept.min() > 0.1 and kept.max() < 0.9
-    assert history.filter(~pl.col("kept"))["pass_rate"].is_in([0.0, 1.0]).mean() > 0.5
+    assert len(kept) and kept.min() > 0.2 and kept.max() < 0.8  # the default band (0.2, 0.8)
+    dropped = history.filter(~pl.col("kept"))["pass_rate"]
+    assert len(dropped) and ((dropped <= 0.2) | (dropped >= 0.8)).all()
     assert set(history["step"]) == set(range(1, 21))  # the step each group was drawn for, as in `steps`
     # the held-out evaluation of the RL model is on the report card beside SFT's
     assert report["eval_rl"]["metrics"]["pass_at_1"] >= report["eval_sft"]["metrics"]["pass_at_1"], report

@@ -135,3 +135,20 @@ def test_tokenizer_path(trained):
     path = Path(tokenizer_path(trained))
     assert path.read_bytes() == (Path(trained.path) / "tokenizer.json").read_bytes()
     assert load_tokenizer(trained.path).to_str() == load_tokenizer(trained).to_str()
+
+
+def test_numbers_split_into_single_digits(tmp_path, trained):
+    """With split_digits (the default) no token holds two digits, even for numbers the corpus repeats
+    often enough to merge; without it BPE learns multi-digit tokens from the same documents."""
+    numbers = [f"total 1024 and 2048 and 365 days, item {i}" for i in range(300)]
+    docs = make_documents(tmp_path / "in", corpus() + numbers)
+    tokens = {}
+    for split in (True, False):
+        art = run_stage(STAGE, TokenizerConfig(vocab_size=400, split_digits=split), {"documents": docs},
+                        Store(tmp_path / f"out-{split}")).artifact
+        tok = load_tokenizer(art)
+        tokens[split] = {t for t in tok.get_vocab() if sum(c.isdigit() for c in t) >= 2}
+        text = "Calculate 88 + 94.\nAnswer: 182 and 1024"
+        assert tok.decode(tok.encode(text).ids) == text
+    assert tokens[True] == set()
+    assert {"1024", "2048"} <= {t.lstrip("Ġ") for t in tokens[False]}

@@ -15,7 +15,11 @@ Names follow TRL's GRPOConfig / verl where they exist:
   beta                     KL coefficient (default 0, as in TRL); k3 estimator.
   max_completion_len       TRL `max_completion_length` (dr_grpo's constant).
   mode="mixed"             verl `filter_groups` (metric acc) / DAPO dynamic sampling;
+  mode="variance"          verl `filter_groups` on the reward itself: drop groups whose rewards are all equal;
   max_generation_rounds    verl `max_num_gen_batches`.
+  carried / overflow       groups that pass beyond a full batch: verl drops them, `fill_batch` hands them
+                           back for the next step (at most one step stale).
+  temperature              TRL divides the logits by the sampling temperature before log_softmax.
   mask_truncated_completions is the caller's job: zero the mask rows of truncated completions.
 
 Documented choices:
@@ -31,13 +35,16 @@ from __future__ import annotations
 
 from typing import Any, Callable, Literal, NamedTuple, Sequence
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 Scale = Literal["group", "batch", "none"]
 LossType = Literal["grpo", "dr_grpo", "dapo"]
-FilterMode = Literal["none", "mixed", "balanced"]
+FilterMode = Literal["none", "mixed", "balanced", "variance"]
+DEFAULT_BAND = (0.2, 0.8)  # strict: at G = 8 keeps k = 2..6 correct (pass rates 0.25..0.75)
 
 
 # ---------------------------------------------------------------- advantages
@@ -134,23 +141,27 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
 # ---------------------------------------------------------------- log-probs
 
 
-def sequence_logprobs(model_logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+def sequence_logprobs(model_logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """[B, T, V] logits (logits[:, t] predict tokens[:, t+1]) and [B, T] tokens -> [B, T] fp32
     log-probs aligned with the tokens: out[:, t] = log p(tokens[:, t] | tokens[:, :t]) for t >= 1,
-    out[:, 0] = 0."""
-    logp = torch.log_softmax(model_logits[:, :-1].float(), dim=-1)
+    out[:, 0] = 0. p = softmax(logits / temperature): the distribution the samples were drawn from."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    logp = torch.log_softmax(model_logits[:, :-1].float() / temperature, dim=-1)
     picked = logp.gather(-1, tokens[:, 1:, None].long()).squeeze(-1)
     return F.pad(picked, (1, 0), value=0.0)
 
 
 def token_logprobs(model: Callable[..., torch.Tensor], input_ids: torch.Tensor,
-                   completion_mask: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-token log-probs of `input_ids` (prompt + completion) under `model`, aligned with
-    `completion_mask` [B, T] and zero outside it. attn_mask [B, T] marks real tokens (pass it
-    for left-padded prompts; `GPT.forward` takes it as `attn_mask`). Gradients flow (call under
-    torch.no_grad() for old / reference log-probs)."""
+                   completion_mask: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """Per-token log-probs of `input_ids` (prompt + completion) under `model` at the sampling
+    `temperature` (log_softmax(logits / temperature), as TRL), aligned with `completion_mask`
+    [B, T] and zero outside it. attn_mask [B, T] marks real tokens (pass it for left-padded
+    prompts; `GPT.forward` takes it as `attn_mask`). Gradients flow (call under torch.no_grad()
+    for old / reference log-probs)."""
     logits = model(input_ids) if attn_mask is None else model(input_ids, attn_mask=attn_mask)
-    return sequence_logprobs(logits, input_ids).masked_fill(~completion_mask.bool(), 0.0)
+    return sequence_logprobs(logits, input_ids, temperature).masked_fill(~completion_mask.bool(), 0.0)
 
 
 # ---------------------------------------------------------------- online difficulty filter
@@ -163,6 +174,12 @@ def in_band(pass_rate, band: tuple[float, float]):
     return (pass_rate > low) & (pass_rate < high)
 
 
+def kept_counts(band: tuple[float, float], G: int) -> list[int]:
+    """The correct-sample counts k (pass rate k / G) a band keeps with G samples per group:
+    (0.1, 0.9) at G = 8 keeps 1..7, the same groups as the mixed filter; (0.2, 0.8) keeps 2..6."""
+    return [k for k in range(G + 1) if in_band(k / G, band)]
+
+
 def group_pass_rates(rewards: np.ndarray, threshold: float = 1.0) -> np.ndarray:
     """[n_groups, G] rewards -> [n_groups] fraction of samples with reward >= threshold (full
     credit, as `tasks.core.rollout.is_correct`)."""
@@ -172,10 +189,18 @@ def group_pass_rates(rewards: np.ndarray, threshold: float = 1.0) -> np.ndarray:
     return (r >= threshold).mean(axis=1) if r.shape[1] else np.zeros(r.shape[0])
 
 
-def keep_groups(pass_rates: np.ndarray, mode: FilterMode,
-                band: tuple[float, float] = (0.1, 0.9)) -> np.ndarray:
+def flat_groups(rewards: np.ndarray) -> np.ndarray:
+    """[n_groups, G] rewards -> [n_groups] True where all G rewards are equal (zero variance)."""
+    r = np.asarray(rewards, dtype=float)
+    return (r == r[:, :1]).all(axis=1)
+
+
+def keep_groups(pass_rates: np.ndarray, mode: FilterMode, band: tuple[float, float] = DEFAULT_BAND,
+                rewards: np.ndarray | None = None) -> np.ndarray:
     """Boolean mask over groups: "none" keeps all, "mixed" keeps 0 < p < 1 (DAPO dynamic sampling /
-    verl filter_groups on acc), "balanced" keeps low < p < high (`in_band`)."""
+    verl filter_groups on acc), "balanced" keeps low < p < high (`in_band`), "variance" keeps groups
+    whose `rewards` [n_groups, G] are not all equal (verl filter_groups on the reward: with partial
+    credit a group can have no full-credit sample and still a learning signal)."""
     p = np.asarray(pass_rates, dtype=float)
     if mode == "none":
         return np.ones(p.shape, dtype=bool)
@@ -183,59 +208,88 @@ def keep_groups(pass_rates: np.ndarray, mode: FilterMode,
         return (p > 0.0) & (p < 1.0)
     if mode == "balanced":
         return np.asarray(in_band(p, tuple(band)), dtype=bool)
-    raise ValueError(f"mode must be none, mixed or balanced, not {mode!r}")
+    if mode == "variance":
+        if rewards is None:
+            raise ValueError("mode variance needs the rewards")
+        return ~flat_groups(rewards)
+    raise ValueError(f"mode must be none, mixed, balanced or variance, not {mode!r}")
+
+
+def round_size(missing: int, mode: FilterMode, oversample: float) -> int:
+    """Prompts to draw for `missing` groups: ceil(missing x oversample), at least 1; exactly
+    `missing` with mode none (every group passes). The 1e-9 keeps 10 x 1.1 at 11, not 12."""
+    if mode == "none":
+        return missing
+    return max(1, math.ceil(missing * oversample - 1e-9))
 
 
 class FillResult(NamedTuple):
-    group_ids: list  # ids of the kept groups, in draw order, at most batch_groups
+    group_ids: list  # the batch, at most batch_groups: carried groups first, then fresh ones in draw order
     rewards: np.ndarray  # [len(group_ids), G]
     rounds_used: int
     shortfall: bool  # fewer than batch_groups kept when the round cap was hit
     stats: dict[str, float]
+    overflow: list  # (id, rewards [G]) of fresh groups that passed beyond the batch, in draw order
+    carried: int  # how many of group_ids came from `carried`
 
 
-def fill_batch(draw_round: Callable[[int], tuple[Sequence[Any], np.ndarray]], batch_groups: int,
-               mode: FilterMode = "mixed", band: tuple[float, float] = (0.1, 0.9),
-               max_generation_rounds: int = 10, threshold: float = 1.0) -> FillResult:
-    """Draw rounds of groups until `batch_groups` pass the filter or `max_generation_rounds` rounds
-    were drawn. draw_round(round_index) -> (group_ids [n], rewards [n, G]), a fresh (oversampled)
-    set each call. Kept groups are taken in draw order and truncated to batch_groups. The ids are
-    returned as given: make them unique across rounds (e.g. (round_index, row) or a uid keyed to
-    the completions) if the caller must find each kept group's completions again.
-    stats: rounds, groups_drawn, groups_kept (passed the filter, before truncation), kept_fraction
-    (groups_kept / groups_drawn: the filter's survival rate), zero_variance_fraction (drawn groups
-    whose rewards are all equal), pass_rate_mean (over drawn groups), batch_fill (kept / wanted)."""
+def fill_batch(draw_round: Callable[[int, int], tuple[Sequence[Any], np.ndarray]], batch_groups: int,
+               mode: FilterMode = "mixed", band: tuple[float, float] = DEFAULT_BAND,
+               max_generation_rounds: int = 10, threshold: float = 1.0, oversample: float = 1.0,
+               carried: Sequence[tuple[Any, np.ndarray]] = ()) -> FillResult:
+    """Fill a batch of `batch_groups` groups that pass the filter.
+
+    `carried` (id, rewards [G]) are groups that passed last step beyond its batch: they go first, in
+    order, without drawing again; those beyond batch_groups are dropped, never carried twice (so a
+    carried group is at most one step old). Then rounds are drawn until the batch is full or
+    `max_generation_rounds` rounds were drawn: draw_round(round_index, n) -> (group_ids [n],
+    rewards [n, G]) samples n new prompts, n = `round_size` of the groups still missing. Passing
+    groups fill the batch in draw order; those beyond it are returned as `overflow` for the caller
+    to carry. The ids are returned as given: make them unique across rounds and steps.
+    stats (over the fresh draws): rounds, groups_drawn, groups_kept (passed the filter, overflow
+    included), carried_groups (in the batch), carried_dropped, batch_fill (batch / wanted); when a
+    group was drawn also kept_fraction (groups_kept / groups_drawn: the filter's survival rate),
+    zero_variance_fraction (drawn groups whose rewards are all equal) and pass_rate_mean."""
     if batch_groups < 1 or max_generation_rounds < 1:
         raise ValueError("batch_groups and max_generation_rounds must be >= 1")
-    ids: list = []
-    kept_rewards: list[np.ndarray] = []
+    ids = [gid for gid, _ in carried[:batch_groups]]
+    kept_rewards = [np.asarray(r, dtype=float) for _, r in carried[:batch_groups]]
+    overflow: list = []
     drawn = passed = zero_var = 0
     rate_sum = 0.0
-    rounds = G = 0
+    rounds = 0
+    G = kept_rewards[0].shape[0] if kept_rewards else 0
     while rounds < max_generation_rounds and len(ids) < batch_groups:
-        group_ids, rewards = draw_round(rounds)
+        n = round_size(batch_groups - len(ids), mode, oversample)
+        group_ids, rewards = draw_round(rounds, n)
         r = np.asarray(rewards, dtype=float)
         if r.ndim != 2 or len(group_ids) != r.shape[0]:
-            raise ValueError(f"draw_round({rounds}) must give n ids and [n, G] rewards: "
+            raise ValueError(f"draw_round({rounds}, {n}) must give n ids and [n, G] rewards: "
                              f"{len(group_ids)} ids, rewards shape {r.shape}")
         rounds, G = rounds + 1, r.shape[1]
         rates = group_pass_rates(r, threshold)
-        keep = keep_groups(rates, mode, band)
+        keep = keep_groups(rates, mode, band, r)
         drawn += r.shape[0]
         passed += int(keep.sum())
-        zero_var += int((r == r[:, :1]).all(axis=1).sum())
+        zero_var += int(flat_groups(r).sum())
         rate_sum += float(rates.sum())
-        for row in np.flatnonzero(keep)[: batch_groups - len(ids)]:
-            ids.append(group_ids[row])
-            kept_rewards.append(r[row])
+        for row in np.flatnonzero(keep):
+            if len(ids) < batch_groups:
+                ids.append(group_ids[row])
+                kept_rewards.append(r[row])
+            else:
+                overflow.append((group_ids[row], r[row]))
+    n_carried = min(len(carried), batch_groups)
     stats = {
         "rounds": float(rounds),
         "groups_drawn": float(drawn),
         "groups_kept": float(passed),
-        "kept_fraction": passed / drawn if drawn else 0.0,
-        "zero_variance_fraction": zero_var / drawn if drawn else 0.0,
-        "pass_rate_mean": rate_sum / drawn if drawn else 0.0,
+        "carried_groups": float(n_carried),
+        "carried_dropped": float(len(carried) - n_carried),
         "batch_fill": len(ids) / batch_groups,
     }
+    if drawn:
+        stats.update(kept_fraction=passed / drawn, zero_variance_fraction=zero_var / drawn,
+                     pass_rate_mean=rate_sum / drawn)
     rewards_out = np.stack(kept_rewards) if kept_rewards else np.zeros((0, G))
-    return FillResult(ids, rewards_out, rounds, len(ids) < batch_groups, stats)
+    return FillResult(ids, rewards_out, rounds, len(ids) < batch_groups, stats, overflow, n_carried)

@@ -1,12 +1,27 @@
 """The GRPO training loop, the RL counterpart of `tasks.core.train`: draw prompts, sample a group of
 completions per prompt, keep the groups the online filter allows, update the policy, checkpoint.
 
-Each step draws `batch_prompts x oversample` prompts per round (in the training loop's order, one
-permutation per pass: resumable from a cursor), samples `num_generations` completions per prompt
-with the current policy, scores them with the task verifiers, and refills until `batch_prompts`
-groups pass the filter or `max_generation_rounds` rounds are spent (then it trains on what it has
-and logs the shortfall). A checkpoint holds the weights, optimizer, RNG, the prompt cursor and the
-sample count, with the step's history rows written first, so a resumed run redoes identical steps.
+Each step first takes the groups carried over from the previous step (below), then draws rounds of
+ceil(missing groups x oversample) prompts (in the training loop's order, one permutation per pass:
+resumable from a cursor), samples `num_generations` completions per prompt with the current policy,
+scores them with the task verifiers, and refills until `batch_prompts` groups pass the filter or
+`max_generation_rounds` rounds are spent (then it trains on what it has and logs the shortfall).
+
+Rewards: the verifier's reward alone decides pass rates and the filter (a format bonus never turns a
+wrong answer into a pass); the training reward, verifier + `format_reward` for a completion with
+"Answer:", gives the advantages.
+
+Carry-over: groups that pass the filter beyond a full batch are trained by the next step, ahead of
+its new draws, instead of being thrown away. They were sampled by the policy before the last update,
+so they are slightly off-policy: with num_iterations = 1 the ratio's "old" log-probs are the current
+policy's own (detached), so the ratio is 1 and nothing corrects for that lag. It is bounded: a group
+is carried at most one step (carried groups beyond the batch are dropped, never carried again), at
+most one optimizer step of staleness, the lag of DAPO-style replay with one step.
+
+Steps: every record of a step (the `history` rows of the groups it trains, the `steps` row, the log
+lines, the MLflow metrics) uses the 1-based number of the optimizer update. A checkpoint holds the
+weights, optimizer, RNG, the prompt cursor, the sample count and the carried groups, with the step's
+history rows written first, so a resumed run redoes identical steps.
 """
 
 from __future__ import annotations
@@ -22,10 +37,10 @@ from typing import Callable, Literal
 import numpy as np
 import polars as pl
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.core import chat
-from tasks.core.grpo import fill_batch, group_advantages, policy_loss, token_logprobs
+from tasks.core.grpo import DEFAULT_BAND, fill_batch, group_advantages, kept_counts, policy_loss, token_logprobs
 from tasks.core.rollout import end_id, is_correct, score_prompts
 from tasks.core.settings import Band, Device, device_setting, runtime
 from tasks.core.store import write_parquet
@@ -44,7 +59,8 @@ class GRPOConfig(BaseModel):
                                               "completions were sampled (compare filters at equal cost)")
     batch_prompts: int = Field(16, gt=0, description="groups (prompts) per optimizer step")
     num_generations: int = Field(8, ge=2, description="G, completions per prompt (TRL default 8; DAPO uses 16)")
-    temperature: float = Field(1.0, gt=0, description="sampling temperature of the rollouts")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of the rollouts; the loss's log-probs "
+                               "use it too (softmax(logits / temperature), as TRL)")
     top_k: int | None = Field(None, ge=1, description="sample from the top_k tokens only (None: all)")
     max_completion_length: int = Field(16, gt=0, description="tokens generated per completion at most")
     lr: float = Field(5e-4, gt=0, description="AdamW learning rate")
@@ -66,12 +82,20 @@ class GRPOConfig(BaseModel):
                                 "is exactly 1 (TRL default)")
     mask_truncated_completions: bool = Field(True, description="no loss on completions cut at max_completion_length "
                                              "(DAPO's overlong filtering recommends it)")
-    format_reward: float = Field(0.0, ge=0, description="bonus for a completion that contains 'Answer:'")
-    filter: Literal["none", "mixed", "balanced"] = Field(
+    format_reward: float = Field(0.0, ge=0, description="training-reward bonus for a completion that contains "
+                                 "'Answer:' (in the advantages only: pass rates and the filter use the verifier alone)")
+    filter: Literal["none", "mixed", "balanced", "variance"] = Field(
         "balanced", description="none: plain GRPO; mixed: 0 < pass rate < 1 (DAPO's dynamic sampling); balanced: "
-                                "band[0] < pass rate < band[1] (Online Difficulty Filtering)")
-    band: Band = Field((0.1, 0.9), description="the balanced filter's pass-rate band (the paper: 0.2-0.8 or so)")
-    oversample: float = Field(2.0, ge=1, description="prompts drawn per round = batch_prompts x oversample")
+                                "band[0] < pass rate < band[1] (Online Difficulty Filtering); variance: the group's "
+                                "verifier rewards are not all equal (verl's filter_groups on the reward: keeps "
+                                "partial-credit signal that full-credit pass rates miss)")
+    band: Band = Field(DEFAULT_BAND, description="the balanced filter's pass-rate band, both ends excluded; at G = 8 "
+                       "(0.2, 0.8) keeps k = 2..6 correct of 8 (pass rates 0.25..0.75), where (0.1, 0.9) would keep "
+                       "k = 1..7, the mixed filter's groups")
+    allow_mixed_band: bool = Field(False, description="accept a balanced band that keeps every k of 1..G-1, i.e. "
+                                   "the same groups as filter mixed")
+    oversample: float = Field(2.0, ge=1, description="prompts drawn per round = ceil(groups still missing x "
+                              "oversample)")
     max_generation_rounds: int = Field(4, gt=0, description="rounds of drawing per step at most (verl: "
                                        "max_num_gen_batches; DAPO caps it too)")
     eval_every: int = runtime(10, "steps between held-out greedy pass@1 checks", gt=0)
@@ -81,20 +105,62 @@ class GRPOConfig(BaseModel):
     device: Device = device_setting()
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _band_is_intermediate(self) -> GRPOConfig:
+        """A balanced band must keep some k of G, and not exactly the k that filter mixed keeps."""
+        if self.filter != "balanced":
+            return self
+        G, band = self.num_generations, list(self.band)
+        kept = kept_counts(self.band, G)
+        if not kept:
+            raise ValueError(f"rl.band {band} keeps no pass rate k/{G} at G={G}: widen it")
+        if kept == list(range(1, G)) and not self.allow_mixed_band:
+            x = 1.5 / G  # halfway between k = 1 and k = 2: drops k = 1 and k = G-1
+            narrower = f"narrow it (e.g. rl.band=[{x:.3g}, {1 - x:.3g}] keeps {_counts(2, G - 2)}), " if G >= 4 else ""
+            raise ValueError(f"rl.band {band} keeps {_counts(1, G - 1)} of G={G}, exactly what filter mixed keeps: "
+                             f"{narrower}use rl.filter=mixed, or set rl.allow_mixed_band=true")
+        return self
+
+
+def _counts(first: int, last: int) -> str:
+    return f"k={first}" if first == last else f"k={first}..{last}"
+
 
 @dataclass
 class SampledGroup:
     """The G completions of one drawn prompt and their rewards."""
 
-    gid: str  # unique within a step: step:round:index
+    gid: str  # unique within a run: step:round:index
+    index: int  # the prompt's position in the training rows
     row: dict  # the prompt row
     completions: list[list[int]]
     texts: list[str]
-    rewards: np.ndarray  # [G]
+    rewards: np.ndarray  # [G] verifier rewards: pass rate and filter
+    train_rewards: np.ndarray  # [G] verifier + format bonus: advantages
+    drawn_step: int  # the (1-based) step whose batch filling sampled it
 
     @property
     def pass_rate(self) -> float:
         return float(np.mean([is_correct(r) for r in self.rewards]))
+
+    def to_json(self) -> dict:
+        """JSON state for a checkpoint (the row is stored by its index)."""
+        return {"gid": self.gid, "index": self.index, "completions": [[int(t) for t in c] for c in self.completions],
+                "texts": list(self.texts),
+                "rewards": self.rewards.tolist(), "train_rewards": self.train_rewards.tolist(),
+                "drawn_step": self.drawn_step}
+
+    @classmethod
+    def from_json(cls, data: dict, rows: list[dict]) -> SampledGroup:
+        return cls(data["gid"], data["index"], rows[data["index"]], data["completions"], data["texts"],
+                   np.array(data["rewards"], dtype=np.float64), np.array(data["train_rewards"], dtype=np.float64),
+                   data["drawn_step"])
+
+
+def training_rewards(rewards: np.ndarray, texts: list[list[str]], format_reward: float) -> np.ndarray:
+    """[n, G] verifier rewards plus `format_reward` for each completion that contains 'Answer:'."""
+    bonus = np.array([["Answer:" in t for t in ts] for ts in texts], dtype=np.float64).reshape(rewards.shape)
+    return rewards + format_reward * bonus
 
 
 @dataclass
@@ -106,6 +172,7 @@ class LoopState:
     generated_samples: int = 0
     history: list[dict] = field(default_factory=list)  # one metrics row per step
     resumed_from: int = 0  # the checkpoint's step this run started from
+    carry: list[SampledGroup] = field(default_factory=list)  # passed last step beyond its batch: trained next
 
 
 class Rollouts:
@@ -114,22 +181,21 @@ class Rollouts:
     def __init__(self, model, tok, rows: list[dict], cfg: GRPOConfig, state: LoopState):
         self.model, self.tok, self.rows, self.cfg, self.state = model, tok, rows, cfg, state
         self.order = BatchOrder(len(rows), 1, cfg.seed)  # the training loop's order
-        self.per_round = max(cfg.batch_prompts, math.ceil(cfg.batch_prompts * cfg.oversample))
         self.drawn: dict[str, SampledGroup] = {}
 
-    def draw(self, round_index: int) -> tuple[list[str], np.ndarray]:
-        """One round: the next prompts, G completions each; returns (group ids, rewards [n, G])."""
+    def draw(self, round_index: int, n: int) -> tuple[list[str], np.ndarray]:
+        """One round: the next n prompts, G completions each; returns (group ids, verifier rewards [n, G])."""
         cfg, step = self.cfg, self.state.step
-        n = self.per_round if cfg.filter != "none" else cfg.batch_prompts
-        batch = [self.rows[i] for i in self.order.take(self.state.cursor, n)]
+        indices = [int(i) for i in self.order.take(self.state.cursor, n)]
+        batch = [self.rows[i] for i in indices]
         self.state.cursor += len(batch)
         scored = score_prompts(self.model, self.tok, batch, cfg.num_generations, cfg.temperature, cfg.top_k,
                                cfg.max_completion_length, cfg.batch_size, seed=cfg.seed * 1_000_003 + step * 101 + round_index)
-        rewards = np.array(scored.rewards, dtype=np.float64)
-        if cfg.format_reward:
-            rewards += cfg.format_reward * np.array([["Answer:" in t for t in ts] for ts in scored.texts])
-        groups = [SampledGroup(f"{step}:{round_index}:{i}", row, c, t, r)
-                  for i, (row, c, t, r) in enumerate(zip(batch, scored.completions, scored.texts, rewards))]
+        rewards = np.array(scored.rewards, dtype=np.float64).reshape(len(batch), cfg.num_generations)
+        train = training_rewards(rewards, scored.texts, cfg.format_reward)
+        groups = [SampledGroup(f"{step + 1}:{round_index}:{i}", index, row, c, t, r, tr, step + 1)
+                  for i, (index, row, c, t, r, tr) in enumerate(zip(indices, batch, scored.completions, scored.texts,
+                                                                    rewards, train))]
         self.drawn.update({g.gid: g for g in groups})
         return [g.gid for g in groups], rewards
 
@@ -149,17 +215,25 @@ def training_batch(tok, groups: list[SampledGroup], end: int, pad: int, mask_tru
     return ids, mask
 
 
-def update_policy(model, ref, opt, tok, groups: list[SampledGroup], rewards: np.ndarray, cfg: GRPOConfig,
+def advantages(groups: list[SampledGroup], cfg: GRPOConfig) -> torch.Tensor:
+    """[n_groups x G] advantages of the groups' training rewards (verifier + format bonus)."""
+    rewards = torch.tensor(np.stack([g.train_rewards for g in groups]), dtype=torch.float32)
+    return group_advantages(rewards, cfg.scale_rewards).flatten()
+
+
+def update_policy(model, ref, opt, tok, groups: list[SampledGroup], cfg: GRPOConfig,
                   device: torch.device) -> dict[str, float]:
-    """`num_iterations` clipped policy-gradient updates on the kept groups; the loss's statistics."""
+    """`num_iterations` clipped policy-gradient updates on the kept groups; the loss's statistics.
+    Log-probs (policy, old and reference) are taken at the sampling temperature."""
     ids, mask = training_batch(tok, groups, end_id(tok), special_ids(tok)[PAD], cfg.mask_truncated_completions)
     ids, mask = ids.to(device), mask.to(device)
-    adv = group_advantages(torch.tensor(rewards, dtype=torch.float32), cfg.scale_rewards).flatten().to(device)
+    adv = advantages(groups, cfg).to(device)
+    T = cfg.temperature
     with torch.no_grad():
-        old = token_logprobs(model, ids, mask) if cfg.num_iterations > 1 else None
-        ref_lp = token_logprobs(ref, ids, mask) if ref is not None else None
+        old = token_logprobs(model, ids, mask, temperature=T) if cfg.num_iterations > 1 else None
+        ref_lp = token_logprobs(ref, ids, mask, temperature=T) if ref is not None else None
     for _ in range(cfg.num_iterations):
-        lp = token_logprobs(model, ids, mask)
+        lp = token_logprobs(model, ids, mask, temperature=T)
         loss, stats = policy_loss(lp, lp.detach() if old is None else old, adv, mask, eps_low=cfg.epsilon,
                                   eps_high=cfg.epsilon_high, loss_type=cfg.loss_type,
                                   max_completion_len=cfg.max_completion_length, ref_logprobs=ref_lp, beta=cfg.beta)
@@ -176,10 +250,16 @@ def greedy_pass_rate(model, tok, rows: list[dict], cfg: GRPOConfig) -> float:
                          cfg.seed).pass_rate
 
 
-def history_rows(step: int, groups: dict[str, SampledGroup], kept: set[str], per_group: int) -> list[dict]:
-    """The `history` table's rows of one step: up to `per_group` samples of every drawn group."""
-    return [{"step": step, "prompt_id": g.row["id"], "task": g.row["task"], "sample": s, "completion": g.texts[s],
-             "reward": float(g.rewards[s]), "pass_rate": g.pass_rate, "kept": g.gid in kept}
+def history_rows(step: int, groups: dict[str, SampledGroup], kept: set[str], carried: set[str],
+                 per_group: int) -> list[dict]:
+    """The `history` table's rows of the groups drawn while filling step `step`'s batch: up to
+    `per_group` samples each. `step` is the optimizer update that trains the group: `step` for the
+    batch (`kept`), `step + 1` for a group carried to the next batch (`drawn_step` still says
+    `step`); a group no update trains has kept False and the step that drew it. `reward` is the
+    verifier's."""
+    return [{"step": step + 1 if g.gid in carried else step, "drawn_step": step, "prompt_id": g.row["id"],
+             "task": g.row["task"], "sample": s, "completion": g.texts[s], "reward": float(g.rewards[s]),
+             "pass_rate": g.pass_rate, "kept": g.gid in kept or g.gid in carried}
             for g in groups.values() for s in range(min(per_group, len(g.texts)))]
 
 
@@ -187,7 +267,7 @@ def grpo(model, tok, rows: list[dict], eval_rows: list[dict], cfg: GRPOConfig, w
          log_step: Callable[[int, dict], None] | None = None) -> LoopState:
     """Train `model` in place from its current weights; resumes from the last checkpoint in `work`.
     Each step's samples go to `work/samples-<step>.parquet` (the `history` table, read with
-    `history_table`)."""
+    `history_table`). log_step(step, metrics) gets step 0's held-out check and every step's metrics."""
     model.train()
     ref = copy.deepcopy(model).eval() if cfg.beta > 0 else None
     opt = model.configure_optimizer(cfg.lr, cfg.weight_decay, (0.9, 0.99), fused=device.type == "cuda")
@@ -196,51 +276,65 @@ def grpo(model, tok, rows: list[dict], eval_rows: list[dict], cfg: GRPOConfig, w
         state.step, state.history = load_checkpoint(found[-1], model, opt)
         saved = checkpoint_state(found[-1])
         state.cursor, state.generated_samples = saved["cursor"], saved["generated_samples"]
+        state.carry = [SampledGroup.from_json(g, rows) for g in saved.get("carry", [])]
         state.resumed_from = state.step
         log.info("rl: resuming from %s (step %d)", found[-1].name, state.step)
     if state.step == 0:
         state.history.append({"step": 0, "eval_pass_at_1": greedy_pass_rate(model, tok, eval_rows, cfg)})
+        if log_step:
+            log_step(0, {"eval_pass_at_1": state.history[0]["eval_pass_at_1"]})
     rollouts = Rollouts(model, tok, rows, cfg, state)
     samples: list[dict] = []
     budget = cfg.max_generated_samples or math.inf
     while state.step < cfg.max_steps and state.generated_samples < budget:
+        step = state.step + 1  # the optimizer update this batch trains: every record of it uses this number
         t0 = time.perf_counter()
         rollouts.drawn = {}
+        carried = {g.gid: g for g in state.carry}
         model.eval()
-        fill = fill_batch(rollouts.draw, cfg.batch_prompts, cfg.filter, cfg.band, cfg.max_generation_rounds)
+        fill = fill_batch(rollouts.draw, cfg.batch_prompts, cfg.filter, cfg.band, cfg.max_generation_rounds,
+                          oversample=cfg.oversample, carried=[(g.gid, g.rewards) for g in state.carry])
         gen_seconds = time.perf_counter() - t0
         model.train()
-        drawn, kept = rollouts.drawn, set(fill.group_ids)
-        samples += history_rows(state.step + 1, drawn, kept, cfg.history_samples)  # the step they train
-        if fill.shortfall:
-            log.info("rl: step %d kept %d of %d groups after %d rounds", state.step + 1, len(kept), cfg.batch_prompts,
-                     fill.rounds_used)
+        drawn = rollouts.drawn
+        known = {**carried, **drawn}
+        batch = [known[gid] for gid in fill.group_ids]
         state.generated_samples += len(drawn) * cfg.num_generations
-        metrics = {"reward_mean": float(np.mean([g.rewards for g in drawn.values()])),
-                   "kept_fraction": fill.stats["kept_fraction"],
-                   "zero_variance_fraction": fill.stats["zero_variance_fraction"],
-                   "generation_rounds": fill.rounds_used, "shortfall": float(fill.shortfall),
-                   "generation_seconds": gen_seconds, "generated_samples": state.generated_samples,
+        last = step == cfg.max_steps or state.generated_samples >= budget
+        # passing groups beyond this batch train the next one; fill_batch drops carried ones it cannot use
+        state.carry = [] if last else [drawn[gid] for gid, _ in fill.overflow[: cfg.batch_prompts]]
+        samples += history_rows(step, drawn, set(fill.group_ids), {g.gid for g in state.carry}, cfg.history_samples)
+        if fill.shortfall:
+            log.info("rl: step %d kept %d of %d groups after %d rounds", step, len(batch), cfg.batch_prompts,
+                     fill.rounds_used)
+        metrics = {"generation_rounds": fill.rounds_used, "shortfall": float(fill.shortfall),
+                   "carried_groups": fill.carried, "generation_seconds": gen_seconds,
+                   "generated_samples": state.generated_samples,
                    "generated_tokens_per_s": sum(len(c) for g in drawn.values() for c in g.completions) / max(gen_seconds, 1e-9)}
+        if drawn:  # a batch filled by carried groups alone draws nothing: no reward or filter rate to report
+            metrics.update(reward_mean=float(np.mean([g.rewards for g in drawn.values()])),
+                           kept_fraction=fill.stats["kept_fraction"],
+                           zero_variance_fraction=fill.stats["zero_variance_fraction"])
         t1 = time.perf_counter()
-        if fill.group_ids:
-            metrics.update(update_policy(model, ref, opt, tok, [drawn[g] for g in fill.group_ids], fill.rewards, cfg,
-                                         device))
+        if batch:
+            metrics.update(update_policy(model, ref, opt, tok, batch, cfg, device))
         metrics["train_seconds"] = time.perf_counter() - t1
-        state.step += 1
-        if state.step % cfg.eval_every == 0 or state.step == cfg.max_steps or state.generated_samples >= budget:
+        state.step = step
+        if step % cfg.eval_every == 0 or last:
             metrics["eval_pass_at_1"] = greedy_pass_rate(model, tok, eval_rows, cfg)
             model.train()
-        state.history.append({"step": state.step, **metrics})
+        state.history.append({"step": step, **metrics})
         if log_step:
-            log_step(state.step, metrics)
-        log.info("rl step %d/%d reward %.3f kept %.2f gen %.1fs train %.1fs", state.step, cfg.max_steps,
-                 metrics["reward_mean"], metrics["kept_fraction"], gen_seconds, metrics["train_seconds"])
-        if state.step % cfg.checkpoint_every == 0 and state.step < cfg.max_steps:
+            log_step(step, metrics)
+        log.info("rl step %d/%d reward %.3f kept %.2f gen %.1fs train %.1fs", step, cfg.max_steps,
+                 metrics.get("reward_mean", math.nan), metrics.get("kept_fraction", math.nan), gen_seconds,
+                 metrics["train_seconds"])
+        if step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
             # samples first: a crash between the two redoes these steps (same seeds, same file names)
-            write_parquet(pl.DataFrame(samples).to_arrow(), work / f"samples-{state.step:06d}.parquet")
-            save_checkpoint(work, state.step, model, opt, state.history,
-                            extra={"cursor": state.cursor, "generated_samples": state.generated_samples})
+            write_parquet(pl.DataFrame(samples).to_arrow(), work / f"samples-{step:06d}.parquet")
+            save_checkpoint(work, step, model, opt, state.history,
+                            extra={"cursor": state.cursor, "generated_samples": state.generated_samples,
+                                   "carry": [g.to_json() for g in state.carry]})
             samples = []
     if samples:
         write_parquet(pl.DataFrame(samples).to_arrow(), work / f"samples-{state.step:06d}.parquet")

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
 
+from tasks.core.hardware import Precision, autocast, mfu, peak_flops, use_bf16
 from tasks.core.model import GPT, ModelConfig, load_model, load_weights, save_model
 from tasks.core.settings import Device, device_setting, runtime
 from tasks.core.store import fsync_file, fsync_tree
@@ -61,6 +62,9 @@ class TrainConfig(BaseModel):
     device: Device = device_setting()
     compile: bool = runtime(False, "torch.compile the model")
     nproc: int = runtime(1, "processes; > 1 runs DDP under torchrun (gloo on CPU, nccl on GPU)", gt=0)
+    precision: Precision = runtime("auto", "auto: bf16 autocast on CUDA, fp32 on CPU; bf16 or fp32 on any device")
+    peak_flops: float | None = runtime(None, "dense bf16 FLOP/s of one device for MFU (default: the GPU's "
+                                       "datasheet figure when its name is known)", gt=0)
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -98,16 +102,6 @@ class BatchOrder:
 
     def rows(self, step: int) -> np.ndarray:
         return self.take(step * self.batch, self.batch)
-
-
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}  # bf16 dense
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
 class TrainSpec(BaseModel):
@@ -186,7 +180,7 @@ def _rows(array: np.ndarray | None, index, device) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def evaluate(model, val: np.ndarray, val_mask: np.ndarray | None, spec: TrainSpec, device, autocast) -> float:
+def evaluate(model, val: np.ndarray, val_mask: np.ndarray | None, spec: TrainSpec, device, amp) -> float:
     model.eval()
     rows = _rows(val, slice(0, spec.cfg.eval_rows), device)
     masks = _rows(val_mask, slice(0, spec.cfg.eval_rows), device)
@@ -194,7 +188,7 @@ def evaluate(model, val: np.ndarray, val_mask: np.ndarray | None, spec: TrainSpe
     for i in range(0, len(rows), spec.cfg.batch_size):
         part = slice(i, i + spec.cfg.batch_size)
         inputs, targets = targets_of(rows[part], spec.pad_id, None if masks is None else masks[part])
-        with autocast:
+        with amp:
             _, loss = model(inputs, targets, reduction="none")
         mask = targets != IGNORE
         total += float(loss[mask].sum())
@@ -213,7 +207,7 @@ def train(spec: TrainSpec, mlflow_log=None) -> dict:
     if use_cuda:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else nullcontext()
+    amp = autocast(device, cfg.precision)
     if cfg.batch_size % (world * cfg.grad_accum):
         raise ValueError(f"batch_size {cfg.batch_size} must divide by nproc x grad_accum = {world * cfg.grad_accum}")
     micro = cfg.batch_size // (world * cfg.grad_accum)
@@ -242,7 +236,13 @@ def train(spec: TrainSpec, mlflow_log=None) -> dict:
     order = BatchOrder(len(train_rows), cfg.batch_size, cfg.seed)
     seq_len = train_rows.shape[1] - 1
     flops_tok = model.flops_per_token(seq_len)
-    peak = peak_flops(device)
+    peak = peak_flops(device, cfg.peak_flops)
+    if rank == 0:
+        log.info("train on %s%s: %s%s, %d process%s", device, f" ({torch.cuda.get_device_name(device)})" if use_cuda else "",
+                 "bf16 autocast" if use_bf16(device, cfg.precision) else "fp32", ", compiled" if cfg.compile else "",
+                 world, "es" if world > 1 else "")
+    if device.type == "cuda" and not peak and rank == 0:
+        log.info("no MFU: %s is not in the peak-FLOPs table (set peak_flops)", torch.cuda.get_device_name(device))
     pending, t_last, tokens_last = [], time.perf_counter(), 0
     start_time = time.perf_counter()
 
@@ -261,7 +261,7 @@ def train(spec: TrainSpec, mlflow_log=None) -> dict:
             index = np.sort(rows[m * micro : (m + 1) * micro])
             inputs, targets = targets_of(_rows(train_rows, index, device), spec.pad_id, _rows(train_mask, index, device))
             sync = nullcontext() if (not ddp or m == cfg.grad_accum - 1) else net.no_sync()
-            with sync, autocast:
+            with sync, amp:
                 _, loss = net(inputs, targets)
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach() / cfg.grad_accum
@@ -286,7 +286,7 @@ def train(spec: TrainSpec, mlflow_log=None) -> dict:
             row = {"step": step, "loss": train_loss, "lr": lr, "grad_norm": float(grad_norm),
                    "tokens_per_s": tokens_last / (now - t_last)}
             if peak:
-                row["mfu"] = row["tokens_per_s"] * flops_tok / (peak * world)
+                row["mfu"] = mfu(row["tokens_per_s"], flops_tok, peak, world)
             t_last, tokens_last = now, 0
             if rank == 0:
                 eta = (now - start_time) / (step - resumed_from) * (cfg.max_steps - step)
@@ -295,7 +295,7 @@ def train(spec: TrainSpec, mlflow_log=None) -> dict:
             history.append(row)
             pending.append((step, {k: v for k, v in row.items() if k != "step"}))
         if val_rows is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-            val_loss = evaluate(model, val_rows, val_mask, spec, device, autocast)
+            val_loss = evaluate(model, val_rows, val_mask, spec, device, amp)
             evals = {"val_loss": val_loss}
             if spec.tokens_per_byte:
                 evals["val_bpb"] = val_loss / math.log(2) * spec.tokens_per_byte
