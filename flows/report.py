@@ -46,7 +46,9 @@ def report_card(outcomes: list[tuple[str, Outcome]], plan) -> list[dict]:
             "key": o.artifact.key,
             "cached": o.cached,
             "rows": dict(o.artifact.rows),
-            "metrics": {m: metrics[m] for m in stage.report_metrics if m in metrics},
+            # a stage's report metrics, and any per-task count of examples that did not fit (nothing dropped silently)
+            "metrics": {**{m: metrics[m] for m in stage.report_metrics if m in metrics},
+                        **{k: v for k, v in sorted(metrics.items()) if "too_long." in k and v}},
             "seconds": round(o.seconds, 1),
             "path": o.artifact.path,
             # evaluation stages: greedy pass@1 per task on the held-out split, and prompts per task

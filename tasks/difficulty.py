@@ -21,7 +21,7 @@ from pydantic import Field
 
 from tasks.core.grpo import in_band
 from tasks.core.orchestration import stage_task
-from tasks.core.rollout import generation_metrics, prompts_and_policy, score_prompts
+from tasks.core.rollout import count_overlong, generation_metrics, prompts_and_policy, score_prompts
 from tasks.core.settings import Band, Device, device_setting
 from tasks.core.stage import Stage, StageConfig, StageContext, new_figure
 from tasks.core.store import Artifact, write_parquet
@@ -59,7 +59,7 @@ def pass_rate_figure(table: pl.DataFrame, k: int, band: tuple[float, float]):
 
 def difficulty(cfg: DifficultyConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
     rows, model, tok = prompts_and_policy("difficulty", inputs, cfg.split, cfg.max_prompts_per_task, cfg.device)
-
+    overlong = count_overlong(model, tok, rows, cfg.max_completion_length, ctx.instance)
     scored = score_prompts(model, tok, rows, cfg.k, cfg.temperature, cfg.top_k, cfg.max_completion_length, cfg.batch_size,
                            cfg.seed, ctx.progress)
     table = scored.table().with_columns(kept=in_band(pl.col("pass_rate"), cfg.band))
@@ -85,7 +85,7 @@ def difficulty(cfg: DifficultyConfig, inputs: dict[str, Artifact], ctx: StageCon
     for row in per_task.iter_rows(named=True):
         for m in ("kept_fraction", "pass_rate", "frac_zero", "frac_one", "prompts"):
             metrics[f"{m}.{row['task']}"] = row[m]
-    metrics.update(generation_metrics(scored))
+    metrics.update(generation_metrics(scored), **overlong)
     ctx.log_figure(pass_rate_figure(table, cfg.k, cfg.band), "pass_rates")
     return {"rows": {"pass_rates": len(table), "samples": len(samples)}, "metrics": metrics}
 

@@ -22,7 +22,7 @@ from pydantic import Field
 
 from tasks.core import chat
 from tasks.core.orchestration import stage_task
-from tasks.core.rollout import generation_metrics, prompts_and_policy, score_prompts
+from tasks.core.rollout import count_overlong, generation_metrics, prompts_and_policy, score_prompts
 from tasks.core.settings import Device, device_setting
 from tasks.core.stage import Stage, StageConfig, StageContext, log
 from tasks.core.store import Artifact, write_parquet
@@ -69,6 +69,7 @@ def summarize(results: pl.DataFrame) -> dict[str, float]:
 
 def evaluate(cfg: EvalConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
     rows, model, tok = prompts_and_policy("eval", inputs, cfg.split, cfg.max_prompts_per_task, cfg.device)
+    overlong = count_overlong(model, tok, rows, cfg.max_completion_length, ctx.instance)
 
     greedy = score_prompts(model, tok, rows, 1, 0.0, None, cfg.max_completion_length, cfg.batch_size, cfg.seed, ctx.progress)
     samples = score_prompts(model, tok, rows, cfg.k, cfg.temperature, cfg.top_k, cfg.max_completion_length, cfg.batch_size,
@@ -86,7 +87,7 @@ def evaluate(cfg: EvalConfig, inputs: dict[str, Artifact], ctx: StageContext) ->
         "completion_tokens": [len(c[0]) for c in greedy.completions],
     }, schema_overrides={"samples_correct": pl.Int32, "k": pl.Int32, "completion_tokens": pl.Int32})
     write_parquet(results.to_arrow(), ctx.out / "results" / "part-00000.parquet")
-    metrics = {**summarize(results), **generation_metrics(greedy, samples)}
+    metrics = {**summarize(results), **generation_metrics(greedy, samples), **overlong}
     tasks = sorted(k.split(".", 1)[1] for k in metrics if k.startswith("pass_at_1."))
     log.info("%s: held-out greedy pass@1 %.3f (%s), sampled pass@1 %.3f, pass@%d %.3f, %d prompts", ctx.instance,
              metrics["pass_at_1"], ", ".join(f"{t} {metrics[f'pass_at_1.{t}']:.3f}" for t in tasks),

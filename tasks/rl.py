@@ -25,7 +25,7 @@ from tasks.core.model import save_model
 from tasks.core.orchestration import stage_task
 from tasks.core.outputs import kept_ids, load_prompts
 from tasks.core.rl_loop import GRPOConfig, grpo, history_table
-from tasks.core.rollout import load_policy, resolve_device, take_per_task
+from tasks.core.rollout import count_overlong, load_policy, resolve_device, take_per_task
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError, new_figure
 from tasks.core.store import Artifact, copy_file, write_parquet
 
@@ -65,6 +65,7 @@ def rl(cfg: RLConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
     if not rows:
         raise StageError("rl: no training prompts (check prompts sizes and rl.use_difficulty)")
     eval_rows = take_per_task(load_prompts(inputs["prompts"], "eval"), cfg.eval_prompts_per_task)
+    overlong = {f"train_{k}": v for k, v in count_overlong(model, tok, rows, cfg.max_completion_length, "rl").items()}
 
     state = grpo(model, tok, rows, eval_rows, cfg, ctx.work_dir(), device,
                  log_step=lambda step, metrics: ctx.log_history([(step, metrics)]))
@@ -93,7 +94,7 @@ def rl(cfg: RLConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
         "reward_last": float(np.mean(rewards[-3:])) if rewards else 0.0, "reward_best": max(rewards, default=0.0),
         "eval_pass_at_1_start": evals[0] if evals else 0.0, "eval_pass_at_1": evals[-1] if evals else 0.0,
         "kept_fraction": float(np.mean([h["kept_fraction"] for h in history if "kept_fraction" in h] or [0])),
-        "train_prompts": len(rows),
+        "train_prompts": len(rows), **overlong,
     }
     return {"rows": {"history": len(table), "steps": len(history)}, "metrics": metrics, "info": info}
 

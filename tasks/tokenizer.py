@@ -4,7 +4,7 @@ The pre-tokenizer is GPT-2's byte-level one (regex split, no prefix space), foll
 `split_digits` (the default), by a rule that cuts every run of digits into single digits (as Llama
 and nanochat do): BPE then never merges "182" into one opaque token, so a number's digits, and the
 place-value structure arithmetic needs, stay visible to the model; on the default corpus it costs
-about 3% of the characters per token. The initial alphabet is all 256 byte symbols, so every string
+1.5% of the characters per token (3.55 -> 3.50 on the held-out documents, vocab 4096). The initial alphabet is all 256 byte symbols, so every string
 is representable and decode(encode(x)) == x exactly (no normalizer). Special tokens take ids 0..k-1 in config order (the chat and
 document tokens of `tasks.core.tokens`).
 

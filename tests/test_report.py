@@ -49,3 +49,18 @@ def test_constant_answer_baseline_matches_an_oracle(tiny_run):
     from pathlib import Path
 
     assert "| constant answer |" in Path(result["report_path"]).read_text()  # and so does report.md
+
+
+def test_card_shows_what_did_not_fit_per_task():
+    """Per-task counts of examples too long for a row or a model are on the card when not zero."""
+    from types import SimpleNamespace
+
+    from flows.report import report_card
+    from tasks.core.stage import Outcome
+    from tasks.core.store import Artifact
+
+    metrics = {"pass_at_1": 0.5, "too_long.gcd": 3, "too_long.leg_counting": 0, "train_too_long.gcd": 7, "other": 1}
+    artifact = Artifact(stage="eval", key="k", path="p", manifest={"metrics": metrics, "rows": {}})
+    plan = SimpleNamespace(stages={"eval_sft": SimpleNamespace(stage=SimpleNamespace(report_metrics=("pass_at_1",)))})
+    [row] = report_card([("eval_sft", Outcome(artifact=artifact, cached=False, seconds=1.0))], plan)
+    assert row["metrics"] == {"pass_at_1": 0.5, "too_long.gcd": 3, "train_too_long.gcd": 7}

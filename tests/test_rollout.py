@@ -103,3 +103,19 @@ def test_take_per_task():
     rows = [{"task": t, "id": i} for i, t in enumerate("aabbbac")]
     assert [r["id"] for r in take_per_task(rows, 2)] == [0, 1, 2, 3, 6]
     assert take_per_task(rows, None) == rows
+
+
+def test_overlong_prompts_are_counted_per_task_and_most_stop_the_stage(tok, rows):
+    """A prompt whose completion would run past max_seq_len is counted (and logged); most of a task's stop."""
+    from tasks.core.rollout import count_overlong
+    from tasks.core.stage import StageError
+
+    lengths = [len(chat.prompt_ids(tok, r["question"])) for r in rows]
+    short, long_ = min(lengths), max(lengths)
+    assert short < long_  # the fixture's questions differ in length
+    model = GPT(ModelConfig(vocab_size=tok.get_vocab_size(), depth=1, width=32, max_seq_len=long_ + 3))
+    assert count_overlong(model, tok, rows, 3, "eval") == {}
+    over = sum(n == long_ for n in lengths)  # "Calculate 0 - 10." is one digit longer than the rest
+    assert over == 1 and count_overlong(model, tok, rows, 4, "eval") == {f"too_long.{TASK}": 1}
+    with pytest.raises(StageError, match=rf"eval: {len(rows)} of {len(rows)} prompts of task {TASK} plus 100 new"):
+        count_overlong(model, tok, rows, 100, "eval")

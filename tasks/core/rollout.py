@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -167,6 +168,31 @@ def constant_answer_baseline(prompts, split: str, per_task: int | None) -> dict[
         correct = [answer is not None and chat.score(r, chat.completion_text(answer)) == 1.0 for r in mine]
         out[task] = {"answer": answer, "pass_at_1": float(np.mean(correct)), "prompts": len(mine)}
     return out
+
+
+def count_overlong(model, tok, rows: Sequence[dict], max_new_tokens: int, stage: str) -> dict[str, int]:
+    """Prompts per task whose prompt + `max_new_tokens` exceed the model's `max_seq_len` (`too_long.<task>`):
+    they are still scored, but their completions run on positions the model never trained on. Each task's
+    count is logged; a task with more than half of its prompts too long stops the stage (its score would
+    mean little)."""
+    limit = getattr(getattr(model, "dims", None), "max_seq_len", None)
+    if limit is None:
+        return {}
+    totals, over, longest = Counter(), Counter(), {}
+    for row in rows:
+        n = len(chat.prompt_ids(tok, row["question"])) + max_new_tokens
+        totals[row["task"]] += 1
+        if n > limit:
+            over[row["task"]] += 1
+            longest[row["task"]] = max(n, longest.get(row["task"], 0))
+    for task in sorted(over):
+        message = (f"{stage}: {over[task]:,} of {totals[task]:,} prompts of task {task} plus {max_new_tokens} new tokens "
+                   f"exceed the model's max_seq_len {limit} (the longest needs {longest[task]})")
+        if over[task] > totals[task] / 2:
+            raise StageError(f"{message}: lower the completion length, shorten the task's prompts, or train a model "
+                             f"with a longer max_seq_len")
+        log.warning("%s: scored on positions it never trained on", message)
+    return {f"too_long.{task}": over[task] for task in sorted(over)}
 
 
 def take_per_task(rows: Sequence[dict], cap: int | None) -> list[dict]:
