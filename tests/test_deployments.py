@@ -44,10 +44,16 @@ class Server:
     env: dict[str, str]
     logs: Path
 
-    def api(self, method: str, path: str, **kwargs) -> dict | list:
-        response = httpx.request(method, f"{self.url}{path}", timeout=30, **kwargs)
+    def api(self, method: str, path: str, **kwargs) -> dict | list | None:
+        # the server answers 503 while its SQLite database is busy (a serving process shutting down, a
+        # loaded machine): retry for up to 30 s rather than fail the test on the server's momentary state
+        for attempt in range(30):
+            response = httpx.request(method, f"{self.url}{path}", timeout=30, **kwargs)
+            if response.status_code != 503:
+                break
+            time.sleep(1)
         response.raise_for_status()
-        return response.json()
+        return response.json() if response.content else None
 
     def start(self, name: str, *args: str, cwd: Path = ROOT) -> subprocess.Popen:
         """A long-running process (its own process group, so its children stop with it)."""
@@ -120,7 +126,7 @@ def test_serve_serves_every_deployment_with_the_configured_schedule(server, tmp_
     finally:
         stop(proc)
         for d in server.api("POST", "/deployments/filter", json={}):
-            httpx.delete(f"{server.url}/deployments/{d['id']}", timeout=30).raise_for_status()
+            server.api("DELETE", f"/deployments/{d['id']}")
 
 
 @dataclass
