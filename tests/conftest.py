@@ -46,6 +46,20 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def chat_tokenizer(rows: list[dict]):
+    """A small byte-level BPE (the tokenizer stage's, 320 tokens) trained on prompt rows in the chat format."""
+    from tokenizers import pre_tokenizers, trainers
+
+    from tasks.core import chat
+    from tasks.tokenizer import TokenizerConfig, new_tokenizer
+
+    t = new_tokenizer()
+    trainer = trainers.BpeTrainer(vocab_size=320, min_frequency=2, special_tokens=TokenizerConfig().special_tokens,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    t.train_from_iterator([r["question"] + "\n" + chat.completion_text(r["answer"]) for r in rows] * 4, trainer)
+    return t
+
+
 def tiny_config(root: Path, **run) -> Path:
     """configs/tiny.yaml with its store and MLflow SQLite file under `root` (and `run` settings)."""
     raw = yaml.safe_load(TINY.read_text())

@@ -13,16 +13,14 @@ import polars as pl
 import pytest
 import torch
 from pydantic import ValidationError
-from tokenizers import pre_tokenizers, trainers
 
 import tasks.core.rl_loop as loop
-from tasks.core import chat
+from conftest import chat_tokenizer
 from tasks.core.grpo import group_advantages, group_pass_rates, keep_groups
 from tasks.core.model import GPT, ModelConfig
 from tasks.core.rl_loop import GRPOConfig, LoopState, Rollouts, SampledGroup, advantages, grpo, history_table
 from tasks.core.rollout import Scored
 from tasks.prompts import DEFAULT_TASKS, generate
-from tasks.tokenizer import TokenizerConfig, new_tokenizer
 
 TASK = "basic_arithmetic"
 
@@ -96,11 +94,7 @@ def rows():
 
 @pytest.fixture(scope="module")
 def tok(rows):
-    t = new_tokenizer()
-    trainer = trainers.BpeTrainer(vocab_size=320, min_frequency=2, special_tokens=TokenizerConfig().special_tokens,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    t.train_from_iterator([r["question"] + "\n" + chat.completion_text(r["answer"]) for r in rows] * 4, trainer)
-    return t
+    return chat_tokenizer(rows)
 
 
 def new_model(tok) -> GPT:

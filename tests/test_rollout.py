@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tokenizers import pre_tokenizers, trainers
 
+from conftest import chat_tokenizer
 from tasks.core import chat
 from tasks.core.model import GPT, ModelConfig
 from tasks.core.rollout import end_id, is_correct, sample_completions, score_completions, take_per_task
 from tasks.prompts import DEFAULT_TASKS, generate
-from tasks.tokenizer import TokenizerConfig, new_tokenizer
 
 TASK = "basic_arithmetic"
 
@@ -24,12 +23,7 @@ def rows():
 
 @pytest.fixture(scope="module")
 def tok(rows):
-    t = new_tokenizer()
-    trainer = trainers.BpeTrainer(vocab_size=320, min_frequency=2, special_tokens=TokenizerConfig().special_tokens,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    texts = [r["question"] + "\n" + chat.completion_text(r["answer"]) for r in rows]
-    t.train_from_iterator(texts * 4, trainer)
-    return t
+    return chat_tokenizer(rows)
 
 
 @pytest.fixture(scope="module")
