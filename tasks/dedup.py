@@ -1,11 +1,15 @@
 """Dedup: exact duplicates (normalized text), then MinHash-LSH near-duplicates (Broder's MinHash with LSH banding,
 as datatrove and text-dedup run it).
 
-Per shard (mapped over workers): a digest of each document's normalized text and its MinHash
-signature of word n-gram shingles. Globally: exact groups, LSH with explicit `bands` x `rows`
-over the exact-group representatives, optional true-Jaccard verification of candidate
-pairs, union-find clusters. Each cluster keeps one document: the smallest id (a rule that
-does not depend on shard order). Outputs: kept `documents` (+ `dup_cluster`), `dropped` (reason
+Out of core, in steps that each hold one shard or one partition (tasks.core.dedup_disk has the
+layout): per shard, a digest of each document's normalized text and the LSH band keys of its MinHash
+signature of word n-gram shingles, written to disk by key partition; exact groups (a duckdb query
+over the digests); per key partition, the candidate pairs of the exact-group representatives that
+share a bucket (`bands` x `rows`); per edge partition, distinct pairs and optional true-Jaccard
+verification; union-find over the edge files (one integer per document); clusters assigned by a
+duckdb query; then the filter pass, shard by shard. Every per-shard and per-partition step is a
+map, so on a Dask cluster (`run.runner: dask`) adding workers speeds up all of them. Each cluster
+keeps one document: the smallest id (a rule that does not depend on shard order or partitioning). Outputs: kept `documents` (+ `dup_cluster`), `dropped` (reason
 `exact_duplicate` or `near_duplicate`) and `clusters` (`doc_id`, `cluster_id`, `kind` exact/near,
 `kept`) for every member of a cluster of size > 1.
 
@@ -23,29 +27,38 @@ through documents that are each similar to the next but not to the one kept.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import logging
+import shutil
 from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
 from pydantic import Field
 
-from tasks.core.filters import Decision, write_filtered
-from tasks.core.minhash import (
-    collision_probability,
-    connected_components,
-    lsh_candidate_pairs,
-    minhash_signatures,
-    shingle_jaccard,
-    word_shingle_hashes,
+from tasks.core.dedup_disk import (
+    candidate_mask,
+    components,
+    connect,
+    group_partition,
+    partition_count,
+    reduce_edges,
+    write_band_keys,
+    write_parquet_local,
+    write_shingle_sets,
 )
+from tasks.core.filters import Decision, write_filtered
+from tasks.core.minhash import band_keys, collision_probability, minhash_signatures, shingle_jaccard, word_shingle_hashes
 from tasks.core.orchestration import stage_task
 from tasks.core.outputs import document_shards
+from tasks.core.settings import runtime
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError, new_figure
-from tasks.core.store import read_table, write_parquet
+from tasks.core.store import parquet_rows, read_table, write_parquet
 from tasks.core.tokens import normalize
 
 VERSION = 2  # 2: a dropped table (tasks.core.filters); kept shards keep their input names
@@ -70,6 +83,8 @@ class DedupConfig(StageConfig):
         "(exact dedup only), or the true shingle Jaccard its near-dup pairs must reach")
     audit_pairs: int = Field(100, ge=0, description="removed near-duplicates whose true Jaccard to their cluster's "
                              "kept document is measured (seeded sample)")
+    partitions: int = runtime(0, "band-key partitions (each one task); 0: about 4M band rows each", ge=0)
+    memory_limit: str = runtime("1GB", "duckdb's memory for the exact step and cluster assignment; it spills past it")
 
     def policy(self, source: str):
         return self.sources.get(source, "fuzzy")
@@ -78,84 +93,142 @@ class DedupConfig(StageConfig):
         return self.verify or any(isinstance(v, float) for v in self.sources.values())
 
 
-def shard_signatures(path: str, cfg: DedupConfig) -> dict:
-    """One shard: ids, sources, exact digests and MinHash signatures (mapped over workers)."""
+def shard_signatures(item: tuple[str, int], cfg: DedupConfig, work: str, partitions: int) -> int:
+    """One shard (mapped over workers): each document's global row `idx`, id, source and exact digest
+    to docs/, and the LSH band keys of those with shingles to bands/ by key partition."""
+    path, base = item
     table = read_table(path, columns=["id", "source", "text"])
     texts = table["text"].combine_chunks()
+    idx = np.arange(base, base + len(texts), dtype=np.int64)
     digests = [hashlib.blake2b(normalize(t, cfg.lowercase).encode(), digest_size=16).hexdigest()
                for t in texts.to_pylist()]
-    out = {"id": table["id"].to_pylist(), "source": table["source"].to_pylist(), "digest": digests}
+    has_shingles = np.zeros(len(texts), bool)
+    name = f"shard-{base:012d}"
     if cfg.near:
         hashes, offsets = word_shingle_hashes(texts, cfg.ngram, cfg.lowercase)
-        out["signatures"] = minhash_signatures(hashes, offsets, cfg.bands * cfg.rows, cfg.seed)
-        out["valid"] = np.diff(offsets) > 0
-        if cfg.needs_shingles():
-            out["hashes"], out["offsets"] = hashes, offsets
+        has_shingles = np.diff(offsets) > 0
+        signatures = minhash_signatures(hashes, offsets, cfg.bands * cfg.rows, cfg.seed)[has_shingles]
+        write_band_keys(Path(work), name, band_keys(signatures, cfg.bands, cfg.rows), idx[has_shingles], partitions)
         log.info("dedup: %s: %d documents, %d shingles", Path(path).name, len(texts), len(hashes))
-    return out
+    write_parquet_local(pa.table({"idx": idx, "id": table["id"], "source": table["source"],
+                                  "digest": pa.array(digests, pa.string()), "has_shingles": has_shingles}),
+                        Path(work) / "docs" / f"{name}.parquet")
+    return len(texts)
 
 
-def _concat_shingles(parts: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    hashes = np.concatenate([p["hashes"] for p in parts])
-    offsets, base = [np.zeros(1, np.int64)], 0
-    for p in parts:
-        offsets.append(p["offsets"][1:] + base)
-        base += p["offsets"][-1]
-    return hashes, np.concatenate(offsets)
+def shard_shingles(item: tuple[str, int], cfg: DedupConfig, work: str) -> int:
+    """One shard: the unique shingle hashes of its documents that are an end of a candidate pair."""
+    path, base = item
+    wanted = np.load(Path(work) / "candidates.npy", mmap_mode="r")
+    table = read_table(path, columns=["text"])
+    rows = np.flatnonzero(wanted[base:base + len(table)])
+    hashes, offsets = word_shingle_hashes(table["text"].take(pa.array(rows, pa.int64())), cfg.ngram, cfg.lowercase)
+    write_shingle_sets(Path(work), f"shard-{base:012d}", rows + base, hashes, offsets)
+    return len(rows)
 
 
-def find_clusters(parts: list[dict], cfg: DedupConfig) -> tuple[pl.DataFrame, dict]:
-    """Per document: its cluster id (smallest id in the cluster), kind, kept; plus pair counts."""
-    docs = pl.DataFrame({
-        "id": [i for p in parts for i in p["id"]],
-        "source": [s for p in parts for s in p["source"]],
-        "digest": [d for p in parts for d in p["digest"]],
-    }).with_row_index("idx")
-    policy = [cfg.policy(source) for source in docs["source"].to_list()]
-    exempt = pl.Series([p == "exempt" for p in policy])
-    if cfg.exact:  # an exempt document is its own group: it is neither removed nor removes
-        docs = docs.with_columns(exact_rep=pl.when(exempt).then(pl.col("id"))
-                                 .otherwise(pl.col("id").min().over(pl.when(~exempt).then(pl.col("digest")))))
-    else:
-        docs = docs.with_columns(exact_rep=pl.col("id"))
-    rep_idx = docs.join(docs.select(exact_rep="id", rep_idx="idx"), on="exact_rep", how="left").sort("idx")["rep_idx"]
-    rep_idx = rep_idx.to_numpy().astype(np.int64)
-    n = len(docs)
-    stats = {"candidate_pairs": 0}
-    labels = np.arange(n, dtype=np.int64)
+def exact_step(con, cfg: DedupConfig) -> dict[str, np.ndarray]:
+    """Per document (in idx order): its exact-group representative (the smallest id among the
+    documents with its digest; itself when exempt or without exact dedup), whether it is in LSH
+    and the true Jaccard its near-dup pairs must reach."""
+    sources = [s for (s,) in con.execute("SELECT DISTINCT source FROM docs").fetchall()]
+    policy = {s: cfg.policy(s) for s in sources}
+    floor = cfg.verify_threshold if cfg.verify else 0.0
+    con.register("policy", pa.table({
+        "source": pa.array(sources, pa.string()),
+        "exempt": [policy[s] == "exempt" for s in sources],
+        "fuzzy": [policy[s] not in ("exempt", "exact") for s in sources],
+        "need": [max(floor, policy[s]) if isinstance(policy[s], float) else floor for s in sources]}))
+    exact = "TRUE" if cfg.exact else "FALSE"
+    rows = con.execute(f"""
+        WITH d AS (SELECT idx, id, digest, has_shingles, exempt, fuzzy, need FROM docs JOIN policy USING (source)),
+             groups AS (SELECT digest, arg_min(idx, id) AS rep FROM d WHERE NOT exempt GROUP BY digest)
+        SELECT CASE WHEN d.exempt OR NOT {exact} THEN d.idx ELSE groups.rep END AS rep_idx,
+               d.has_shingles AND d.fuzzy AS lsh, d.need
+        FROM d LEFT JOIN groups USING (digest) ORDER BY d.idx""").fetchnumpy()
+    rep_idx = np.asarray(rows["rep_idx"], np.int64)
+    lsh = np.asarray(rows["lsh"], bool) & (rep_idx == np.arange(len(rep_idx)))  # exact copies take no part
+    return {"rep_idx": rep_idx, "lsh": lsh, "need": np.asarray(rows["need"], np.float64)}
+
+
+def near_step(items: list[tuple[str, int]], n: int, need: np.ndarray, cfg: DedupConfig, ctx: StageContext,
+              work: Path, partitions: int) -> tuple[np.ndarray, dict]:
+    """Candidate pairs per key partition, distinct (and verified) per edge partition, then the
+    connected components: a label per document."""
+    parts = sorted(glob.glob(str(work / "bands" / "*")))
+    counts = ctx.map(group_partition, parts, work=str(work), edge_parts=partitions, max_bucket=64)
+    stats: dict = {}
+    if cfg.needs_shingles() and sum(counts):
+        np.save(work / "candidates.npy", candidate_mask(work, n))
+        ctx.map(shard_shingles, items, cfg=cfg, work=str(work))
+        np.save(work / "need.npy", need)
+    edges = sorted(glob.glob(str(work / "edges" / "*")))
+    reduced = ctx.map(reduce_edges, edges, work=str(work), n=n)
+    stats["candidate_pairs"] = sum(r["candidate_pairs"] for r in reduced)
+    if any(r["checked"] for r in reduced):
+        stats["verified_pairs"] = sum(r["pairs"] for r in reduced)
+    return components(work, n), stats
+
+
+def find_clusters(files: list[str], cfg: DedupConfig, ctx: StageContext) -> tuple[Path, dict]:
+    """Per document: its cluster id (smallest id in the cluster), size, kind, kept, written to
+    final.parquet in idx order (the documents' order: shard by shard, row by row)."""
+    work = ctx.work_dir() / "dedup"
+    shutil.rmtree(work, ignore_errors=True)  # intermediate files of a killed run: recomputed
+    work.mkdir(parents=True)
+    sizes = [parquet_rows(f) for f in files]
+    items = list(zip(files, np.cumsum([0, *sizes[:-1]]).tolist()))
+    n = sum(sizes)
+    partitions = partition_count(n, cfg.bands, cfg.partitions)
+    ctx.map(shard_signatures, items, cfg=cfg, work=str(work), partitions=partitions)
+    con = connect(work, cfg.memory_limit)
+    exact = exact_step(con, cfg)
+    labels, stats = np.arange(n, dtype=np.int64), {"candidate_pairs": 0}
     if cfg.near:
-        signatures = np.concatenate([p["signatures"] for p in parts])
-        is_rep = rep_idx == np.arange(n)
-        fuzzy = np.array([p not in ("exempt", "exact") for p in policy], dtype=bool)
-        valid = np.concatenate([p["valid"] for p in parts]) & is_rep & fuzzy  # exact copies take no part in LSH
-        pairs = lsh_candidate_pairs(signatures, cfg.bands, cfg.rows, valid)
-        stats["candidate_pairs"] = len(pairs)
-        # the true Jaccard a pair must reach: verify_threshold when verifying, a source's own threshold
-        need = np.array([p if isinstance(p, float) else 0.0 for p in policy])
-        need = np.maximum(need[pairs[:, 0]], need[pairs[:, 1]]) if len(pairs) else np.zeros(0)
-        if cfg.verify:
-            need = np.maximum(need, cfg.verify_threshold)
-        if (need > 0).any():
-            hashes, offsets = _concat_shingles(parts)
-            pairs = pairs[shingle_jaccard(hashes, offsets, pairs) >= need]
-            stats["verified_pairs"] = len(pairs)
-        labels = connected_components(n, pairs)
-    docs = docs.with_columns(component=pl.Series(labels[rep_idx]))  # an exact copy joins its rep's cluster
-    docs = docs.with_columns(
-        cluster_id=pl.col("id").min().over("component"),
-        cluster_size=pl.len().over("component"),
-        kind=pl.when(pl.col("exact_rep") != pl.col("id")).then(pl.lit("exact")).otherwise(pl.lit("near")),
-    ).with_columns(kept=pl.col("id") == pl.col("cluster_id"))
+        np.save(work / "mask.npy", exact["lsh"])
+        labels, stats = near_step(items, n, exact["need"], cfg, ctx, work, partitions)
+    rep_idx = exact["rep_idx"]
+    con.register("component", pa.table({"idx": np.arange(n, dtype=np.int64), "component": labels[rep_idx],
+                                        "exact_copy": rep_idx != np.arange(n)}))  # an exact copy joins its rep's cluster
     # A kept representative is "exact" when every other member of its cluster is an exact copy.
-    only_exact = ((pl.col("kind") == "exact") | pl.col("kept")).all().over("component")
-    docs = docs.with_columns(kind=pl.when(pl.col("kept") & only_exact).then(pl.lit("exact")).otherwise(pl.col("kind")))
-    return docs.drop("digest", "component"), stats
+    con.execute(f"""COPY (
+        WITH d AS (SELECT idx, id, source, component, exact_copy,
+                          min(id) OVER (PARTITION BY component) AS cluster_id,
+                          count(*) OVER (PARTITION BY component) AS cluster_size
+                   FROM docs JOIN component USING (idx)),
+             k AS (SELECT *, id = cluster_id AS kept FROM d)
+        SELECT idx, id, source, cluster_id, cluster_size, kept,
+               CASE WHEN exact_copy OR (kept AND bool_and(exact_copy OR kept) OVER (PARTITION BY component))
+                    THEN 'exact' ELSE 'near' END AS kind
+        FROM k ORDER BY idx) TO '{work / "final.parquet"}' (FORMAT parquet, ROW_GROUP_SIZE 65536)""")
+    con.close()
+    return work / "final.parquet", stats
 
 
-def check_sources(docs: pl.DataFrame, cfg: DedupConfig) -> dict[str, float]:
+class Decisions:
+    """Each shard's decision, read from final.parquet when `write_filtered` asks for it (one at a time)."""
+
+    def __init__(self, final: Path, files: list[str]):
+        self.final, self.files = final, files
+
+    def __iter__(self):
+        dataset, base = pads.dataset(self.final), 0
+        for path in self.files:
+            end = base + parquet_rows(path)
+            rows = dataset.to_table(filter=(pads.field("idx") >= base) & (pads.field("idx") < end)).sort_by("idx")
+            base = end
+            kept = rows["kept"].to_numpy(zero_copy_only=False)
+            clustered = pc.greater(rows["cluster_size"], 1)
+            cluster = pc.if_else(clustered, rows["cluster_id"], pa.scalar(None, pa.string()))
+            reason = pc.if_else(rows["kept"], pa.scalar(None, pa.string()), pc.binary_join_element_wise(
+                rows["kind"], "_duplicate", ""))
+            yield Decision(kept, reason.to_pylist(), {"dup_cluster": cluster.cast(pa.string())})
+
+
+def check_sources(docs: pl.LazyFrame, cfg: DedupConfig) -> dict[str, float]:
     """Each source's removed share; stop (or warn) when one exceeds cfg.max_source_removal."""
     per_source = docs.group_by("source").agg(rate=(~pl.col("kept")).mean(), removed=(~pl.col("kept")).sum(),
-                                              total=pl.len()).sort("source")
+                                              total=pl.len()).sort("source").collect(engine="streaming")
     for source, rate, removed, total in per_source.iter_rows():
         if rate > cfg.max_source_removal:
             message = (f"dedup: source {source!r} would lose {rate:.0%} of its documents ({removed:,} of {total:,}), "
@@ -168,9 +241,9 @@ def check_sources(docs: pl.DataFrame, cfg: DedupConfig) -> dict[str, float]:
     return {s: r for s, r, _, _ in per_source.iter_rows()}
 
 
-def audit(files: list[str], docs: pl.DataFrame, cfg: DedupConfig) -> dict[str, float]:
+def audit(files: list[str], docs: pl.LazyFrame, cfg: DedupConfig) -> dict[str, float]:
     """True shingle Jaccard of a seeded sample of removed near-duplicates against their cluster's kept document."""
-    removed = docs.filter(~pl.col("kept") & (pl.col("kind") == "near"))
+    removed = docs.filter(~pl.col("kept") & (pl.col("kind") == "near")).select("id", "cluster_id").collect()
     if not cfg.near or cfg.audit_pairs == 0 or removed.is_empty():
         return {}
     sample = removed.sample(min(cfg.audit_pairs, len(removed)), seed=cfg.seed).sort("id")
@@ -199,34 +272,27 @@ def cluster_size_figure(sizes: np.ndarray):
 
 def dedup(cfg: DedupConfig, inputs: dict, ctx: StageContext) -> dict:
     files = document_shards(inputs["documents"], "dedup")
-    parts = ctx.map(shard_signatures, files, cfg=cfg)
-    docs, stats = find_clusters(parts, cfg)
+    final, stats = find_clusters(files, cfg, ctx)
+    docs = pl.scan_parquet(final)
     removal = check_sources(docs, cfg)  # before anything is written
     threshold = (1 / cfg.bands) ** (1 / cfg.rows)  # the S-curve's knee: P(candidate) ~ 0.5 there
     log.info("dedup: LSH %d bands x %d rows: pairs above Jaccard ~%.2f become candidates", cfg.bands, cfg.rows, threshold)
 
-    # Kept documents, shard by shard in the input's layout, with their cluster id when clustered.
-    decisions, start = [], 0
-    for part in parts:
-        rows = docs.slice(start, len(part["id"]))
-        start += len(part["id"])
-        cluster = rows.select(pl.when(pl.col("cluster_size") > 1).then(pl.col("cluster_id")))["cluster_id"]
-        reason = rows.select(pl.when(~pl.col("kept")).then(pl.col("kind") + "_duplicate"))["kind"]
-        decisions.append(Decision(rows["kept"].to_numpy(), reason.to_list(),
-                                  {"dup_cluster": pa.array(cluster.to_list(), pa.string())}))
-    write_filtered(files, decisions, ctx.out)
-
-    clustered = docs.filter(pl.col("cluster_size") > 1).sort("cluster_id", "id")
+    write_filtered(files, Decisions(final, files), ctx.out)  # kept documents in the input's layout
+    clustered = (docs.filter(pl.col("cluster_size") > 1).select("id", "cluster_id", "kind", "kept", "cluster_size")
+                 .sort("cluster_id", "id").collect(engine="streaming"))
     write_parquet(clustered.select(doc_id="id", cluster_id="cluster_id", kind="kind", kept="kept").to_arrow(),
                   ctx.out / "clusters" / "part-00000.parquet")
 
-    removed = docs.filter(~pl.col("kept"))
+    counts = docs.select(docs_in=pl.len(), exact=((~pl.col("kept")) & (pl.col("kind") == "exact")).sum(),
+                         near=((~pl.col("kept")) & (pl.col("kind") == "near")).sum()).collect().row(0, named=True)
+    removed = counts["exact"] + counts["near"]
     metrics = {
-        "docs_in": len(docs),
-        "docs_out": len(docs) - len(removed),
-        "exact_duplicates": int((removed["kind"] == "exact").sum()),
-        "near_duplicates": int((removed["kind"] == "near").sum()),
-        "duplicate_rate": len(removed) / max(1, len(docs)),
+        "docs_in": counts["docs_in"],
+        "docs_out": counts["docs_in"] - removed,
+        "exact_duplicates": counts["exact"],
+        "near_duplicates": counts["near"],
+        "duplicate_rate": removed / max(1, counts["docs_in"]),
         "clusters": clustered["cluster_id"].n_unique(),
         "largest_cluster": int(clustered["cluster_size"].max() or 0),
         **stats,

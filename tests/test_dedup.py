@@ -7,6 +7,13 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
+from tasks.core.minhash import (
+    connected_components,
+    lsh_candidate_pairs,
+    minhash_signatures,
+    shingle_jaccard,
+    word_shingle_hashes,
+)
 from tasks.core.stage import StageError, run_stage
 from tasks.core.store import Artifact, Store, write_parquet
 from tasks.core.tokens import normalize
@@ -118,6 +125,54 @@ def test_output_independent_of_sharding_and_repeatable(tmp_path, shard_rows):
     assert a.manifest["files"] == b.manifest["files"]  # same bytes
     assert sorted(read(a, "documents")["id"]) == sorted(set(docs_ids := read(a, "documents")["id"]))
     assert len(docs_ids) == 20
+
+
+def in_memory_reference(texts: list[str], ids: list[str], cfg: DedupConfig) -> dict[str, str]:
+    """Kept-or-not by the textbook in-memory steps (one source, no policies): exact groups of the
+    normalized text, LSH over their representatives, optional verification, union-find.
+    Returns each clustered document's cluster id (the smallest id in it)."""
+    norm = [normalize(t, cfg.lowercase) for t in texts]
+    rep = {}
+    for k in sorted(range(len(texts)), key=lambda k: ids[k]):
+        rep.setdefault(norm[k], k)
+    rep_of = np.array([rep[norm[k]] for k in range(len(texts))])
+    hashes, offsets = word_shingle_hashes(texts, cfg.ngram, cfg.lowercase)
+    sig = minhash_signatures(hashes, offsets, cfg.bands * cfg.rows, cfg.seed)
+    valid = (np.diff(offsets) > 0) & (rep_of == np.arange(len(texts)))
+    pairs = lsh_candidate_pairs(sig, cfg.bands, cfg.rows, valid)
+    if cfg.verify:
+        pairs = pairs[shingle_jaccard(hashes, offsets, pairs) >= cfg.verify_threshold]
+    labels = connected_components(len(texts), pairs)[rep_of]
+    members: dict[int, list[str]] = {}
+    for k, label in enumerate(labels):
+        members.setdefault(int(label), []).append(ids[k])
+    return {i: min(group) for group in members.values() if len(group) > 1 for i in group}
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_out_of_core_steps_equal_the_in_memory_reference(tmp_path, verify):
+    """Band keys on disk by partition, pairs per partition, union-find over edge files: the same
+    clusters as the in-memory steps, whatever the number of partitions (a runtime setting)."""
+    rng = np.random.default_rng(7)
+    texts = [" ".join(random_doc(rng, 120)) for _ in range(150)]
+    texts += chained(rng, 12, words=120, step=6)                       # a chain: Jaccard ~0.8 neighbours
+    texts += [t.upper() for t in texts[:20]]                           # exact duplicates after normalizing
+    texts += [" ".join(random_doc(rng, 60)[:30] + t.split()[30:90]) for t in texts[20:40]]  # Jaccard ~0.5-0.6
+    docs, ids, _ = make_documents(tmp_path / "in", texts, shard_rows=37)
+    cfg = DedupConfig(verify=verify, bands=20, rows=3)  # a loose S-curve: many false candidates to verify
+    reference = in_memory_reference(texts, [ids[k] for k in range(len(texts))], cfg)
+    outputs = []
+    for partitions in (1, 5):
+        run = cfg.model_copy(update={"partitions": partitions})
+        out = run_stage(STAGE, run, {"documents": docs}, Store(tmp_path / f"p{partitions}")).artifact
+        clusters = read(out, "clusters")
+        assert dict(zip(clusters["doc_id"], clusters["cluster_id"])) == reference
+        assert set(read(out, "documents")["id"]) == set(ids) - {i for i, c in reference.items() if i != c}
+        outputs.append(out)
+    assert outputs[0].key == outputs[1].key and outputs[0].manifest["files"] == outputs[1].manifest["files"]
+    m = outputs[0].manifest["metrics"]
+    assert m["candidate_pairs"] > 0 and m["exact_duplicates"] == 20
+    assert ("verified_pairs" in m) == verify and (not verify or m["verified_pairs"] < m["candidate_pairs"])
 
 
 def chained(rng, n_docs: int, words: int = 200, step: int = 4) -> list[str]:

@@ -282,8 +282,11 @@ def test_dask_runner_gives_byte_identical_dedup(tmp_path, caplog):
         # the local cluster's worker settings (OMP_NUM_THREADS=1, PYTHONHASHSEED) stay out of ours
         assert dict(os.environ) == environ
         results[runner] = manifests(config, only=("ingest", "dedup"))
-        on_dask[runner] = [r.getMessage() for r in caplog.records if "shards on Dask tcp://127.0.0.1:" in r.getMessage()]
-    assert not on_dask["default"] and any(m.startswith("dedup: ") for m in on_dask["dask"])  # a local cluster
+        on_dask[runner] = [r.getMessage() for r in caplog.records if " on Dask tcp://127.0.0.1:" in r.getMessage()]
+    assert not on_dask["default"]
+    # every step of dedup runs on the local cluster: the shards, the key partitions, the edge partitions
+    for step in ("shard_signatures", "group_partition", "reduce_edges"):
+        assert any(m.startswith("dedup: ") and f" x {step} on Dask" in m for m in on_dask["dask"]), step
     for name in ("ingest", "dedup"):
         assert results["dask"][name]["key"] == results["default"][name]["key"]
         assert results["dask"][name]["files"] == results["default"][name]["files"]

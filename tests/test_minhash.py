@@ -12,6 +12,7 @@ from scipy.sparse.csgraph import connected_components as scipy_components
 
 from tasks.core import minhash as mh
 from tasks.core.minhash import (
+    Components,
     collision_probability,
     connected_components,
     lsh_candidate_pairs,
@@ -157,6 +158,23 @@ def test_components_random_graph():
     labels = connected_components(n, pairs)
     assert _same_partition(labels, _scipy_labels(n, pairs))
     assert np.array_equal(connected_components(4, np.zeros((0, 2), np.int64)), np.arange(4))
+
+
+def test_components_fed_in_chunks_equal_one_pass():
+    """The stage feeds union-find one edge file at a time: any chunking gives the same labels,
+    each the smallest node of its component, also on long chains (the templated-text case)."""
+    rng = np.random.default_rng(1)
+    n = 5000
+    chain = np.c_[np.arange(1000, 1999), np.arange(1001, 2000)][::-1]   # one long path, fed backwards
+    pairs = np.concatenate([rng.integers(0, n, size=(3000, 2)), chain])
+    rng.shuffle(pairs)
+    whole = connected_components(n, pairs)
+    union = Components(n)
+    for chunk in np.array_split(pairs, 17):
+        union.add(chunk)
+    assert np.array_equal(union.labels(), whole)
+    assert _same_partition(whole, _scipy_labels(n, pairs))
+    assert np.all(whole <= np.arange(n)) and np.array_equal(whole[whole], whole)
 
 
 def _bruteforce_pairs(sig, bands, rows, valid):

@@ -2,10 +2,11 @@
 
 Pipeline (Broder's MinHash, LSH banding as in datatrove and text-dedup):
     word_shingle_hashes -> minhash_signatures -> lsh_candidate_pairs -> connected_components
-and optionally shingle_jaccard to verify candidate pairs.
+and optionally shingle_jaccard to verify candidate pairs. The dedup stage runs the same steps out of
+core: `band_keys` per shard to disk, `bucket_pairs` per key partition, `Components` over edge files.
 
 Everything is vectorized over a whole shard; the only Python loops run over chunks, over
-`ngram`/`rows`/`bands`, over candidate edges (union-find) and over pairs (verification).
+`ngram`/`rows`, over union-find rounds and over pairs (verification).
 All hashes are fixed arithmetic on the UTF-8 bytes, so they are identical across runs,
 processes, machines and library versions (no Python `hash()`, no polars/arrow hashing). Only the
 word/non-word class of code points comes from the Unicode database of the running Python, so a
@@ -196,70 +197,108 @@ def collision_probability(s, bands: int, rows: int):
     return 1.0 - (1.0 - np.asarray(s, dtype=np.float64) ** rows) ** bands
 
 
+def band_keys(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """One random-like 64-bit key per (document, band) uint64 (n, bands): the band's `rows` values
+    folded with a bijective mix, so equal keys mean equal bands (up to 2^-64 collisions)."""
+    sig = np.asarray(signatures)
+    if sig.shape[1] < bands * rows:
+        raise ValueError(f"signatures have {sig.shape[1]} columns < bands*rows = {bands * rows}")
+    sig = sig[:, :bands * rows].astype(_U64).reshape(len(sig), bands, rows)
+    keys = np.full((len(sig), bands), _U64(0x243F6A8885A308D3))
+    for k in range(rows):
+        keys = _splitmix64(keys + sig[:, :, k])
+    return keys
+
+
+def bucket_pairs(band: np.ndarray, key: np.ndarray, doc: np.ndarray, max_bucket: int = 64) -> np.ndarray:
+    """Candidate pairs int64 (m, 2), (i, j) with i < j, unsorted and possibly repeated: documents
+    `doc` that share a bucket (equal `band` and `key`). Buckets larger than `max_bucket` would cost
+    O(k^2) pairs, so they emit a star (each member with the bucket's smallest document) instead:
+    the connected components are unchanged, only the explicit pair list is thinner."""
+    if len(doc) < 2:
+        return np.zeros((0, 2), np.int64)
+    order = np.lexsort((doc, key, band))              # buckets, members in ascending document order
+    b, k, d = band[order], key[order], np.asarray(doc, np.int64)[order]
+    new = np.r_[True, (b[1:] != b[:-1]) | (k[1:] != k[:-1])]
+    gid = np.cumsum(new) - 1
+    gstart = np.flatnonzero(new)
+    size = np.diff(np.r_[gstart, len(d)])[gid]
+    big = size > max_bucket
+    out = [np.zeros((0, 2), np.int64)]
+    for dist in range(1, int(size[~big].max(initial=1))):   # all pairs in small buckets
+        p = np.flatnonzero(~big[:-dist] & (gid[:-dist] == gid[dist:]))
+        out.append(np.c_[d[p], d[p + dist]])
+    p = np.flatnonzero(big & ~new)                      # star in big buckets
+    out.append(np.c_[d[gstart[gid[p]]], d[p]])
+    return np.concatenate(out)
+
+
+def unique_pairs(pairs: np.ndarray, n_docs: int) -> np.ndarray:
+    """Distinct pairs int64 (m, 2) with i < j, sorted."""
+    n = np.int64(max(n_docs, 1))
+    pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
+    code = np.unique(pairs.min(axis=1) * n + pairs.max(axis=1))   # i*n + j, i < j
+    return np.c_[code // n, code % n].astype(np.int64)
+
+
 def lsh_candidate_pairs(signatures: np.ndarray, bands: int, rows: int, valid=None,
                         max_bucket: int = 64) -> np.ndarray:
     """Unique candidate pairs int64 (m, 2), i < j, sorted: documents equal on all `rows` values
-    of at least one of `bands` bands (first bands*rows columns). Each band's rows are folded to
-    one 64-bit key and grouped by sorting. Buckets larger than `max_bucket` would cost O(k^2)
-    pairs, so they emit a star (each member with the bucket's smallest index) instead: the
-    connected components are unchanged, only the explicit pair list is thinner.
-    `valid` False rows (no shingles) join no band; default: rows not all 0xFFFFFFFF."""
+    of at least one of `bands` bands (first bands*rows columns), grouped by sorting band keys
+    (`band_keys`, `bucket_pairs`). `valid` False rows (no shingles) join no band; default: rows
+    not all 0xFFFFFFFF."""
     sig = np.asarray(signatures)
-    n_docs = np.int64(max(len(sig), 1))
-    if sig.shape[1] < bands * rows:
-        raise ValueError(f"signatures have {sig.shape[1]} columns < bands*rows = {bands * rows}")
     if valid is None:
         valid = ~np.all(sig == _EMPTY, axis=1)
     docs = np.flatnonzero(valid)
-    if len(docs) < 2:
-        return np.zeros((0, 2), np.int64)
-    sig = sig[docs, :bands * rows].astype(_U64).reshape(len(docs), bands, rows)
-    keys = np.full((len(docs), bands), _U64(0x243F6A8885A308D3))
-    for k in range(rows):
-        keys = _splitmix64(keys + sig[:, :, k])       # bijective mix: random-like 64-bit keys
-    out = [np.zeros((0, 2), np.int64)]
-    for band in range(bands):
-        order = np.argsort(keys[:, band], kind="stable")   # stable: ascending doc id in bucket
-        ks = keys[order, band]
-        new = np.r_[True, ks[1:] != ks[:-1]]
-        gid = np.cumsum(new) - 1
-        gstart = np.flatnonzero(new)
-        size = np.diff(np.r_[gstart, len(ks)])[gid]
-        big = size > max_bucket
-        for d in range(1, int(size[~big].max(initial=1))):   # all pairs in small buckets
-            p = np.flatnonzero(~big[:-d] & (gid[:-d] == gid[d:]))
-            out.append(np.c_[docs[order[p]], docs[order[p + d]]])
-        p = np.flatnonzero(big & ~new)                  # star in big buckets
-        out.append(np.c_[docs[order[gstart[gid[p]]]], docs[order[p]]])
-    pairs = np.concatenate(out).astype(np.int64)
-    code = np.unique(pairs.min(axis=1) * n_docs + pairs.max(axis=1))   # i*n + j, i < j
-    return np.c_[code // n_docs, code % n_docs].astype(np.int64)
+    keys = band_keys(sig[docs], bands, rows)
+    band = np.broadcast_to(np.arange(bands, dtype=np.uint8), keys.shape).ravel()
+    pairs = bucket_pairs(band, keys.ravel(), np.repeat(docs, bands), max_bucket)
+    return unique_pairs(pairs, len(sig))
+
+
+class Components:
+    """Union-find over n nodes in numpy, fed edges in chunks (memory: one int64 per node).
+
+    Every union hooks the larger root under the smaller, so a parent is never larger than its
+    child and each root is its component's smallest node. Each `add` repeats: find the roots of
+    every edge's ends (pointer chasing, then path compression of those ends), hook each root to
+    the smallest root it meets (`np.minimum.at`), until both ends of every edge share a root."""
+
+    def __init__(self, n: int):
+        self.parent = np.arange(n, dtype=np.int64)
+
+    def _roots(self, x: np.ndarray) -> np.ndarray:
+        p = self.parent
+        r = p[x]
+        while not np.array_equal(up := p[r], r):
+            r = up
+        p[x] = r                                         # compress the paths we walked from x
+        return r
+
+    def add(self, pairs: np.ndarray) -> None:
+        pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
+        u, v = pairs[:, 0], pairs[:, 1]
+        while len(u):
+            ru, rv = self._roots(u), self._roots(v)
+            apart = ru != rv
+            u, v, ru, rv = u[apart], v[apart], ru[apart], rv[apart]
+            np.minimum.at(self.parent, np.maximum(ru, rv), np.minimum(ru, rv))
+
+    def labels(self) -> np.ndarray:
+        """Component label int64 per node = smallest node index in its component."""
+        p = self.parent
+        while not np.array_equal(up := p[p], p):
+            p = up
+        self.parent = p
+        return p.copy()
 
 
 def connected_components(n: int, pairs: np.ndarray) -> np.ndarray:
-    """Component label int64 per node = smallest node index in its component
-    (union-find with path halving and union by size)."""
-    parent, size = list(range(n)), [1] * n
-
-    def find(x: int) -> int:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for i, j in np.asarray(pairs, np.int64).reshape(-1, 2).tolist():
-        ri, rj = find(i), find(j)
-        if ri != rj:
-            if size[ri] < size[rj]:
-                ri, rj = rj, ri
-            parent[rj] = ri
-            size[ri] += size[rj]
-    roots = np.array(parent, np.int64)
-    while not np.array_equal(up := roots[roots], roots):   # finish path compression, vectorized
-        roots = up
-    smallest = np.full(n, n, np.int64)
-    np.minimum.at(smallest, roots, np.arange(n))
-    return smallest[roots]
+    """Component label int64 per node = smallest node index in its component."""
+    components = Components(n)
+    components.add(pairs)
+    return components.labels()
 
 
 def shingle_jaccard(hashes: np.ndarray, offsets: np.ndarray, pairs: np.ndarray) -> np.ndarray:

@@ -59,14 +59,14 @@ def prefect_map(stage_name: str, dask_address: str | None = None) -> Callable[..
     task runner, or on a Dask cluster through prefect-dask. Results come back in item order."""
 
     def _map(fn: Callable, items: list, **common) -> list:
-        shard_task = task(fn, name=f"{stage_name}-shard", cache_policy=NO_CACHE)
+        shard_task = task(fn, name=f"{stage_name}-{fn.__name__}", cache_policy=NO_CACHE)
         fixed = {k: unmapped(v) for k, v in common.items()}
         if dask_address is None:
             return shard_task.map(items, **fixed).result()
         from prefect_dask import DaskTaskRunner
 
         first = next(iter(inspect.signature(fn).parameters))  # the mapped argument
-        log.info("%s: %d shards on Dask %s", stage_name, len(items), dask_address)
+        log.info("%s: %d x %s on Dask %s", stage_name, len(items), fn.__name__, dask_address)
         with DaskTaskRunner(address=dask_address) as runner:
             return runner.map(shard_task, {first: items, **fixed}).result()
 

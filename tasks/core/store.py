@@ -84,6 +84,13 @@ def read_schema(path: str) -> pa.Schema:
         return pq.read_schema(f)
 
 
+def parquet_rows(path: str) -> int:
+    """Rows of a Parquet file, from its footer (nothing else is read)."""
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    with fs.open(fs_path, "rb") as f:
+        return pq.read_metadata(f).num_rows
+
+
 def read_text(path: str) -> str:
     with fsspec.open(path, "r", encoding="utf-8") as f:
         return f.read()

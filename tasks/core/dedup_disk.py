@@ -1,0 +1,154 @@
+"""The dedup stage's global steps out of core: every view of the whole corpus is on disk.
+
+Memory is bounded by one shard or one partition, plus a few numbers per document (the union-find
+parent, the exact-duplicate representative, the LSH mask: about 30 bytes each, 120 MB for four
+million documents). The layout under the stage's work directory, step by step:
+
+    docs/shard-S.parquet          per shard: idx (global row number), id, source, digest, has_shingles
+    bands/p-P/shard-S.parquet     per shard and key partition: band, key, idx  (key % partitions = P)
+    edges/q-Q/from-P.parquet      candidate pairs (i < j) of partition P whose i % edge_parts = Q
+    shingles/shard-S.parquet      with verification: unique shingle hashes of candidate documents
+    verified/q-Q.parquet          the distinct (and verified) pairs of edge partition Q
+    final.parquet                 per document: cluster id and size, kind, kept (sorted by idx)
+
+Each per-shard and per-partition step is a plain function of paths, so the stage maps it over
+threads, Prefect tasks or Dask workers alike (a cluster's workers must see the work directory).
+The exact step and the cluster assignment are duckdb queries over Parquet (they spill to disk).
+"""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from tasks.core.minhash import Components, bucket_pairs, shingle_jaccard, unique_pairs
+
+BAND_ROWS_PER_PARTITION = 4_000_000  # ~70 MB of (band, key, idx) plus the sort's temporaries
+
+
+def write_parquet_local(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, compression="zstd")
+
+
+def partition_count(rows: int, bands: int, partitions: int) -> int:
+    """The configured number of key partitions, or enough that each holds ~BAND_ROWS_PER_PARTITION."""
+    return partitions or max(1, -(-rows * bands // BAND_ROWS_PER_PARTITION))
+
+
+def write_band_keys(work: Path, shard: str, keys: np.ndarray, idx: np.ndarray, partitions: int) -> None:
+    """One shard's band keys (n, bands) of documents `idx`, split by key partition."""
+    n, bands = keys.shape
+    band = np.tile(np.arange(bands, dtype=np.uint8), n)
+    key, doc = keys.ravel(), np.repeat(idx, bands)
+    part = key % np.uint64(partitions)
+    order = np.argsort(part, kind="stable")
+    cuts = np.searchsorted(part[order], np.arange(partitions + 1))
+    for p in range(partitions):
+        rows = order[cuts[p]:cuts[p + 1]]
+        write_parquet_local(pa.table({"band": band[rows], "key": key[rows], "idx": doc[rows]}),
+                            work / "bands" / f"p-{p:05d}" / f"{shard}.parquet")
+
+
+def group_partition(part_dir: str, work: str, edge_parts: int, max_bucket: int) -> int:
+    """One key partition: the candidate pairs of its buckets among the documents in LSH (`mask.npy`),
+    written by edge partition. Returns the number of distinct pairs written."""
+    work_dir = Path(work)
+    mask = np.load(work_dir / "mask.npy", mmap_mode="r")
+    table = pq.read_table(part_dir)
+    doc = table["idx"].to_numpy()
+    take = mask[doc]
+    pairs = bucket_pairs(table["band"].to_numpy()[take], table["key"].to_numpy()[take], doc[take], max_bucket)
+    pairs = unique_pairs(pairs, len(mask))
+    q = pairs[:, 0] % edge_parts
+    name = Path(part_dir).name
+    for part in range(edge_parts):
+        sel = pairs[q == part]
+        if len(sel):
+            write_parquet_local(pa.table({"i": sel[:, 0], "j": sel[:, 1]}),
+                                work_dir / "edges" / f"q-{part:05d}" / f"from-{name}.parquet")
+    return len(pairs)
+
+
+def read_pairs(paths: list[str]) -> np.ndarray:
+    if not paths:
+        return np.zeros((0, 2), np.int64)
+    table = pq.read_table(paths) if len(paths) > 1 else pq.read_table(paths[0])
+    return np.c_[table["i"].to_numpy(), table["j"].to_numpy()].astype(np.int64)
+
+
+def candidate_mask(work: Path, n: int) -> np.ndarray:
+    """Documents that are an end of at least one candidate pair (read edge file by edge file)."""
+    mask = np.zeros(n, bool)
+    for path in sorted(glob.glob(str(work / "edges" / "*" / "*.parquet"))):
+        pairs = read_pairs([path])
+        mask[pairs.ravel()] = True
+    return mask
+
+
+def write_shingle_sets(work: Path, shard: str, idx: np.ndarray, hashes: np.ndarray, offsets: np.ndarray) -> None:
+    """Unique shingle hashes of documents `idx` (their shingles in hashes[offsets[k]:offsets[k+1]])."""
+    sets = [np.unique(hashes[offsets[k]:offsets[k + 1]]) for k in range(len(idx))]
+    sizes = np.array([len(s) for s in sets], np.int64)
+    flat = np.concatenate(sets) if sets else np.zeros(0, np.uint64)
+    write_parquet_local(pa.table({"idx": np.repeat(idx, sizes), "h": flat}), work / "shingles" / f"{shard}.parquet")
+
+
+def _shingles_of(work: Path, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(hashes, offsets) of `docs` (sorted, unique) in that order, read from shingles/*.parquet."""
+    files = sorted(glob.glob(str(work / "shingles" / "*.parquet")))
+    table = pads.dataset(files).to_table(filter=pads.field("idx").isin(pa.array(docs)))
+    idx, h = table["idx"].to_numpy(), table["h"].to_numpy()
+    order = np.argsort(idx, kind="stable")
+    idx, h = idx[order], h[order]
+    return h, np.searchsorted(idx, np.r_[docs, np.iinfo(np.int64).max])
+
+
+def reduce_edges(edge_dir: str, work: str, n: int) -> dict:
+    """One edge partition: its distinct candidate pairs; those whose ends need a true shingle Jaccard
+    (`need.npy`, per document; a pair needs the larger) keep only those that reach it. Writes
+    verified/q-Q.parquet; returns the pair counts."""
+    work_dir = Path(work)
+    pairs = unique_pairs(read_pairs(sorted(glob.glob(f"{edge_dir}/*.parquet"))), n)
+    stats = {"candidate_pairs": len(pairs), "checked": 0}
+    need_path = work_dir / "need.npy"
+    if need_path.exists() and len(pairs):
+        need_doc = np.load(need_path, mmap_mode="r")
+        need = np.maximum(need_doc[pairs[:, 0]], need_doc[pairs[:, 1]])
+        check = np.flatnonzero(need > 0)
+        if len(check):
+            docs = np.unique(pairs[check])
+            hashes, offsets = _shingles_of(work_dir, docs)
+            local = np.searchsorted(docs, pairs[check])
+            ok = np.ones(len(pairs), bool)
+            ok[check] = shingle_jaccard(hashes, offsets, local) >= need[check]
+            pairs = pairs[ok]
+            stats["checked"] = len(check)
+    stats["pairs"] = len(pairs)
+    write_parquet_local(pa.table({"i": pairs[:, 0], "j": pairs[:, 1]}),
+                        work_dir / "verified" / f"{Path(edge_dir).name}.parquet")
+    return stats
+
+
+def components(work: Path, n: int) -> np.ndarray:
+    """Component label per document (its smallest idx) over every verified pair, file by file."""
+    union = Components(n)
+    for path in sorted(glob.glob(str(work / "verified" / "*.parquet"))):
+        union.add(read_pairs([path]))
+    return union.labels()
+
+
+def connect(work: Path, memory_limit: str) -> duckdb.DuckDBPyConnection:
+    """A duckdb connection that spills to the work directory past `memory_limit`."""
+    (work / "duckdb").mkdir(exist_ok=True)
+    con = duckdb.connect()
+    con.execute(f"SET memory_limit = '{memory_limit}'")
+    con.execute(f"SET temp_directory = '{work / 'duckdb'}'")
+    con.execute(f"CREATE VIEW docs AS SELECT * FROM read_parquet('{work / 'docs' / '*.parquet'}')")
+    return con
