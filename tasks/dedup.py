@@ -93,6 +93,16 @@ class DedupConfig(StageConfig):
         return self.verify or any(isinstance(v, float) for v in self.sources.values())
 
 
+def text_batches(texts: pa.Array, max_bytes: int = 8 << 20) -> list[tuple[int, int]]:
+    """[start, stop) row ranges of about `max_bytes` of text each: a shard's working memory (about
+    14x its text) is bounded by a batch, whatever the shard size a user's corpus comes in."""
+    ends = np.cumsum(pc.fill_null(pc.binary_length(texts), 0).to_numpy(zero_copy_only=False))
+    if not len(ends):
+        return []
+    cuts = np.unique(np.r_[0, np.searchsorted(ends, np.arange(max_bytes, ends[-1], max_bytes), "right"), len(ends)])
+    return list(zip(cuts[:-1].tolist(), cuts[1:].tolist()))
+
+
 def shard_signatures(item: tuple[str, int], cfg: DedupConfig, work: str, partitions: int) -> int:
     """One shard (mapped over workers): each document's global row `idx`, id, source and exact digest
     to docs/, and the LSH band keys of those with shingles to bands/ by key partition."""
@@ -100,16 +110,23 @@ def shard_signatures(item: tuple[str, int], cfg: DedupConfig, work: str, partiti
     table = read_table(path, columns=["id", "source", "text"])
     texts = table["text"].combine_chunks()
     idx = np.arange(base, base + len(texts), dtype=np.int64)
-    digests = [hashlib.blake2b(normalize(t, cfg.lowercase).encode(), digest_size=16).hexdigest()
-               for t in texts.to_pylist()]
-    has_shingles = np.zeros(len(texts), bool)
+    digests, has_shingles, keys, shingles = [], np.zeros(len(texts), bool), [], 0
+    for start, stop in text_batches(texts):
+        batch = texts.slice(start, stop - start)
+        digests += [hashlib.blake2b(normalize(t, cfg.lowercase).encode(), digest_size=16).hexdigest()
+                    for t in batch.to_pylist()]
+        if cfg.near:
+            hashes, offsets = word_shingle_hashes(batch, cfg.ngram, cfg.lowercase)
+            has = np.diff(offsets) > 0
+            has_shingles[start:stop] = has
+            signatures = minhash_signatures(hashes, offsets, cfg.bands * cfg.rows, cfg.seed)[has]
+            keys.append(band_keys(signatures, cfg.bands, cfg.rows))
+            shingles += len(hashes)
     name = f"shard-{base:012d}"
     if cfg.near:
-        hashes, offsets = word_shingle_hashes(texts, cfg.ngram, cfg.lowercase)
-        has_shingles = np.diff(offsets) > 0
-        signatures = minhash_signatures(hashes, offsets, cfg.bands * cfg.rows, cfg.seed)[has_shingles]
-        write_band_keys(Path(work), name, band_keys(signatures, cfg.bands, cfg.rows), idx[has_shingles], partitions)
-        log.info("dedup: %s: %d documents, %d shingles", Path(path).name, len(texts), len(hashes))
+        keys = np.concatenate(keys) if keys else np.zeros((0, cfg.bands), np.uint64)
+        write_band_keys(Path(work), name, keys, idx[has_shingles], partitions)
+        log.info("dedup: %s: %d documents, %d shingles", Path(path).name, len(texts), shingles)
     write_parquet_local(pa.table({"idx": idx, "id": table["id"], "source": table["source"],
                                   "digest": pa.array(digests, pa.string()), "has_shingles": has_shingles}),
                         Path(work) / "docs" / f"{name}.parquet")

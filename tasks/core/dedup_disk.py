@@ -110,10 +110,11 @@ def _shingles_of(work: Path, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return h, np.searchsorted(idx, np.r_[docs, np.iinfo(np.int64).max])
 
 
-def reduce_edges(edge_dir: str, work: str, n: int) -> dict:
+def reduce_edges(edge_dir: str, work: str, n: int, chunk_pairs: int = 10_000) -> dict:
     """One edge partition: its distinct candidate pairs; those whose ends need a true shingle Jaccard
-    (`need.npy`, per document; a pair needs the larger) keep only those that reach it. Writes
-    verified/q-Q.parquet; returns the pair counts."""
+    (`need.npy`, per document; a pair needs the larger) keep only those that reach it. Pairs are
+    checked `chunk_pairs` at a time, so at most 2 x chunk_pairs documents' shingles are in memory.
+    Writes verified/q-Q.parquet; returns the pair counts."""
     work_dir = Path(work)
     pairs = unique_pairs(read_pairs(sorted(glob.glob(f"{edge_dir}/*.parquet"))), n)
     stats = {"candidate_pairs": len(pairs), "checked": 0}
@@ -122,14 +123,13 @@ def reduce_edges(edge_dir: str, work: str, n: int) -> dict:
         need_doc = np.load(need_path, mmap_mode="r")
         need = np.maximum(need_doc[pairs[:, 0]], need_doc[pairs[:, 1]])
         check = np.flatnonzero(need > 0)
-        if len(check):
-            docs = np.unique(pairs[check])
+        ok = np.ones(len(pairs), bool)
+        for part in np.array_split(check, -(-len(check) // chunk_pairs)) if len(check) else []:
+            docs = np.unique(pairs[part])
             hashes, offsets = _shingles_of(work_dir, docs)
-            local = np.searchsorted(docs, pairs[check])
-            ok = np.ones(len(pairs), bool)
-            ok[check] = shingle_jaccard(hashes, offsets, local) >= need[check]
-            pairs = pairs[ok]
-            stats["checked"] = len(check)
+            ok[part] = shingle_jaccard(hashes, offsets, np.searchsorted(docs, pairs[part])) >= need[part]
+        pairs = pairs[ok]
+        stats["checked"] = len(check)
     stats["pairs"] = len(pairs)
     write_parquet_local(pa.table({"i": pairs[:, 0], "j": pairs[:, 1]}),
                         work_dir / "verified" / f"{Path(edge_dir).name}.parquet")
