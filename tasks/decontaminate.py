@@ -23,12 +23,13 @@ names, possibly empty), `dropped` (`doc_id`, `source`, reason `eval_question`) a
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from tasks.core.filters import Decision, write_filtered
+from tasks.core.filters import Decision, filter_shard
 from tasks.core.orchestration import stage_task
 from tasks.core.outputs import document_shards, load_prompts
 from tasks.core.stage import Stage, StageConfig, StageContext
@@ -73,13 +74,14 @@ class QuestionIndex:
         return found
 
 
-def shard_matches(path: str, prompts: list[dict], sources: list[str]) -> dict:
-    """One shard: a keep mask and the (doc_id, prompt_id, task) matches (mapped over workers).
+def shard_matches(path: str, prompts: list[dict], sources: list[str], out: Path) -> dict:
+    """One shard (mapped over workers): its kept and dropped documents written into `out`; returns
+    the counts and the (doc_id, prompt_id, task) matches, so the stage never holds the corpus.
 
     `prompts` are plain {"id", "task", "question"} dicts (cheap to ship to a worker); the
     index is rebuilt per shard, which costs O(questions)."""
     index = QuestionIndex(prompts)
-    table = read_table(path, columns=["id", "text", "source"])
+    table = read_table(path)
     checked = set(sources)
     keep, matches, removed = [], [], Counter()
     for doc, text, source in zip(table["id"].to_pylist(), table["text"].to_pylist(), table["source"].to_pylist()):
@@ -88,22 +90,22 @@ def shard_matches(path: str, prompts: list[dict], sources: list[str]) -> dict:
         if found:
             removed[source] += 1
             matches.extend((doc, pid, task) for pid, task in sorted(found))
-    return {"keep": keep, "matches": matches, "removed": dict(removed)}
+    counts = filter_shard(path, Decision(np.array(keep, bool), "eval_question"), out, table)
+    return {"counts": dict(counts), "matches": matches, "removed": dict(removed)}
 
 
 def decontaminate(cfg: DecontaminateConfig, inputs: dict, ctx: StageContext) -> dict:
     files = document_shards(inputs["documents"], "decontaminate")
     evals = [{"id": p["id"], "task": p["task"], "question": p["question"]} for p in load_prompts(inputs["prompts"], "eval")]
-    parts = ctx.map(shard_matches, files, prompts=evals, sources=list(cfg.sources))
-    counts = write_filtered(files, [Decision(np.array(p["keep"], bool), "eval_question") for p in parts], ctx.out)
-    docs_in, docs_out = counts["docs_in"], counts["docs_out"]
-    matches = sorted(m for p in parts for m in p["matches"])
+    counts, removed, matches = Counter(), Counter({s: 0 for s in cfg.sources}), []
+    for part in ctx.map_bounded(shard_matches, files, prompts=evals, sources=list(cfg.sources), out=ctx.out):
+        counts.update(part["counts"])
+        removed.update(part["removed"])
+        matches += part["matches"]  # only contaminated documents: a few, not the corpus
+    matches.sort()
     write_parquet(pa.table({c: [m[i] for m in matches] for i, c in enumerate(REMOVED_SCHEMA.names)}, schema=REMOVED_SCHEMA),
                   ctx.out / "removed" / "part-00000.parquet")
-
-    removed = Counter({s: 0 for s in cfg.sources})
-    for p in parts:
-        removed.update(p["removed"])
+    docs_in, docs_out = counts["docs_in"], counts["docs_out"]
     metrics = {
         "docs_in": docs_in,
         "docs_out": docs_out,

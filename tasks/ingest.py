@@ -4,19 +4,26 @@ Text is NFC-normalized; invalid UTF-8 is replaced (U+FFFD) and counted (the firs
 document of each source is named in a log line); documents that are empty after stripping, or
 longer than `max_doc_chars`, are dropped and counted. Ids are stable: a hash of the source name
 and the item's reference within it (file path, topic, task/seed/index, file/row).
+
+Memory holds one shard of documents (and one batch of a source): the sources stream, and the check
+that no id repeats is a duckdb query over each document's id and ref, written beside the shards
+(it spills to disk), not a set of every id. File sources log their progress by bytes (MB/s, ETA).
 """
 
 from __future__ import annotations
 
 import hashlib
+import shutil
 import unicodedata
 from collections import Counter
 from pathlib import Path
 
+import duckdb
 import pyarrow as pa
 from pydantic import Field
 
 from tasks.core.orchestration import stage_task
+from tasks.core.settings import runtime
 from tasks.core.sources import (
     PackageTextsSource,
     PydocSource,
@@ -25,11 +32,12 @@ from tasks.core.sources import (
     SourceError,
     StdlibSource,
 )
-from tasks.core.stage import Stage, StageConfig, StageContext, StageError, log
+from tasks.core.stage import MEMORY_SIZE, Stage, StageConfig, StageContext, StageError, log
 from tasks.core.store import write_parquet
 
 VERSION = 1
 SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("source", pa.string())])
+REFS = pa.schema([("id", pa.string()), ("source", pa.string()), ("ref", pa.string()), ("own_id", pa.bool_())])
 
 
 def embedded_corpus() -> list:
@@ -51,6 +59,8 @@ class IngestConfig(StageConfig):
     shard_rows: int = Field(2000, gt=0, description="documents per Parquet shard")
     max_doc_chars: int = Field(10_000_000, gt=0, description="longer documents are dropped and counted "
                                "(dropped_too_long): one pathological line must not stall every stage after it")
+    memory_limit: str = runtime("1GB", "duckdb's memory for the check that no id repeats; it spills to disk past it",
+                                pattern=MEMORY_SIZE)
 
 
 def doc_id(source: str, ref: str) -> str:
@@ -76,11 +86,11 @@ def check(cfg: IngestConfig) -> None:
 
 
 class ShardWriter:
-    """Documents into Parquet shards of `rows` documents each: part-00000.parquet, ..."""
+    """Rows into Parquet shards of `rows` rows each: part-00000.parquet, ..."""
 
-    def __init__(self, directory: Path, rows: int):
-        self.directory, self.rows, self.shards = directory, rows, 0
-        self.columns: dict[str, list] = {name: [] for name in SCHEMA.names}
+    def __init__(self, directory: Path, rows: int, schema: pa.Schema = SCHEMA):
+        self.directory, self.rows, self.shards, self.schema = directory, rows, 0, schema
+        self.columns: dict[str, list] = {name: [] for name in schema.names}
 
     def add(self, **doc: str) -> None:
         for name, value in doc.items():
@@ -90,20 +100,76 @@ class ShardWriter:
 
     def flush(self) -> None:
         if self.columns["id"]:
-            write_parquet(pa.table(self.columns, schema=SCHEMA), self.directory / f"part-{self.shards:05d}.parquet")
+            write_parquet(pa.table(self.columns, schema=self.schema), self.directory / f"part-{self.shards:05d}.parquet")
             self.shards += 1
-            self.columns = {name: [] for name in SCHEMA.names}
+            self.columns = {name: [] for name in self.schema.names}
+
+
+def first_repeat(refs: Path, memory_limit: str) -> tuple[str, str, str, bool] | None:
+    """The first document, in ingest order, whose id an earlier document has: (id, source, ref, own_id)."""
+    con = duckdb.connect()
+    try:
+        con.execute(f"SET memory_limit = '{memory_limit}'")
+        con.execute(f"SET temp_directory = '{refs / 'duckdb'}'")
+        return con.execute(f"""
+            WITH r AS (SELECT * FROM read_parquet('{refs}/*.parquet', filename = true, file_row_number = true)),
+                 repeated AS (SELECT id FROM r GROUP BY id HAVING count(*) > 1),
+                 nth AS (SELECT *, row_number() OVER (PARTITION BY id ORDER BY filename, file_row_number) AS n
+                         FROM r SEMI JOIN repeated USING (id))
+            SELECT id, source, ref, own_id FROM nth WHERE n = 2 ORDER BY filename, file_row_number LIMIT 1""").fetchone()
+    finally:
+        con.close()
+
+
+def read(src, stats: dict, ctx: StageContext):
+    """A source's documents with a progress line: by bytes (rate, ETA) where the source knows its size."""
+    docs = src.read(stats)
+    total = src.total_bytes()
+    if total is None:
+        return ctx.progress(docs, src.estimate(), f"{src.kind} documents")
+    return ctx.progress(docs, total, f"{src.kind} documents", size=lambda raw: raw.nbytes)
 
 
 def ingest(cfg: IngestConfig, inputs: dict, ctx: StageContext) -> dict:
     check(cfg)
     counts: Counter = Counter()
     writer = ShardWriter(ctx.out / "documents", cfg.shard_rows)
-    seen: set[str] = set()
+    refs = ctx.work_dir() / "refs"
+    shutil.rmtree(refs, ignore_errors=True)  # a killed run's
+    repeat = None
+    try:
+        documents = write_documents(cfg, ctx, writer, ShardWriter(refs, cfg.shard_rows, REFS), counts)
+        if documents:
+            repeat = first_repeat(refs, cfg.memory_limit)
+    finally:
+        shutil.rmtree(refs, ignore_errors=True)
+    if not documents:
+        raise StageError("ingest: the configured sources produced no documents")
+    if repeat:
+        did, source, ref, own_id = repeat
+        if own_id:
+            raise StageError(f"ingest: id {did!r} ({source}:{ref}) appears twice: a source's id_column must hold unique ids")
+        raise StageError(f"ingest: document {source}:{ref} appears twice (a source listed twice?)")
+    metrics = dict(sorted(counts.items()))
+    metrics.update(
+        documents=documents,
+        chars=sum(v for k, v in counts.items() if k.startswith("chars.")),
+        dropped_empty=sum(v for k, v in counts.items() if k.startswith("dropped_empty.")),
+        dropped_too_long=sum(v for k, v in counts.items() if k.startswith("dropped_too_long.")),
+        invalid_utf8=sum(v for k, v in counts.items() if k.startswith("invalid_utf8.")),
+        shards=writer.shards,
+    )
+    return {"rows": {"documents": documents}, "metrics": metrics}
+
+
+def write_documents(cfg: IngestConfig, ctx: StageContext, writer: ShardWriter, refs: ShardWriter, counts: Counter) -> int:
+    """Every source's documents into `writer`'s shards (and each one's id and ref into `refs`); returns
+    how many. Holds one shard of documents at a time."""
+    documents = 0
     for src in cfg.sources:
         stats: dict[str, int] = {}
         try:
-            for raw in ctx.progress(src.read(stats), src.estimate(), f"{src.kind} documents"):
+            for raw in read(src, stats, ctx):
                 text, replaced = decode(raw.data)
                 if replaced and not counts[f"invalid_utf8.{raw.source}"]:
                     log.warning("ingest: %s:%s is not valid UTF-8: bad bytes replaced with U+FFFD (counted as "
@@ -119,31 +185,17 @@ def ingest(cfg: IngestConfig, inputs: dict, ctx: StageContext) -> dict:
                     counts[f"dropped_empty.{raw.source}"] += 1
                     continue
                 did = raw.id if raw.id is not None else doc_id(raw.source, raw.ref)
-                if did in seen:
-                    if raw.id is not None:
-                        raise StageError(f"ingest: id {did!r} ({raw.source}:{raw.ref}) appears twice: a source's "
-                                         f"id_column must hold unique ids")
-                    raise StageError(f"ingest: document {raw.source}:{raw.ref} appears twice (a source listed twice?)")
-                seen.add(did)
                 writer.add(id=did, text=text, source=raw.source)
+                refs.add(id=did, source=raw.source, ref=raw.ref, own_id=raw.id is not None)
+                documents += 1
                 counts[f"docs.{raw.source}"] += 1
                 counts[f"chars.{raw.source}"] += len(text)
         except SourceError as e:
             raise StageError(str(e)) from None
         counts.update({f"{k}.{src.source}": v for k, v in stats.items()})
     writer.flush()
-    if not seen:
-        raise StageError("ingest: the configured sources produced no documents")
-    metrics = dict(sorted(counts.items()))
-    metrics.update(
-        documents=len(seen),
-        chars=sum(v for k, v in counts.items() if k.startswith("chars.")),
-        dropped_empty=sum(v for k, v in counts.items() if k.startswith("dropped_empty.")),
-        dropped_too_long=sum(v for k, v in counts.items() if k.startswith("dropped_too_long.")),
-        invalid_utf8=sum(v for k, v in counts.items() if k.startswith("invalid_utf8.")),
-        shards=writer.shards,
-    )
-    return {"rows": {"documents": len(seen)}, "metrics": metrics}
+    refs.flush()
+    return documents
 
 
 STAGE = Stage("ingest", VERSION, IngestConfig, ingest, check=check,

@@ -17,6 +17,11 @@ are ceil((L - 1) / seq_len) rows; only the last is padded with `<|pad|>` (at lea
 two tokens are real). Targets equal to `pad_id` must be ignored in the loss
 (`ignore_index=pad_id`); `<|pad|>` never occurs in S, so that drops padding only.
 
+Memory is bounded by a shard and one hash bucket, not by the corpus: each shard's tokens go to
+disk by hash range (a power-of-two number of buckets, about 50k documents each), and each split's
+stream is cut into rows bucket by bucket, in hash order, by a writer that carries the unfinished
+row from one bucket to the next (the same rows as cutting the whole stream at once).
+
 Output tables `train` and `val`: Parquet shards `part-*.parquet` of one column `tokens`,
 fixed_size_list<int32>[seq_len + 1]; `tasks.core.outputs.load_tokens` reads one split as an int32 array
 (n_rows, seq_len + 1). Metrics give what a trainer needs from the manifest: `seq_len`,
@@ -29,11 +34,14 @@ from __future__ import annotations
 
 import functools
 import logging
+import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from pydantic import Field
 from tokenizers import Tokenizer
 
@@ -41,12 +49,13 @@ from tasks.core.orchestration import stage_task
 from tasks.core.outputs import TOKEN_SPLITS as SPLITS
 from tasks.core.outputs import document_shards
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError
-from tasks.core.store import read_table, write_parquet
-from tasks.core.tokens import BOS, PAD, below_fraction, doc_hash, hash_order, load_tokenizer, special_ids
+from tasks.core.store import parquet_rows, read_table, write_parquet
+from tasks.core.tokens import BOS, PAD, doc_hash, hash_order, load_tokenizer, special_ids
 
 VERSION = 1
 log = logging.getLogger("slmflow")
 _BATCH = 1024  # documents per encode_batch call (each call is multi-threaded)
+_BUCKET_DOCS = 50_000  # documents per hash bucket (about 100-200 MB of tokens for web-length text)
 
 
 class PackConfig(StageConfig):
@@ -64,28 +73,35 @@ def _plain_tokenizer(path: str) -> Tokenizer:
     return tok
 
 
-def tokenize_shard(item: tuple[int, str], tokenizer: str, bos_id: int, seed: int, n_shards: int) -> dict:
-    """One documents shard: ids, hashes, UTF-8 bytes and tokens (`<|bos|>` + text) per document."""
+def tokenize_shard(item: tuple[int, str], tokenizer: str, bos_id: int, seed: int, n_shards: int, work: str,
+                   buckets: int) -> dict:
+    """One documents shard: each document's id, hash, UTF-8 bytes and tokens (`<|bos|>` + text),
+    written to work/b-B/ by the top bits of its hash (bucket B holds one contiguous hash range, so
+    the buckets in order, each sorted, are the global (hash, id) order). Returns small counts."""
     index, path = item
     start = time.monotonic()
     tok = _plain_tokenizer(tokenizer)
     table = read_table(path, columns=["id", "text"])
-    ids = table["id"].to_pylist()
-    texts = table["text"].to_pylist()
-    lengths = np.empty(len(texts), np.int64)
-    chunks: list[np.ndarray] = []
+    ids, texts = table["id"].to_pylist(), table["text"].to_pylist()
+    tokens: list[np.ndarray] = []
     for s in range(0, len(texts), _BATCH):
-        for j, enc in enumerate(tok.encode_batch_fast(texts[s:s + _BATCH]), s):
-            ids_j = enc.ids
-            lengths[j] = len(ids_j) + 1
-            chunks.append(np.array([bos_id, *ids_j], np.int32))
-    offsets = np.zeros(len(texts) + 1, np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    tokens = np.concatenate(chunks) if chunks else np.zeros(0, np.int32)
+        tokens += [np.array([bos_id, *enc.ids], np.int32) for enc in tok.encode_batch_fast(texts[s:s + _BATCH])]
+    hashes = doc_hash(ids, seed)
+    nbytes = pc.binary_length(table["text"]).to_numpy().astype(np.int64)
+    bucket = (hashes >> np.uint64(64 - buckets.bit_length() + 1)).astype(np.int64) if buckets > 1 else np.zeros(len(ids), np.int64)
+    for b in np.unique(bucket).tolist():
+        rows = np.flatnonzero(bucket == b)
+        offsets = np.zeros(len(rows) + 1, np.int32)
+        np.cumsum([len(tokens[k]) for k in rows], out=offsets[1:])
+        flat = np.concatenate([tokens[k] for k in rows])
+        write_parquet(pa.table({"id": pa.array([ids[k] for k in rows], pa.string()), "hash": hashes[rows],
+                                "bytes": nbytes[rows], "tokens": pa.ListArray.from_arrays(offsets, flat)}),
+                      Path(work) / f"b-{b:05d}" / f"shard-{index:05d}.parquet")
+    n_tokens = sum(len(t) for t in tokens)
     log.info("pack: shard %d/%d (%s): %d documents, %d tokens in %.1fs",
-             index + 1, n_shards, path.rsplit("/", 1)[-1], len(ids), len(tokens), time.monotonic() - start)
-    return {"id": ids, "hash": doc_hash(ids, seed), "bytes": pc.binary_length(table["text"]).to_numpy().astype(np.int64),
-            "tokens": tokens, "offsets": offsets}
+             index + 1, n_shards, path.rsplit("/", 1)[-1], len(ids), n_tokens, time.monotonic() - start)
+    return {"docs": len(ids), "min_hash": int(hashes.min()) if len(ids) else None,
+            "max_hash": int(hashes.max()) if len(ids) else None}
 
 
 def pack_rows(stream: np.ndarray, seq_len: int, pad_id: int) -> np.ndarray:
@@ -98,9 +114,47 @@ def pack_rows(stream: np.ndarray, seq_len: int, pad_id: int) -> np.ndarray:
     return np.lib.stride_tricks.sliding_window_view(buf, seq_len + 1)[::seq_len].copy()
 
 
+class RowWriter:
+    """Cuts a stream that arrives in pieces into the rows `pack_rows` would cut from the whole of it,
+    and writes them `shard_rows` at a time: memory holds one piece and one shard of rows."""
+
+    def __init__(self, out: Path, seq_len: int, pad_id: int, shard_rows: int):
+        self.out, self.seq_len, self.pad_id, self.shard_rows = out, seq_len, pad_id, shard_rows
+        self.carry, self.pending, self.rows, self.shards, self.tokens = np.zeros(0, np.int32), [], 0, 0, 0
+
+    def add(self, piece: np.ndarray) -> None:
+        self.tokens += len(piece)
+        buf = np.concatenate([self.carry, piece])
+        full = max(0, (len(buf) - 1) // self.seq_len)  # rows whose seq_len + 1 tokens are all here
+        if full:
+            self._emit(np.lib.stride_tricks.sliding_window_view(buf[:full * self.seq_len + 1],
+                                                                self.seq_len + 1)[::self.seq_len])
+        self.carry = buf[full * self.seq_len:]
+
+    def close(self) -> int:
+        """Pad and write the last row (if it holds a target), then the last shard; returns the rows."""
+        self._emit(pack_rows(self.carry, self.seq_len, self.pad_id), final=True)
+        return self.rows
+
+    def _emit(self, rows: np.ndarray, final: bool = False) -> None:
+        self.pending.append(np.array(rows, np.int32))
+        self.rows += len(rows)
+        pending = np.concatenate(self.pending) if self.pending else np.zeros((0, self.seq_len + 1), np.int32)
+        while len(pending) >= self.shard_rows or (final and len(pending)):
+            write_parquet(rows_table(pending[:self.shard_rows]), self.out / f"part-{self.shards:05d}.parquet")
+            pending, self.shards = pending[self.shard_rows:], self.shards + 1
+        self.pending = [pending]
+
+
 def rows_table(rows: np.ndarray) -> pa.Table:
     flat = pa.array(rows.reshape(-1), pa.int32())
     return pa.table({"tokens": pa.FixedSizeListArray.from_arrays(flat, rows.shape[1])})
+
+
+def bucket_count(files: list[str]) -> int:
+    """Hash buckets (a power of two) of about _BUCKET_DOCS documents each: one is in memory at a time."""
+    docs = sum(parquet_rows(f) for f in files)
+    return 1 << max(0, (docs // _BUCKET_DOCS).bit_length())
 
 
 def pack(cfg: PackConfig, inputs: dict, ctx: StageContext) -> dict:
@@ -110,41 +164,50 @@ def pack(cfg: PackConfig, inputs: dict, ctx: StageContext) -> dict:
         raise StageError(f"pack: tokenizer {tok_art.key} has no {BOS} or {PAD} token (tokenizer.special_tokens)")
     bos_id, pad_id = specials[BOS], specials[PAD]
     files = document_shards(inputs["documents"], "pack")
+    work = ctx.work_dir() / "pack"
+    shutil.rmtree(work, ignore_errors=True)  # a killed run's buckets: recomputed
+    buckets = bucket_count(files)
 
     start = time.monotonic()
     parts = ctx.map(tokenize_shard, list(enumerate(files)), tokenizer=tok_art.path, bos_id=bos_id,
-                    seed=cfg.seed, n_shards=len(files))
+                    seed=cfg.seed, n_shards=len(files), work=str(work), buckets=buckets)
     tokenize_seconds = time.monotonic() - start
-    ids = [i for p in parts for i in p["id"]]
-    hashes = np.concatenate([p["hash"] for p in parts])
-    nbytes = np.concatenate([p["bytes"] for p in parts])
-    # Per document: its tokens as a view into its shard's array, in global document order.
-    docs = [p["tokens"][p["offsets"][k]:p["offsets"][k + 1]] for p in parts for k in range(len(p["id"]))]
-    if len(ids) < 2:
-        raise StageError(f"pack: input 'documents' has {len(ids)} documents; need 2 (train and val)")
-
-    in_val = below_fraction(hashes, cfg.val_fraction)
-    if in_val.all():
+    n_docs = sum(p["docs"] for p in parts)
+    if n_docs < 2:
+        raise StageError(f"pack: input 'documents' has {n_docs} documents; need 2 (train and val)")
+    # below_fraction's rule, bucket by bucket: its "at least one" document is the smallest hash overall
+    threshold = np.uint64(min(int(cfg.val_fraction * 2.0**64), 2**64 - 1))
+    smallest = np.uint64(min(p["min_hash"] for p in parts if p["docs"]))
+    if smallest >= threshold:
+        threshold = smallest + np.uint64(1)
+    if threshold > np.uint64(max(p["max_hash"] for p in parts if p["docs"])):
         raise StageError(f"pack.val_fraction: {cfg.val_fraction} leaves no training documents")
-    order = hash_order(hashes, ids)
+
     metrics: dict[str, float] = {}
     rows_out: dict[str, int] = {}
-    for split, mask in (("train", ~in_val), ("val", in_val)):
-        chosen = order[mask[order]]
-        stream = np.concatenate([docs[i] for i in chosen])
-        rows = pack_rows(stream, cfg.seq_len, pad_id)
-        n_shards = -(-len(rows) // cfg.shard_rows)
-        for s in ctx.progress(range(n_shards), n_shards, f"{split} shards written"):
-            write_parquet(rows_table(rows[s * cfg.shard_rows:(s + 1) * cfg.shard_rows]),
-                          ctx.out / split / f"part-{s:05d}.parquet")
-        rows_out[split] = len(rows)
+    for split in SPLITS:
+        writer = RowWriter(ctx.out / split, cfg.seq_len, pad_id, cfg.shard_rows)
+        docs = nbytes = 0
+        for bucket in ctx.progress(sorted(work.glob("b-*")), buckets, f"{split} hash buckets packed"):
+            table = pq.read_table(bucket)
+            hashes = table["hash"].to_numpy()
+            mask = hashes < threshold if split == "val" else hashes >= threshold
+            if not mask.any():
+                continue
+            chosen = np.flatnonzero(mask)[hash_order(hashes[mask], table["id"].filter(pa.array(mask)).to_pylist())]
+            tokens = table["tokens"].take(pa.array(chosen))
+            writer.add(pc.list_flatten(tokens).to_numpy().astype(np.int32))
+            docs += len(chosen)
+            nbytes += int(table["bytes"].to_numpy()[chosen].sum())
+        rows = writer.close()
+        rows_out[split] = rows
         metrics.update({
-            f"{split}_docs": len(chosen),
-            f"{split}_rows": len(rows),
-            f"{split}_tokens": len(stream),  # real tokens, <|bos|> included, padding excluded
-            f"{split}_targets": len(stream) - 1,  # non-pad targets (what a mean loss averages over)
-            f"{split}_pad_tokens": rows.size - len(stream) - max(0, len(rows) - 1),  # rows overlap by one
-            f"{split}_bytes": int(nbytes[chosen].sum()),
+            f"{split}_docs": docs,
+            f"{split}_rows": rows,
+            f"{split}_tokens": writer.tokens,  # real tokens, <|bos|> included, padding excluded
+            f"{split}_targets": writer.tokens - 1,  # non-pad targets (what a mean loss averages over)
+            f"{split}_pad_tokens": rows * (cfg.seq_len + 1) - writer.tokens - max(0, rows - 1),  # rows overlap by one
+            f"{split}_bytes": nbytes,
         })
     stored = sum(metrics[f"{s}_rows"] for s in SPLITS) * (cfg.seq_len + 1)
     pads = metrics["train_pad_tokens"] + metrics["val_pad_tokens"]
@@ -156,7 +219,8 @@ def pack(cfg: PackConfig, inputs: dict, ctx: StageContext) -> dict:
         "bos_id": bos_id,
         "pad_id": pad_id,
         "padding_fraction": pads / max(1, stored),
-        "tokens_per_byte": (metrics["train_tokens"] + metrics["val_tokens"]) / max(1, int(nbytes.sum())),
+        "tokens_per_byte": (metrics["train_tokens"] + metrics["val_tokens"])
+        / max(1, metrics["train_bytes"] + metrics["val_bytes"]),
         "tokenize_seconds": round(tokenize_seconds, 3),
         # 1 when no val document was in the tokenizer's training sample (see the module docstring)
         "val_unseen_by_tokenizer": int(same_docs and tok_cfg.get("seed") == cfg.seed

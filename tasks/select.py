@@ -28,6 +28,10 @@ default corpus here is ~12M characters, and a tenth of it (~1.2M) would be repea
 times over in one pretraining run. Half still makes a real choice. Not tuned by a
 measurement: set 0.1 to follow the paper.
 
+Memory: each shard gives a few numbers per document (id, sizes, flags, rank key) to a duckdb
+table that spills to disk past `memory_limit`; the ranking is a query on it, and each shard's
+decision is read back when that shard is written, so no step holds the corpus.
+
 Output `documents` (the kept rows, same schema, one shard per input shard with the same
 names, possibly empty) and `dropped` (reason `dropped_source`, `quality_filter` or `over_budget`). Metrics: docs_in, docs_kept, chars_in, chars_kept,
 kept_char_fraction, and units_in/units_kept/budget in the chosen unit.
@@ -35,19 +39,24 @@ kept_char_fraction, and units_in/units_kept/budget in the chosen unit.
 
 from __future__ import annotations
 
-from typing import Literal
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator, Literal
 
+import duckdb
 import numpy as np
-import polars as pl
+import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
 from tasks.core.filters import Decision, write_filtered
 from tasks.core.orchestration import stage_task
 from tasks.core.outputs import document_shards
-from tasks.core.stage import Stage, StageConfig, StageContext, StageError
+from tasks.core.settings import runtime
+from tasks.core.stage import MEMORY_SIZE, Stage, StageConfig, StageContext, StageError
 from tasks.core.store import Artifact, read_schema, read_table
-from tasks.core.tokens import doc_hash, hash_order, load_tokenizer
+from tasks.core.tokens import doc_hash, load_tokenizer
 
 VERSION = 2  # 2: a dropped table (tasks.core.filters)
 
@@ -59,6 +68,8 @@ class SelectConfig(StageConfig):
     unit: Literal["chars", "tokens"] = Field("chars", description="size of a document: characters, or tokens (needs a tokenizer input)")
     seed: int = Field(0, description="seed of the random ranking")
     drop_sources: list[str] = Field(default_factory=list, description="drop documents of these sources before selecting (a data mixture)")
+    memory_limit: str = runtime("1GB", "duckdb's memory for the ranking of every document; it spills to disk past it",
+                                pattern=MEMORY_SIZE)
 
 
 def budget_prefix(sizes: np.ndarray, fraction: float) -> int:
@@ -70,55 +81,96 @@ def budget_prefix(sizes: np.ndarray, fraction: float) -> int:
     return min(len(cum), int(np.searchsorted(cum, budget, side="left")) + 1)
 
 
-def _shard_sizes(path: str, tokenizer: str | None) -> dict:
-    """One shard (mapped over workers): ids, characters, tokens (when a tokenizer is given), quality flag, source."""
+def shard_view(path: str, tokenizer: str | None, seed: int | None, drop_sources: list[str]) -> dict:
+    """One shard (mapped over workers): per document a few numbers for the global ranking (row, id,
+    characters, size in the unit, eligible, quality flag, random rank key when a `seed` is given), and
+    which optional columns the shard has."""
     schema = read_schema(path)
     optional = [c for c in ("quality_kept", "source") if c in schema.names]
     table = read_table(path, columns=["id", "text", *optional])
-    out = {"id": table["id"].to_pylist(), "chars": pc.utf8_length(table["text"]).to_numpy().astype(np.int64),
-           **{c: table[c].to_numpy(zero_copy_only=False) if c in optional else None for c in ("quality_kept", "source")}}
+    chars = pc.utf8_length(table["text"]).cast(pa.int64())
+    sizes = chars
     if tokenizer is not None:
         tok = load_tokenizer(tokenizer)
         tok.encode_special_tokens = True  # as pack encodes documents
         encoded = tok.encode_batch_fast(table["text"].to_pylist())
-        out["tokens"] = np.array([len(e.ids) + 1 for e in encoded], np.int64)  # + <|bos|>
-    return out
+        sizes = pa.array([len(e.ids) + 1 for e in encoded], pa.int64())  # + <|bos|>
+    eligible = (pc.invert(pc.is_in(table["source"], pa.array(drop_sources, pa.string())))
+                if drop_sources and "source" in optional else pa.repeat(True, len(table)))
+    view = pa.table({
+        "row": pa.array(np.arange(len(table), dtype=np.int64)), "id": table["id"], "chars": chars, "size": sizes,
+        "eligible": eligible,
+        "quality_kept": table["quality_kept"] if "quality_kept" in optional else pa.nulls(len(table), pa.bool_()),
+        # the random method's order: the hash tokenizer and pack split by, independent of sharding
+        "rank_key": doc_hash(table["id"].to_pylist(), seed) if seed is not None else pa.nulls(len(table), pa.uint64()),
+    })
+    return {"view": view, "columns": optional}
 
 
-def preselect_scores(artifact: Artifact) -> pl.DataFrame:
-    files = artifact.files("scores")
-    if not files:
-        raise StageError(f"select: input 'scores' ({artifact.stage}/{artifact.key}) has no scores/*.parquet shards")
-    table = pl.concat([pl.from_arrow(read_table(f, columns=["doc_id", "preselect_score"])) for f in files])
-    dup = table.filter(pl.col("doc_id").is_duplicated())
-    if len(dup):
-        raise StageError(f"select: input 'scores' holds document {dup['doc_id'][0]} more than once")
-    return table
+class Ranking:
+    """Every document's few numbers in one duckdb table (it spills to disk past `memory_limit`), the
+    global ranking as a query on it, and each shard's decision read back one shard at a time."""
 
+    def __init__(self, work: Path, memory_limit: str):
+        (work / "duckdb").mkdir(parents=True, exist_ok=True)
+        self.con = duckdb.connect()
+        self.con.execute(f"SET memory_limit = '{memory_limit}'")
+        self.con.execute(f"SET temp_directory = '{work / 'duckdb'}'")
+        self.con.execute("CREATE TABLE docs (shard INTEGER, row BIGINT, id VARCHAR, chars BIGINT, size BIGINT, "
+                         "eligible BOOLEAN, quality_kept BOOLEAN, rank_key UBIGINT)")
 
-def ranking(cfg: SelectConfig, docs: pl.DataFrame, inputs: dict[str, Artifact]) -> np.ndarray:
-    """Row indices of `docs` (columns id, ...) best first."""
-    if cfg.method == "random":
-        ids = docs["id"].to_list()
-        return hash_order(doc_hash(ids, cfg.seed), ids)
-    if "scores" not in inputs:
-        raise StageError("select: method preselect needs a 'scores' input (a preselect output)")
-    scored = docs.with_row_index("row").join(preselect_scores(inputs["scores"]), left_on="id", right_on="doc_id", how="left")
-    missing = scored.filter(pl.col("preselect_score").is_null())
-    if len(missing):
-        raise StageError(f"select: document {missing['id'][0]} has no preselect_score in input 'scores' "
-                         f"({len(missing)} documents without one)")
-    return scored.sort(["preselect_score", "id"], descending=[True, False])["row"].to_numpy()
+    def add(self, shard: int, view: pa.Table) -> None:
+        self.con.execute("INSERT INTO docs SELECT ? AS shard, * FROM view", [shard])
 
+    def one(self, query: str, params: list | None = None) -> tuple:
+        return self.con.execute(query, params or []).fetchone()
 
-def eligible_mask(cfg: SelectConfig, files: list[str], parts: list[dict]) -> np.ndarray:
-    """Documents not of a `drop_sources` source (all of them when it is empty)."""
-    if not cfg.drop_sources:
-        return np.ones(sum(len(p["id"]) for p in parts), bool)
-    for path, p in zip(files, parts):
-        if p["source"] is None:
-            raise StageError(f"select: drop_sources needs a source column; {path} has none")
-    return ~np.isin(np.concatenate([p["source"] for p in parts]).astype(str), cfg.drop_sources)
+    def add_scores(self, artifact: Artifact) -> None:
+        """The preselect scores, one file at a time; a document scored twice is an error."""
+        files = artifact.files("scores")
+        if not files:
+            raise StageError(f"select: input 'scores' ({artifact.stage}/{artifact.key}) has no scores/*.parquet shards")
+        self.con.execute("CREATE TABLE scores (n BIGINT, doc_id VARCHAR, preselect_score DOUBLE)")
+        n = 0
+        for f in files:
+            part = read_table(f, columns=["doc_id", "preselect_score"])
+            part = part.add_column(0, "n", pa.array(np.arange(n, n + len(part), dtype=np.int64)))
+            self.con.execute("INSERT INTO scores SELECT * FROM part")
+            n += len(part)
+        dup = self.one("SELECT doc_id FROM scores GROUP BY doc_id HAVING count(*) > 1 ORDER BY min(n) LIMIT 1")
+        if dup:
+            raise StageError(f"select: input 'scores' holds document {dup[0]} more than once")
+        missing = self.one("SELECT count(*) FROM docs ANTI JOIN scores ON id = doc_id")[0]
+        if missing:
+            first = self.one("SELECT id FROM docs ANTI JOIN scores ON id = doc_id ORDER BY shard, row LIMIT 1")[0]
+            raise StageError(f"select: document {first} has no preselect_score in input 'scores' "
+                             f"({missing} documents without one)")
+
+    def decide(self, cfg: SelectConfig) -> float | None:
+        """Table `decided` (shard, row, chars, size, eligible, keep); returns the budget when the method has one."""
+        budget, keep, params = None, "eligible", []
+        if cfg.method == "quality":
+            keep = "eligible AND coalesce(quality_kept, false)"
+        elif cfg.method in ("random", "preselect"):
+            budget = cfg.fraction * float(self.one("SELECT coalesce(sum(size), 0) FROM docs WHERE eligible")[0])
+            order = "rank_key, id" if cfg.method == "random" else "preselect_score DESC, id"
+            # kept: the shortest prefix of the eligible ranking whose size reaches the budget, i.e. each
+            # eligible document whose predecessors' sizes add up to less than it (budget_prefix's rule)
+            keep = (f"eligible AND coalesce(sum(CASE WHEN eligible THEN size ELSE 0 END) OVER (ORDER BY {order} "
+                    "ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) < CAST(? AS DOUBLE)")
+            params = [budget]
+        scores = "LEFT JOIN scores ON id = doc_id" if cfg.method == "preselect" else ""
+        self.con.execute(f"CREATE TABLE decided AS SELECT shard, row, chars, size, eligible, {keep} AS keep "
+                         f"FROM docs {scores} ORDER BY shard, row", params)
+        return budget
+
+    def decisions(self, shards: int, dropped: str) -> Iterator[Decision]:
+        """Each shard's decision in shard order, read when `write_filtered` asks for it."""
+        for shard in range(shards):
+            got = self.con.execute("SELECT keep, eligible FROM decided WHERE shard = ? ORDER BY row", [shard]).fetchnumpy()
+            keep = got["keep"].astype(bool)
+            reason = np.where(keep, None, np.where(got["eligible"].astype(bool), dropped, "dropped_source"))
+            yield Decision(keep, reason.tolist())
 
 
 def select(cfg: SelectConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
@@ -128,41 +180,42 @@ def select(cfg: SelectConfig, inputs: dict[str, Artifact], ctx: StageContext) ->
         if "tokenizer" not in inputs:
             raise StageError("select: unit tokens needs a 'tokenizer' input")
         tokenizer = inputs["tokenizer"].path
-    parts = ctx.map(_shard_sizes, files, tokenizer=tokenizer)
-    docs = pl.DataFrame({
-        "id": [i for p in parts for i in p["id"]],
-        "chars": np.concatenate([p["chars"] for p in parts]),
-    }, schema_overrides={"id": pl.String})
-    sizes = np.concatenate([p["tokens"] for p in parts]) if tokenizer else docs["chars"].to_numpy()
-
-    eligible = eligible_mask(cfg, files, parts)
-    keep = np.zeros(len(docs), bool)
-    budget = None
-    if cfg.method == "none":
-        keep = eligible.copy()
-    elif cfg.method == "quality":
-        for path, p in zip(files, parts):
-            if p["quality_kept"] is None:
-                raise StageError(f"select: method quality needs a quality_kept column (quality stage output); {path} has none")
-        keep = np.concatenate([p["quality_kept"] for p in parts]).astype(bool) & eligible
-    else:
-        order = ranking(cfg, docs, inputs)
-        order = order[eligible[order]]
-        keep[order[:budget_prefix(sizes[order], cfg.fraction)]] = True
-        budget = cfg.fraction * float(sizes[eligible].sum())
-
-    # why each dropped document went: its source, the quality filter, or the budget
-    reason = np.where(~eligible, "dropped_source", "quality_filter" if cfg.method == "quality" else "over_budget")
-    bounds = np.cumsum([0, *(len(p["id"]) for p in parts)])
-    write_filtered(files, [Decision(keep[a:b], np.where(keep[a:b], None, reason[a:b]).tolist())
-                           for a, b in zip(bounds[:-1], bounds[1:])], ctx.out)
-
-    chars = docs["chars"].to_numpy()
+    work = Path(tempfile.mkdtemp(prefix="select-", dir=ctx.work_dir()))
+    ranking = Ranking(work, cfg.memory_limit)
+    try:
+        columns = []
+        views = ctx.map_bounded(shard_view, files, tokenizer=tokenizer, seed=cfg.seed if cfg.method == "random" else None,
+                                drop_sources=list(cfg.drop_sources))
+        for shard, (path, part) in enumerate(zip(files, views)):
+            ranking.add(shard, part["view"])
+            columns.append((path, part["columns"]))
+        for path, have in columns:
+            if cfg.drop_sources and "source" not in have:
+                raise StageError(f"select: drop_sources needs a source column; {path} has none")
+        if cfg.method == "quality":
+            for path, have in columns:
+                if "quality_kept" not in have:
+                    raise StageError(f"select: method quality needs a quality_kept column (quality stage output); "
+                                     f"{path} has none")
+        if cfg.method == "preselect":
+            if "scores" not in inputs:
+                raise StageError("select: method preselect needs a 'scores' input (a preselect output)")
+            ranking.add_scores(inputs["scores"])
+        budget = ranking.decide(cfg)
+        # why each dropped document went: its source, the quality filter, or the budget
+        write_filtered(files, ranking.decisions(len(files), "quality_filter" if cfg.method == "quality" else "over_budget"),
+                       ctx.out)
+        totals = ranking.one("SELECT count(*), count(*) FILTER (keep), count(*) FILTER (NOT eligible), "
+                             "coalesce(sum(chars), 0), coalesce(sum(chars) FILTER (keep), 0), "
+                             "coalesce(sum(size), 0), coalesce(sum(size) FILTER (keep), 0) FROM decided")
+    finally:
+        ranking.con.close()
+        shutil.rmtree(work, ignore_errors=True)
+    docs_in, docs_kept, by_source, chars_in, chars_kept, units_in, units_kept = map(int, totals)
     metrics = {
-        "docs_in": len(docs), "docs_kept": int(keep.sum()), "docs_dropped_by_source": int((~eligible).sum()),
-        "chars_in": int(chars.sum()), "chars_kept": int(chars[keep].sum()),
-        "kept_char_fraction": float(chars[keep].sum() / max(1, chars.sum())),
-        "units_in": int(sizes.sum()), "units_kept": int(sizes[keep].sum()),
+        "docs_in": docs_in, "docs_kept": docs_kept, "docs_dropped_by_source": by_source,
+        "chars_in": chars_in, "chars_kept": chars_kept, "kept_char_fraction": float(chars_kept / max(1, chars_in)),
+        "units_in": units_in, "units_kept": units_kept,
     }
     if budget is not None:
         metrics["budget"] = budget

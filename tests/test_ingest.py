@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import unicodedata
 
 import polars as pl
@@ -60,3 +61,45 @@ def test_compressed_jsonl_and_the_users_own_ids(tmp_path):
     missing = [{**sources[1], "id_column": "nope"}]
     with pytest.raises(StageError, match=r"c.parquet has no id column 'nope' \(columns: key, body\)"):
         run_stage(STAGE, IngestConfig(sources=missing), {}, Store(tmp_path / "u"))
+
+
+def test_ids_do_not_depend_on_where_the_files_are(tmp_path):
+    """The same files under a local directory and under an fsspec URL (memory://): the same documents and ids."""
+    import fsspec
+
+    files = {"a.jsonl": b'{"text": "one"}\n{"text": "two"}\n', "sub/b.jsonl": b'{"text": "three"}\n'}
+    fs = fsspec.filesystem("memory")
+    for name, data in files.items():
+        (tmp_path / "c" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "c" / name).write_bytes(data)
+        with fs.open(f"/ingest-ids/c/{name}", "wb") as f:
+            f.write(data)
+    tables = []
+    spellings = (f"{tmp_path}/c/**/*.jsonl", "memory://ingest-ids/c/**/*.jsonl", f"file://{tmp_path}/c/**/*.jsonl")
+    for i, path in enumerate(spellings):
+        cfg = IngestConfig(sources=[{"kind": "jsonl", "path": path, "name": "mine"}])
+        art = run_stage(STAGE, cfg, {}, Store(tmp_path / f"s{i}")).artifact
+        tables.append(pl.concat([pl.read_parquet(f) for f in art.files("documents")]))
+    assert tables[0]["text"].to_list() == ["one", "two", "three"]
+    assert tables[0].equals(tables[1]) and tables[0].equals(tables[2])
+
+
+def test_progress_by_bytes_and_a_source_listed_twice(tmp_path, caplog):
+    import pytest
+
+    from tasks.core.stage import StageContext, StageError
+
+    (tmp_path / "c.jsonl").write_text("".join(f'{{"text": "document {i}"}}\n' for i in range(5)))
+    source = {"kind": "jsonl", "path": str(tmp_path / "*.jsonl")}
+    with caplog.at_level("INFO", logger="slmflow"):
+        run_stage(STAGE, IngestConfig(sources=[source]), {}, Store(tmp_path / "a"))
+    assert re.search(r"ingest: 5 jsonl documents, 0\.0 MB in [\d.]+s \([\d.]+ MB/s\)", caplog.text), caplog.text
+    caplog.clear()
+    ctx = StageContext("ingest", tmp_path)
+    with caplog.at_level("INFO", logger="slmflow"):
+        items = list(ctx.progress([1_000_000, 3_000_000], 8_000_000, "docs", every_s=0, size=lambda b: b))
+    assert items == [1_000_000, 3_000_000]
+    assert re.search(r"ingest: 1\.0/8\.0 MB of docs \(1\), [\d.]+ MB/s, ETA \d+s", caplog.text), caplog.text
+    assert "ingest: 4.0/8.0 MB of docs (2)" in caplog.text and "ingest: 2 docs, 4.0 MB in" in caplog.text
+    with pytest.raises(StageError, match=r"ingest: document jsonl:c.jsonl:1 appears twice \(a source listed twice\?\)"):
+        run_stage(STAGE, IngestConfig(sources=[source, source], shard_rows=2), {}, Store(tmp_path / "b"))

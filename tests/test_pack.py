@@ -4,13 +4,15 @@ only at the end, a split decided by document id alone, and the row arithmetic.""
 from __future__ import annotations
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from tasks.core.stage import run_stage
 from tasks.core.store import Store
 from tasks.core.outputs import load_tokens
 from tasks.core.tokens import load_tokenizer
-from tasks.pack import STAGE, PackConfig, pack_rows
+import tasks.pack as pack_module
+from tasks.pack import STAGE, PackConfig, RowWriter, pack_rows
 from tasks.tokenizer import STAGE as TOKENIZER
 from tasks.tokenizer import TokenizerConfig
 from test_tokenizer import corpus, make_documents
@@ -133,3 +135,29 @@ def test_pack_rows_arithmetic(length, seq_len, rows, pads):
     assert out.shape == (rows, seq_len + 1) and int((out == -1).sum()) == pads
     if rows:
         assert (np.concatenate([out[0], *[r[1:] for r in out[1:]]])[:length] == stream).all()
+
+
+@pytest.mark.parametrize("seq_len, shard_rows", [(4, 3), (7, 100), (1, 5)])
+def test_row_writer_cuts_pieces_as_pack_rows_cuts_the_whole(tmp_path, seq_len, shard_rows):
+    """Pieces of any length (empty, one token, longer than a row) give the rows and shards of the whole."""
+    rng = np.random.default_rng(seq_len)
+    pieces = [np.arange(n, dtype=np.int32) + 1000 * k for k, n in enumerate(rng.choice([0, 1, 2, 5, 9, 30], 40))]
+    writer = RowWriter(tmp_path, seq_len, pad_id=-1, shard_rows=shard_rows)
+    for piece in pieces:
+        writer.add(piece)
+    rows = writer.close()
+    whole = pack_rows(np.concatenate(pieces), seq_len, pad_id=-1)
+    written = [pq.read_table(p)["tokens"].to_numpy(zero_copy_only=False) for p in sorted(tmp_path.glob("*.parquet"))]
+    assert [len(w) for w in written] == [min(shard_rows, len(whole) - s) for s in range(0, len(whole), shard_rows)]
+    assert rows == len(whole) and np.array_equal(np.stack([r for w in written for r in w]), whole)
+
+
+def test_hash_buckets_change_nothing(env, monkeypatch):
+    """Many hash buckets (one in memory at a time) give the bytes of one bucket."""
+    one = run(env, store="one_bucket")
+    monkeypatch.setattr(pack_module, "_BUCKET_DOCS", 7)
+    assert pack_module.bucket_count(one_files := [f for f in env[1].files("documents")]) == 64 and one_files
+    many = run(env, store="many_buckets")
+    assert one.manifest["files"] == many.manifest["files"]
+    assert {k: v for k, v in one.manifest["metrics"].items() if k != "tokenize_seconds"} == \
+        {k: v for k, v in many.manifest["metrics"].items() if k != "tokenize_seconds"}

@@ -142,3 +142,36 @@ def test_default_config_keeps_code_and_problems():
     cfg = QualityConfig()
     assert drop_reasons(scores, ["stdlib", "reasoning_gym"], cfg).to_list() == [None, None]
     assert drop_reasons(scores, ["web", "web"], cfg).to_list() == ["min_words", "min_words"]  # Gopher as is
+
+
+def test_scores_do_not_depend_on_the_batching():
+    """The stage scores a shard about BATCH_CHARS characters at a time to bound its memory: every score
+    is per document, so any batching gives the same table."""
+    from tasks.quality import batched_scores
+
+    texts = pl.Series(list(planted().values()) * 3 + ["", "x"])
+    whole = quality_scores(texts)
+    for batch_chars in (1, 50, 700, 10**9):
+        assert batched_scores(texts, batch_chars).equals(whole), batch_chars
+
+
+def test_concat_parquet_is_write_parquet_of_the_concatenation(tmp_path):
+    """The scores table is assembled from per-shard files without holding them all: below `rows` rows the
+    bytes are those of one write_parquet; above, row groups of `rows` rows with the same rows in order."""
+    import pyarrow.parquet as pq
+
+    from tasks.quality import concat_parquet
+
+    parts = [pl.DataFrame({"doc_id": [f"d{i}-{j}" for j in range(n)], "x": np.arange(n, dtype=np.float64)})
+             for i, n in enumerate((5, 0, 7))]
+    files = []
+    for i, part in enumerate(parts):
+        files.append(tmp_path / f"p{i}.parquet")
+        write_parquet(part.to_arrow(), files[-1])
+    write_parquet(pl.concat(parts).to_arrow(), tmp_path / "whole.parquet")
+    concat_parquet(files, tmp_path / "out" / "a.parquet")
+    assert (tmp_path / "out" / "a.parquet").read_bytes() == (tmp_path / "whole.parquet").read_bytes()
+    concat_parquet(files, tmp_path / "out" / "b.parquet", rows=4)
+    small = pq.ParquetFile(tmp_path / "out" / "b.parquet")
+    assert [small.metadata.row_group(i).num_rows for i in range(small.num_row_groups)] == [4, 4, 4]
+    assert pl.read_parquet(tmp_path / "out" / "b.parquet").equals(pl.concat(parts))

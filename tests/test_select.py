@@ -163,3 +163,23 @@ def test_drop_sources_removes_a_source_before_selecting(tmp_path, method):
                           {"documents": documents(tmp_path, rest, 17, "rest"), "scores": sc}, Store(tmp_path / "r")).artifact
         assert set(out["id"]) == set(kept(alone)["id"])
         assert art.manifest["metrics"]["budget"] == pytest.approx(0.5 * rest["text"].str.len_chars().sum())
+
+
+def test_scored_twice_everything_dropped_and_memory_limit(tmp_path):
+    """A document scored twice is an error; a mixture that drops every source keeps nothing (budget 0);
+    duckdb's memory_limit is a runtime setting: same key, same output."""
+    from tasks.core.store import stage_key
+
+    df = corpus()
+    docs = documents(tmp_path, df, 25)
+    twice = scores(tmp_path, pl.concat([df, df.slice(7, 1)]), "twice")
+    with pytest.raises(StageError, match=f"select: input 'scores' holds document {df['id'][7]} more than once"):
+        run_stage(STAGE, SelectConfig(), {"documents": docs, "scores": twice}, Store(tmp_path / "a"))
+    cfg = SelectConfig(method="random", drop_sources=["t"])
+    none = run_stage(STAGE, cfg, {"documents": docs}, Store(tmp_path / "b")).artifact
+    assert len(kept(none)) == 0 and none.manifest["metrics"]["budget"] == 0.0
+    sc = scores(tmp_path, df)
+    inputs = {"documents": docs, "scores": sc}
+    outs = [run_stage(STAGE, SelectConfig(memory_limit=limit), inputs, Store(tmp_path / limit)).artifact for limit in ("64MB", "2GB")]
+    assert outs[0].key == outs[1].key == stage_key("select", STAGE.version, SelectConfig(), {k: a.key for k, a in inputs.items()})
+    assert outs[0].manifest["files"] == outs[1].manifest["files"]

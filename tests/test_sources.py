@@ -194,3 +194,63 @@ def test_a_new_kind_is_one_class(tmp_path):
     (tmp_path / "a.txt").write_text("one\ntwo\n")
     src = LinesSource(path=str(tmp_path / "a.txt"))
     assert [d.data for d in src.read()] == ["one", "two"] and src.estimate() is None
+
+
+def memory_corpus(root: str) -> None:
+    """Under memory://<root>: two Parquet shards (one in a subdirectory, a Hugging Face layout) and plain
+    and gzipped JSONL, on fsspec's in-memory filesystem (no network)."""
+    import gzip
+
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    with fs.open(f"/{root}/data/train-00000.parquet", "wb") as f:
+        pq.write_table(pa.table({"text": ["x", None, "y"]}), f)
+    with fs.open(f"/{root}/data/more/train-00001.parquet", "wb") as f:
+        pq.write_table(pa.table({"text": ["z"]}), f)
+    with fs.open(f"/{root}/a.jsonl", "wb") as f:
+        f.write(b'{"text": "one"}\n\n{"text": "two"}\n')
+    with fs.open(f"/{root}/b.jsonl.gz", "wb") as f:
+        f.write(gzip.compress(b'{"text": "three"}\n'))
+
+
+def test_fsspec_urls_glob_and_read_with_refs_independent_of_spelling():
+    memory_corpus("fsspec-a")
+    spellings = ["memory://fsspec-a/data/**/*.parquet", "memory:///fsspec-a/data/**/*.parquet",
+                 "memory://fsspec-a/./data//**/*.parquet", "memory://fsspec-a/x/../data/**/*.parquet"]
+    for spelling in spellings:
+        out = docs(ParquetSource(path=spelling))
+        assert [(d.ref, d.data) for d in out] == [("more/train-00001.parquet:0", "z"), ("train-00000.parquet:0", "x"),
+                                                  ("train-00000.parquet:2", "y")], spelling
+    files = ParquetSource(path=spellings[0]).files()
+    assert files == ["memory:///fsspec-a/data/more/train-00001.parquet", "memory:///fsspec-a/data/train-00000.parquet"]
+    out = docs(JsonlSource(path="memory://fsspec-a/*.jsonl*"))
+    assert [(d.ref, d.data) for d in out] == [("a.jsonl:1", "one"), ("a.jsonl:3", "two"), ("b.jsonl.gz:1", "three")]
+    raises(ParquetSource(path="memory://fsspec-a/nothing/*.parquet"), "no files match 'memory://fsspec-a/nothing/*.parquet'")
+    raises(ParquetSource(path="memory://fsspec-a/*.jsonl"), "memory:///fsspec-a/a.jsonl is not a Parquet file (")
+
+
+def test_file_urls_read_as_the_plain_path(tmp_path):
+    pq.write_table(pa.table({"text": ["x"]}), tmp_path / "a.parquet")
+    (tmp_path / "b.jsonl").write_text('{"text": "y"}\n')
+    for kind, pattern in ((ParquetSource, "*.parquet"), (JsonlSource, "*.jsonl")):
+        plain, url = docs(kind(path=f"{tmp_path}/{pattern}")), docs(kind(path=f"file://{tmp_path}/{pattern}"))
+        assert plain == url and len(plain) == 1
+
+
+def test_documents_share_out_their_files_bytes(tmp_path):
+    """Each document's `nbytes` is its file's bytes read since the previous one, as stored (compressed):
+    they add up to `total_bytes`, the progress line's total."""
+    import gzip
+
+    pq.write_table(pa.table({"text": [f"row {i} " * 20 for i in range(50)]}), tmp_path / "a.parquet")
+    lines = "".join(json.dumps({"text": f"line {i} " * 30}) + "\n" for i in range(300)).encode()
+    (tmp_path / "b.jsonl").write_bytes(lines)
+    (tmp_path / "c.jsonl.gz").write_bytes(gzip.compress(lines))
+    for src in (ParquetSource(path=str(tmp_path / "*.parquet"), batch_size=7), JsonlSource(path=str(tmp_path / "b.jsonl")),
+                JsonlSource(path=str(tmp_path / "c.jsonl.gz"))):
+        out = docs(src)
+        assert all(d.nbytes >= 0 for d in out) and sum(d.nbytes for d in out) == src.total_bytes(), src
+    assert ParquetSource(path=str(tmp_path / "*.parquet")).total_bytes() == (tmp_path / "a.parquet").stat().st_size
+    assert JsonlSource(path=str(tmp_path / "c.jsonl.gz")).total_bytes() < len(lines)  # compressed bytes count
+    assert PydocSource().total_bytes() is None  # counts documents instead

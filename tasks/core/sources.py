@@ -1,14 +1,17 @@
 """Where the ingest stage's documents come from: one class per source kind, each with its settings,
 its up-front check (`check`), its reader (`read`, yielding RawDoc(source, ref, data)) and a size
-estimate for the progress line (`estimate`). `SourceConfig`, the union of every `Source` subclass
-below, is the only registry: adding a kind is one class (and its test).
+for the progress line (`estimate` in documents, or `total_bytes`: then the line shows MB/s and an
+ETA by bytes). `SourceConfig`, the union of every `Source` subclass below, is the only registry:
+adding a kind is one class (and its test).
 
 Readers of files yield raw bytes (the caller decodes: utf-8, errors=replace). Bad input raises one
 SourceError with a one-line message naming the file, row or setting; `read` runs the full `check`
 first, so nothing is yielded from a bad file. Order is deterministic (sorted walks and globs).
 JSONL and invalid UTF-8: each line is decoded with surrogateescape; a text value that then holds
 undecodable bytes is yielded as *bytes* (original bytes kept), a clean one as str. JSONL files are
-read twice (a full check, then the yield). Optional `stats` dicts receive counters such as
+read twice (a full check, then the yield). Files are local paths or fsspec URLs (`s3://...`,
+`memory://...`; `file://` reads as a local path), every reader streams (Parquet in batches of
+`batch_size` rows, JSONL line by line). Optional `stats` dicts receive counters such as
 skipped_too_large and skipped_null.
 """
 from __future__ import annotations
@@ -20,6 +23,7 @@ import importlib.util
 import io
 import json
 import os
+import posixpath
 import re
 import sysconfig
 from dataclasses import dataclass
@@ -46,6 +50,7 @@ class RawDoc:
     ref: str  # stable reference within the source
     data: bytes | str
     id: str | None = None  # the user's own id (a source's id_column); else ingest derives one from the ref
+    nbytes: int = 0  # input bytes read for it since the previous document (its file's share, as stored)
 
 
 def _bump(stats: dict | None, key: str) -> None:
@@ -77,6 +82,11 @@ class Source(BaseModel):
 
     def estimate(self) -> int | None:
         """Number of documents for a progress line (an upper bound where rows may be skipped); None if unknown."""
+        return None
+
+    def total_bytes(self) -> int | None:
+        """Input bytes in all, for a progress line by bytes (its documents' `nbytes` add up to it); None:
+        the line counts documents."""
         return None
 
 
@@ -265,32 +275,71 @@ class ReasoningGymSource(Source):
         return self.size * len(self.tasks)
 
 
+# What pyarrow's input_stream(compression="detect") decompresses, by file name ending.
+COMPRESSION = {".gz": "gzip", ".bz2": "bz2", ".lz4": "lz4", ".zst": "zstd"}
+
+
+def _remote(path: str):
+    """(fsspec filesystem, path on it) for a URL of a non-local filesystem; (None, local path) for a
+    plain path or a file:// URL, so that a file:// spelling reads, and names files, as the plain one."""
+    if "://" not in path:
+        return None, os.path.expanduser(path)
+    import fsspec
+
+    fs, on_fs = fsspec.core.url_to_fs(path)
+    if "file" in fs.protocol or "local" in fs.protocol:
+        return None, on_fs
+    return fs, posixpath.normpath(on_fs)  # `//`, `./`, `..`: fsspec's glob would match nothing
+
+
+def _fixed(parts: tuple[str, ...]) -> int:
+    """How many leading parts of a glob are plain directories (the last part counts as a file)."""
+    return next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts) - 1)
+
+
 class _Files(Source):
-    """A user's own files, matched by a glob."""
+    """A user's own files, matched by a glob: a local path, or an fsspec URL (s3://bucket/x/*.parquet)."""
 
     path: str
     text_column: str = "text"
     id_column: str | None = Field(None, description="a column of the user's own document ids, kept as the "
                                   "documents' ids (they must be unique)")
 
-    def files(self) -> list[str]:
-        files = sorted(f for f in glob.glob(os.path.expanduser(self.path), recursive=True) if os.path.isfile(f))
-        if not files:
+    def listing(self) -> dict[str, int]:
+        """Every matching file, sorted, with its size in bytes: local paths, or URLs on another filesystem."""
+        fs, pattern = _remote(self.path)
+        if fs is None:
+            found = {f: os.path.getsize(f) for f in sorted(glob.glob(pattern, recursive=True)) if os.path.isfile(f)}
+        else:  # one listing with sizes, not a request per file
+            found = {fs.unstrip_protocol(f): int(info.get("size") or 0)
+                     for f, info in sorted(fs.glob(pattern, detail=True).items()) if info.get("type") == "file"}
+        if not found:
             raise SourceError(f"{self.kind} source: no files match {self.path!r}")  # type: ignore[attr-defined]
-        return files
+        return found
 
-    def ref(self, f: str, row: int) -> str:
-        """`<file relative to the glob's fixed directory>:<row>`: the same whichever way the path is
-        spelled (relative, absolute, ~, ./, a symlinked directory), so ids and keys do not change
-        with it, and still naming the file and row a document came from."""
-        parts = Path(os.path.expanduser(self.path)).parts
-        fixed = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts) - 1)
-        base = os.path.realpath(Path(*parts[:fixed]) if fixed else ".")
-        return f"{Path(os.path.relpath(os.path.realpath(f), base)).as_posix()}:{row}"
+    def files(self) -> list[str]:
+        return list(self.listing())
+
+    def total_bytes(self) -> int | None:
+        return sum(self.listing().values())
+
+    def relpath(self, f: str) -> str:
+        """A matched file relative to the glob's fixed directory, its documents' refs being `<relpath>:<row>`:
+        the same whichever way the path is spelled (relative, absolute, ~, ./, a symlinked directory,
+        file://, a URL with `//` or `..`), so ids and keys do not change with it, and still naming the
+        file and row a document came from."""
+        fs, pattern = _remote(self.path)
+        if fs is None:
+            parts = Path(pattern).parts
+            base = os.path.realpath(Path(*parts[:_fixed(parts)]) if _fixed(parts) else ".")
+            return Path(os.path.relpath(os.path.realpath(f), base)).as_posix()
+        parts = tuple(pattern.split("/"))
+        return posixpath.relpath(_remote(f)[1], "/".join(parts[:_fixed(parts)]) or "/")
 
 
 class ParquetSource(_Files):
-    """Your own Parquet files by glob (e.g. web-crawl shards), read in batches."""
+    """Your own Parquet files by glob (e.g. web-crawl shards, a Hugging Face dataset directory's
+    `**/*.parquet`), read in batches of `batch_size` rows."""
 
     kind: Literal["parquet"] = "parquet"
     batch_size: int = Field(1024, gt=0)
@@ -299,8 +348,9 @@ class ParquetSource(_Files):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        fs, on_fs = _remote(f)
         try:
-            pf = pq.ParquetFile(f)
+            pf = pq.ParquetFile(on_fs, filesystem=fs)
         except Exception as e:
             raise SourceError(f"parquet source: {f} is not a Parquet file ({e})") from None
         schema = pf.schema_arrow
@@ -319,16 +369,19 @@ class ParquetSource(_Files):
             self.open(f)
 
     def documents(self, stats: dict | None = None) -> Iterator[RawDoc]:
-        for f, pf in [(f, self.open(f)) for f in self.files()]:
-            row = 0
-            columns = [self.text_column, *([self.id_column] if self.id_column else [])]
+        columns = [self.text_column, *([self.id_column] if self.id_column else [])]
+        for f, size in self.listing().items():
+            pf, rel = self.open(f), self.relpath(f)  # one file open at a time, one batch in memory
+            rows, row, done = max(1, pf.metadata.num_rows), 0, 0
             for batch in pf.iter_batches(batch_size=self.batch_size, columns=columns):
                 ids = batch.column(1).to_pylist() if self.id_column else [None] * batch.num_rows
                 for value, user_id in zip(batch.column(0).to_pylist(), ids):
                     if value is None:
                         _bump(stats, "skipped_null")
                     else:
-                        yield RawDoc(self.source, self.ref(f, row), value, _user_id(user_id, self, f, row))
+                        read = size * (row + 1) // rows  # the file's bytes, shared evenly by its rows
+                        yield RawDoc(self.source, f"{rel}:{row}", value, _user_id(user_id, self, f, row), read - done)
+                        done = read
                     row += 1
 
     def estimate(self) -> int | None:
@@ -362,12 +415,28 @@ class JsonlSource(_Files):
 
     kind: Literal["jsonl"] = "jsonl"
 
-    def lines(self, f: str, limit: int | None = None) -> Iterator[tuple[int, bytes | str | None, str | None]]:
-        """(line number, text, user id) per non-blank line; text None for a null value; bytes if not valid UTF-8."""
+    @staticmethod
+    @contextlib.contextmanager
+    def stream(f: str) -> Iterator[tuple[Any, io.BufferedReader]]:
+        """(the file as stored, its lines' binary stream, decompressed by name): the stored file's
+        position is how far a reader has got, in the bytes a progress line counts."""
         import pyarrow as pa
 
+        fs, on_fs = _remote(f)
+        with contextlib.ExitStack() as stack:
+            if fs is None:
+                raw = stack.enter_context(pa.OSFile(on_fs))
+            else:  # an fsspec file, wrapped as a pyarrow one for the decompressing stream
+                raw = stack.enter_context(pa.PythonFile(stack.enter_context(fs.open(on_fs, "rb")), mode="r"))
+            codec = COMPRESSION.get(os.path.splitext(on_fs)[1])
+            data = stack.enter_context(pa.CompressedInputStream(raw, codec)) if codec else raw
+            yield raw, stack.enter_context(io.BufferedReader(data))
+
+    def lines(self, f: str, limit: int | None = None) -> Iterator[tuple[int, bytes | str | None, str | None, int]]:
+        """(line number, text, user id, bytes of the file read so far) per non-blank line; text None for a
+        null value; bytes if not valid UTF-8."""
         key, seen = self.text_column, 0
-        with pa.input_stream(f, compression="detect") as stream, io.BufferedReader(stream) as fh:
+        with self.stream(f) as (raw, fh):
             for n, line in enumerate(fh, 1):
                 if n == 1 and line.startswith(b"\xef\xbb\xbf"):
                     line = line[3:]
@@ -387,7 +456,7 @@ class JsonlSource(_Files):
                 if self.id_column and self.id_column not in obj:
                     raise SourceError(f"jsonl source: {f} line {n}: no id key {self.id_column!r}")
                 user_id = _user_id(obj.get(self.id_column), self, f, n) if self.id_column else None
-                yield n, (None if text is None else _str_or_bytes(text)), user_id
+                yield n, (None if text is None else _str_or_bytes(text)), user_id, raw.tell()
                 seen += 1
                 if limit is not None and seen >= limit:
                     return
@@ -399,11 +468,13 @@ class JsonlSource(_Files):
 
     def documents(self, stats: dict | None = None) -> Iterator[RawDoc]:
         for f in self.files():
-            for n, text, user_id in self.lines(f):
+            rel, done = self.relpath(f), 0
+            for n, text, user_id, read in self.lines(f):
                 if text is None:
                     _bump(stats, "skipped_null")
                 else:
-                    yield RawDoc(self.source, self.ref(f, n), text, user_id)
+                    yield RawDoc(self.source, f"{rel}:{n}", text, user_id, read - done)
+                    done = read
 
 
 def _kinds(base: type[Source] = Source) -> list[type[Source]]:

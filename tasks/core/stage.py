@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,8 @@ log = logging.getLogger("slmflow")
 log.setLevel(logging.INFO)  # progress lines; Prefect forwards this logger (PREFECT_LOGGING_EXTRA_LOGGERS)
 T = TypeVar("T")
 R = TypeVar("R")
+MB = 1e6  # progress lines count input in megabytes
+MEMORY_SIZE = r"(?i)^\d+(\.\d+)?\s*(B|[KMGT]i?B)$"  # a duckdb memory_limit setting: 512MB, 1GB, 2GiB
 
 
 class StageConfig(BaseModel):
@@ -92,9 +95,18 @@ class StageContext:
     map: Callable[..., list] = _map_threads  # map(fn, items, **common); Prefect swaps in task.map
     work: Path | None = None  # survives a crash of this stage key (checkpoints); see Store.work_dir
     instance: str = ""  # the name in the DAG (`ref_0` for a pretrain stage); logged models are named by it
+    window: int | None = None  # most items `map_bounded` has in flight at once; None: the CPU count
 
     def __post_init__(self) -> None:
         self.instance = self.instance or self.stage
+
+    def map_bounded(self, fn: Callable[..., R], items: list[T], **common: Any) -> Iterator[R]:
+        """`map` over `window` items at a time, yielding results in item order as each window ends.
+        Prefect's thread pool starts every mapped item at once, so a plain `map` over shards peaks at
+        the whole corpus in memory; with a window the peak is `window` shards, whatever the corpus."""
+        window = self.window or os.cpu_count() or 1
+        for start in range(0, len(items), window):
+            yield from self.map(fn, items[start:start + window], **common)
 
     def work_dir(self) -> Path:
         assert self.work is not None, "run_stage sets ctx.work"
@@ -118,20 +130,34 @@ class StageContext:
 
             plt.close(fig)
 
-    def progress(self, items: Iterable[T], total: int | None, what: str, every_s: float = 5.0) -> Iterator[T]:
-        """Yield items, logging `stage: n/total what, rate/s, ETA` every few seconds."""
+    def progress(self, items: Iterable[T], total: int | None, what: str, every_s: float = 5.0,
+                 size: Callable[[T], int] | None = None) -> Iterator[T]:
+        """Yield items, logging `stage: n/total what, rate/s, ETA` every few seconds. With `size` (an item's
+        share of the input, in bytes), `total` is in bytes and the line reads MB, MB/s and the ETA by bytes:
+        documents vary in size, bytes do not."""
         start = last = time.monotonic()
-        n = 0
+        n = done = 0
         for n, item in enumerate(items, 1):
+            done += size(item) if size else 0
             yield item
             now = time.monotonic()
             if now - last >= every_s:
                 last = now
-                rate = n / (now - start)
-                eta = f", ETA {(total - n) / rate:.0f}s" if total and rate > 0 else ""
-                of = f"/{total}" if total else ""
-                log.info("%s: %d%s %s, %.0f/s%s", self.stage, n, of, what, rate, eta)
-        log.info("%s: %d %s in %.1fs", self.stage, n, what, time.monotonic() - start)
+                count = done if size else n
+                rate = count / (now - start)
+                eta = f", ETA {(total - count) / rate:.0f}s" if total and rate > 0 else ""
+                if size:
+                    of = f"/{total / MB:.1f}" if total else ""
+                    log.info("%s: %.1f%s MB of %s (%d), %.1f MB/s%s", self.stage, done / MB, of, what, n, rate / MB, eta)
+                else:
+                    of = f"/{total}" if total else ""
+                    log.info("%s: %d%s %s, %.0f/s%s", self.stage, n, of, what, rate, eta)
+        seconds = time.monotonic() - start
+        if size:
+            log.info("%s: %d %s, %.1f MB in %.1fs (%.1f MB/s)", self.stage, n, what, done / MB, seconds,
+                     done / MB / max(seconds, 1e-9))
+        else:
+            log.info("%s: %d %s in %.1fs", self.stage, n, what, seconds)
 
 
 def run_stage(
