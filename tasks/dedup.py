@@ -49,7 +49,6 @@ from tasks.core.dedup_disk import (
     partition_count,
     reduce_edges,
     write_band_keys,
-    write_parquet_local,
     write_shingle_sets,
 )
 from tasks.core.filters import Decision, write_filtered
@@ -127,7 +126,7 @@ def shard_signatures(item: tuple[str, int], cfg: DedupConfig, work: str, partiti
         keys = np.concatenate(keys) if keys else np.zeros((0, cfg.bands), np.uint64)
         write_band_keys(Path(work), name, keys, idx[has_shingles], partitions)
         log.info("dedup: %s: %d documents, %d shingles", Path(path).name, len(texts), shingles)
-    write_parquet_local(pa.table({"idx": idx, "id": table["id"], "source": table["source"],
+    write_parquet(pa.table({"idx": idx, "id": table["id"], "source": table["source"],
                                   "digest": pa.array(digests, pa.string()), "has_shingles": has_shingles}),
                         Path(work) / "docs" / f"{name}.parquet")
     return len(texts)
@@ -187,15 +186,13 @@ def near_step(items: list[tuple[str, int]], n: int, need: np.ndarray, cfg: Dedup
     return components(work, n), stats
 
 
-def find_clusters(files: list[str], cfg: DedupConfig, ctx: StageContext) -> tuple[Path, dict]:
+def find_clusters(items: list[tuple[str, int]], n: int, cfg: DedupConfig, ctx: StageContext) -> tuple[Path, dict]:
     """Per document: its cluster id (smallest id in the cluster), size, kind, kept, written to
-    final.parquet in idx order (the documents' order: shard by shard, row by row)."""
+    final.parquet in idx order (the documents' order: shard by shard, row by row).
+    items: each shard with its first document's idx; n: the documents in all of them."""
     work = ctx.work_dir() / "dedup"
     shutil.rmtree(work, ignore_errors=True)  # intermediate files of a killed run: recomputed
     work.mkdir(parents=True)
-    sizes = [parquet_rows(f) for f in files]
-    items = list(zip(files, np.cumsum([0, *sizes[:-1]]).tolist()))
-    n = sum(sizes)
     partitions = partition_count(n, cfg.bands, cfg.partitions)
     ctx.map(shard_signatures, items, cfg=cfg, work=str(work), partitions=partitions)
     con = connect(work, cfg.memory_limit)
@@ -225,15 +222,13 @@ def find_clusters(files: list[str], cfg: DedupConfig, ctx: StageContext) -> tupl
 class Decisions:
     """Each shard's decision, read from final.parquet when `write_filtered` asks for it (one at a time)."""
 
-    def __init__(self, final: Path, files: list[str]):
-        self.final, self.files = final, files
+    def __init__(self, final: Path, items: list[tuple[str, int]], n: int):
+        self.final, self.bases = final, [base for _, base in items] + [n]
 
     def __iter__(self):
-        dataset, base = pads.dataset(self.final), 0
-        for path in self.files:
-            end = base + parquet_rows(path)
+        dataset = pads.dataset(self.final)
+        for base, end in zip(self.bases[:-1], self.bases[1:]):
             rows = dataset.to_table(filter=(pads.field("idx") >= base) & (pads.field("idx") < end)).sort_by("idx")
-            base = end
             kept = rows["kept"].to_numpy(zero_copy_only=False)
             clustered = pc.greater(rows["cluster_size"], 1)
             cluster = pc.if_else(clustered, rows["cluster_id"], pa.scalar(None, pa.string()))
@@ -289,13 +284,15 @@ def cluster_size_figure(sizes: np.ndarray):
 
 def dedup(cfg: DedupConfig, inputs: dict, ctx: StageContext) -> dict:
     files = document_shards(inputs["documents"], "dedup")
-    final, stats = find_clusters(files, cfg, ctx)
+    sizes = [parquet_rows(f) for f in files]
+    items = list(zip(files, np.cumsum([0, *sizes[:-1]]).tolist()))  # each shard's first global idx
+    final, stats = find_clusters(items, sum(sizes), cfg, ctx)
     docs = pl.scan_parquet(final)
     removal = check_sources(docs, cfg)  # before anything is written
     threshold = (1 / cfg.bands) ** (1 / cfg.rows)  # the S-curve's knee: P(candidate) ~ 0.5 there
     log.info("dedup: LSH %d bands x %d rows: pairs above Jaccard ~%.2f become candidates", cfg.bands, cfg.rows, threshold)
 
-    write_filtered(files, Decisions(final, files), ctx.out)  # kept documents in the input's layout
+    write_filtered(files, Decisions(final, items, sum(sizes)), ctx.out)  # kept documents in the input's layout
     clustered = (docs.filter(pl.col("cluster_size") > 1).select("id", "cluster_id", "kind", "kept", "cluster_size")
                  .sort("cluster_id", "id").collect(engine="streaming"))
     write_parquet(clustered.select(doc_id="id", cluster_id="cluster_id", kind="kind", kept="kept").to_arrow(),

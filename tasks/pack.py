@@ -88,7 +88,8 @@ def tokenize_shard(item: tuple[int, str], tokenizer: str, bos_id: int, seed: int
         tokens += [np.array([bos_id, *enc.ids], np.int32) for enc in tok.encode_batch_fast(texts[s:s + _BATCH])]
     hashes = doc_hash(ids, seed)
     nbytes = pc.binary_length(table["text"]).to_numpy().astype(np.int64)
-    bucket = (hashes >> np.uint64(64 - buckets.bit_length() + 1)).astype(np.int64) if buckets > 1 else np.zeros(len(ids), np.int64)
+    bits = buckets.bit_length() - 1  # buckets is 2**bits: the hash's top bits name its bucket
+    bucket = (hashes >> np.uint64(64 - bits)).astype(np.int64) if bits else np.zeros(len(ids), np.int64)
     for b in np.unique(bucket).tolist():
         rows = np.flatnonzero(bucket == b)
         offsets = np.zeros(len(rows) + 1, np.int32)

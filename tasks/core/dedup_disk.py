@@ -28,13 +28,9 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from tasks.core.minhash import Components, bucket_pairs, shingle_jaccard, unique_pairs
+from tasks.core.store import write_parquet
 
 BAND_ROWS_PER_PARTITION = 4_000_000  # ~70 MB of (band, key, idx) plus the sort's temporaries
-
-
-def write_parquet_local(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path, compression="zstd")
 
 
 def partition_count(rows: int, bands: int, partitions: int) -> int:
@@ -52,7 +48,7 @@ def write_band_keys(work: Path, shard: str, keys: np.ndarray, idx: np.ndarray, p
     cuts = np.searchsorted(part[order], np.arange(partitions + 1))
     for p in range(partitions):
         rows = order[cuts[p]:cuts[p + 1]]
-        write_parquet_local(pa.table({"band": band[rows], "key": key[rows], "idx": doc[rows]}),
+        write_parquet(pa.table({"band": band[rows], "key": key[rows], "idx": doc[rows]}),
                             work / "bands" / f"p-{p:05d}" / f"{shard}.parquet")
 
 
@@ -71,7 +67,7 @@ def group_partition(part_dir: str, work: str, edge_parts: int, max_bucket: int) 
     for part in range(edge_parts):
         sel = pairs[q == part]
         if len(sel):
-            write_parquet_local(pa.table({"i": sel[:, 0], "j": sel[:, 1]}),
+            write_parquet(pa.table({"i": sel[:, 0], "j": sel[:, 1]}),
                                 work_dir / "edges" / f"q-{part:05d}" / f"from-{name}.parquet")
     return len(pairs)
 
@@ -79,7 +75,7 @@ def group_partition(part_dir: str, work: str, edge_parts: int, max_bucket: int) 
 def read_pairs(paths: list[str]) -> np.ndarray:
     if not paths:
         return np.zeros((0, 2), np.int64)
-    table = pq.read_table(paths) if len(paths) > 1 else pq.read_table(paths[0])
+    table = pq.read_table(paths)
     return np.c_[table["i"].to_numpy(), table["j"].to_numpy()].astype(np.int64)
 
 
@@ -97,7 +93,7 @@ def write_shingle_sets(work: Path, shard: str, idx: np.ndarray, hashes: np.ndarr
     sets = [np.unique(hashes[offsets[k]:offsets[k + 1]]) for k in range(len(idx))]
     sizes = np.array([len(s) for s in sets], np.int64)
     flat = np.concatenate(sets) if sets else np.zeros(0, np.uint64)
-    write_parquet_local(pa.table({"idx": np.repeat(idx, sizes), "h": flat}), work / "shingles" / f"{shard}.parquet")
+    write_parquet(pa.table({"idx": np.repeat(idx, sizes), "h": flat}), work / "shingles" / f"{shard}.parquet")
 
 
 def _shingles_of(work: Path, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -131,7 +127,7 @@ def reduce_edges(edge_dir: str, work: str, n: int, chunk_pairs: int = 10_000) ->
         pairs = pairs[ok]
         stats["checked"] = len(check)
     stats["pairs"] = len(pairs)
-    write_parquet_local(pa.table({"i": pairs[:, 0], "j": pairs[:, 1]}),
+    write_parquet(pa.table({"i": pairs[:, 0], "j": pairs[:, 1]}),
                         work_dir / "verified" / f"{Path(edge_dir).name}.parquet")
     return stats
 
