@@ -10,7 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tasks.core.lineage import tracking_uri
-from tasks.core.model import ModelConfig
+from tasks.core.configs import ModelConfig
 from tasks.decontaminate import DecontaminateConfig
 from tasks.dedup import DedupConfig
 from tasks.difficulty import DifficultyConfig

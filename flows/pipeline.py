@@ -209,7 +209,7 @@ def parent_run(cfg: PipelineConfig, name: str, tags: dict[str, str], existing: s
     """The MLflow run that groups one pipeline run's stage runs (`existing`: join that one instead).
     It logs the resolved config as params (`dedup.bands`, ...) and the overrides, so two pipeline
     runs compare side by side in the MLflow UI."""
-    tracker = Tracker(tracking_uri(cfg.run.mlflow_uri), cfg.run.experiment)
+    tracker = Tracker.shared(tracking_uri(cfg.run.mlflow_uri), cfg.run.experiment)
     if existing:
         yield tracker, existing
         return

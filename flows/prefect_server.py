@@ -7,7 +7,8 @@ instead starts the same server (`uvicorn prefect.server.api.server:create_app`, 
 waits on the wall clock, generously, for as long as the process lives; one start at a time per
 `PREFECT_HOME`, so two runs never migrate one database at once. The server's URL goes into this
 process's environment, so stage subprocesses (torchrun, Dask workers) use it too, and the server
-dies with the run (also on SIGKILL of the run alone).
+dies with the run (also on SIGKILL of the run alone). `slmflow run` starts it first and waits for it
+last, just before the flow: its seconds of start-up overlap the run's planning, checks and MLflow set-up.
 
 `apply_defaults` runs before Prefect is imported: telemetry off (no network), slmflow's progress
 lines forwarded, and Prefect's own timeouts raised to minutes where a slow machine could hit them.
@@ -22,10 +23,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Iterator
 
 STARTUP_TIMEOUT_S = 600
 PORT_IN_USE = 3  # uvicorn's exit code when the port is taken
@@ -81,70 +82,111 @@ def _last_line(path: Path) -> str:
     return lines[-1][:300] if lines else "no output"
 
 
-def _start(timeout_s: float, log) -> tuple[subprocess.Popen, str]:
-    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
-    errors = Path(tempfile.mkstemp(prefix="slmflow-prefect-server-", suffix=".log")[1])
-    deadline = time.monotonic() + timeout_s
-    while True:
+class PrefectAPI:
+    """The Prefect API for this process, as a context manager: `PREFECT_API_URL` if set, else a temporary
+    server that lives for the block. Entering only starts the server; `url()` waits until it answers.
+    The start takes seconds (the server imports Prefect's whole API in its own process), so the caller
+    plans and checks the run and sets up MLflow in between, while it starts, instead of before or after.
+    `url()` raises ServerError (one line) when there is no server to use."""
+
+    def __init__(self, log=print, timeout_s: float | None = None):
+        self.log = log
+        self.timeout_s = timeout_s or float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS",
+                                                           STARTUP_TIMEOUT_S))
+        self.configured = os.environ.get("PREFECT_API_URL")
+        self._url: str | None = None
+        self._proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> PrefectAPI:
+        if self.configured:
+            return self
+        from tasks.core.locks import FileLock
+
+        home = Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser()
+        self._lock = FileLock(home / "slmflow-server-start.lock", what="Prefect server start")
+        self._lock.acquire()  # one migration at a time; released once the server answers
+        self._errors = Path(tempfile.mkstemp(prefix="slmflow-prefect-server-", suffix=".log")[1])
+        self._deadline = time.monotonic() + self.timeout_s
+        self._failure: ServerError | None = None
+        self._stop = threading.Event()
+        self._spawn()
+        self._watcher = threading.Thread(target=self._watch, name="slmflow-prefect-server", daemon=True)
+        self._watcher.start()
+        return self
+
+    def _spawn(self) -> None:
         port = _free_port()
-        url = f"http://127.0.0.1:{port}/api"
-        log(f"Starting Prefect's temporary server on {url} (the first start on a machine creates its "
-            f"database: a minute or more on a busy machine)")
-        with open(errors, "wb") as err:
-            proc = subprocess.Popen(
+        self._starting = f"http://127.0.0.1:{port}/api"
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+        with open(self._errors, "wb") as err:
+            self._proc = subprocess.Popen(
                 [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
                  "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"],
                 env=env, stdout=subprocess.DEVNULL, stderr=err, preexec_fn=_die_with_parent)
-        while proc.poll() is None and not healthy(url):
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise ServerError(f"Prefect's temporary server did not answer within {timeout_s:.0f} s "
-                                  f"(its last output: {_last_line(errors)}); {ADVICE}")
-            time.sleep(0.2)
-        if proc.poll() is None:
-            errors.unlink(missing_ok=True)
-            return proc, url
-        if proc.returncode != PORT_IN_USE:  # another process took the port first: try another one
-            raise ServerError(f"Prefect's temporary server exited with code {proc.returncode} "
-                              f"({_last_line(errors)}); {ADVICE}")
 
+    def _watch(self) -> None:
+        """Wait for the server (on a thread), then make its first API call at once: that call loads what
+        /health does not (half a second of the server's time, spent while this process plans the run)."""
+        while not healthy(self._starting):
+            code = self._proc.poll()
+            if self._stop.is_set():  # the run stopped before its flow
+                return
+            if code == PORT_IN_USE:  # another process took the port first: try another one
+                self._spawn()
+            elif code is not None:
+                self._failure = ServerError(f"Prefect's temporary server exited with code {code} "
+                                            f"({_last_line(self._errors)}); {ADVICE}")
+                return
+            elif time.monotonic() > self._deadline:
+                self._failure = ServerError(f"Prefect's temporary server did not answer within {self.timeout_s:.0f} "
+                                            f"s (its last output: {_last_line(self._errors)}); {ADVICE}")
+                return
+            time.sleep(0.05)
+        with contextlib.suppress(OSError):
+            urllib.request.urlopen(f"{self._starting}/ready", timeout=self.timeout_s).close()
 
-@contextlib.contextmanager
-def prefect_api(log=print, timeout_s: float | None = None) -> Iterator[str]:
-    """The Prefect API for this process: `PREFECT_API_URL` if set, else a temporary server that
-    lives for this block. Raises ServerError (one line) if it cannot be started."""
-    configured = os.environ.get("PREFECT_API_URL")
-    if configured:
-        if not healthy(configured):
-            raise ServerError(f"the Prefect server at PREFECT_API_URL={configured} does not answer: start it "
-                              f"(prefect server start --host 127.0.0.1) or unset PREFECT_API_URL, and slmflow "
-                              f"starts a temporary one")
-        yield configured
-        return
-    from tasks.core.locks import FileLock
-
-    timeout_s = timeout_s or float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", STARTUP_TIMEOUT_S))
-    home = Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser()
-    with FileLock(home / "slmflow-server-start.lock", what="Prefect server start"):  # one migration at a time
-        proc, url = _start(timeout_s, log)
-    os.environ["PREFECT_API_URL"] = url
-    if "prefect.context" in sys.modules:  # Prefect read its settings at import: make it read them again
-        sys.modules["prefect.context"].refresh_global_settings_context()
-    try:
-        yield url
-    finally:
-        if "prefect.logging.handlers" in sys.modules:  # send the last log lines and events while it is up
-            from prefect.events.worker import EventsWorker
-            from prefect.logging.handlers import APILogWorker
-
-            for worker in (APILogWorker, EventsWorker):
-                with contextlib.suppress(Exception):
-                    worker.drain_all(timeout=10)
-        del os.environ["PREFECT_API_URL"]
-        if "prefect.context" in sys.modules:
+    def url(self) -> str:
+        """The API's URL, once it answers (the first call waits for the temporary server)."""
+        if self._url:
+            return self._url
+        if self.configured:
+            if not healthy(self.configured):
+                raise ServerError(f"the Prefect server at PREFECT_API_URL={self.configured} does not answer: start "
+                                  f"it (prefect server start --host 127.0.0.1) or unset PREFECT_API_URL, and slmflow "
+                                  f"starts a temporary one")
+            self._url = self.configured
+            return self._url
+        if self._watcher.is_alive():
+            self.log(f"Waiting for Prefect's temporary server on {self._starting} (the first start on a machine "
+                     f"creates its database: a minute or more on a busy machine)")
+        self._watcher.join()
+        if self._failure:
+            raise self._failure
+        self._lock.release()
+        self._errors.unlink(missing_ok=True)
+        os.environ["PREFECT_API_URL"] = self._url = self._starting
+        if "prefect.context" in sys.modules:  # Prefect read its settings at import: make it read them again
             sys.modules["prefect.context"].refresh_global_settings_context()
-        proc.terminate()
+        return self._url
+
+    def __exit__(self, *exc) -> None:
+        if self.configured:
+            return
+        self._stop.set()
+        self._lock.release()  # a no-op once released
+        if self._url:
+            if "prefect.logging.handlers" in sys.modules:  # send the last log lines and events while it is up
+                from prefect.events.worker import EventsWorker
+                from prefect.logging.handlers import APILogWorker
+
+                for worker in (APILogWorker, EventsWorker):
+                    with contextlib.suppress(Exception):
+                        worker.drain_all(timeout=10)
+            del os.environ["PREFECT_API_URL"]
+            if "prefect.context" in sys.modules:
+                sys.modules["prefect.context"].refresh_global_settings_context()
+        self._proc.terminate()
         try:
-            proc.wait(timeout=10)
+            self._proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            self._proc.kill()

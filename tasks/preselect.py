@@ -57,17 +57,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import fsspec
 import numpy as np
 import polars as pl
 import pyarrow.compute as pc
-import torch
 from pydantic import Field
 from tokenizers import Tokenizer
 
-from tasks.core.model import CONFIG, load_model
 from tasks.core.orchestration import stage_task
 from tasks.core.outputs import document_shards
 from tasks.core.preselect import (
@@ -84,6 +82,9 @@ from tasks.core.settings import Device, device_setting
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError
 from tasks.core.store import Artifact, local_dir, read_table, write_parquet
 from tasks.core.tokens import BOS, doc_hash, hash_order, load_tokenizer, special_ids
+
+if TYPE_CHECKING:  # torch comes with the reference models (load_reference): the config imports without it
+    import torch
 
 VERSION = 1
 log = logging.getLogger("slmflow")
@@ -197,6 +198,8 @@ def corpus_bpc(model, tok: Tokenizer, texts: list[str], batch_size: int, name: s
 
 def load_reference(art: Artifact, tokenizer: Artifact | None, device, name: str) -> tuple[torch.nn.Module, Tokenizer]:
     """(model in eval mode, its tokenizer encoding special-token strings as plain text)."""
+    from tasks.core.model import CONFIG, load_model
+
     directory = f"{art.path.rstrip('/')}/model"
     fs, path = fsspec.core.url_to_fs(directory)
     if not fs.exists(f"{path}/{CONFIG}"):

@@ -10,14 +10,13 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field
 
+from tasks.core.configs import ModelConfig, TrainConfig
 from tasks.core.fit import run_training, save_array
-from tasks.core.model import ModelConfig
 from tasks.core.orchestration import stage_task
 from tasks.core.outputs import load_tokens
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError
 from tasks.core.store import Artifact
 from tasks.core.tokens import tokenizer_path
-from tasks.core.train import TrainConfig
 
 VERSION = 1
 

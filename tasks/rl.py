@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import numpy as np
 import polars as pl
-import torch
 from pydantic import Field
 
-from tasks.core.model import save_model
+from tasks.core.configs import GRPOConfig
 from tasks.core.orchestration import stage_task
 from tasks.core.outputs import kept_ids, load_prompts
-from tasks.core.rl_loop import GRPOConfig, grpo, history_table
 from tasks.core.rollout import count_overlong, load_policy, resolve_device, take_per_task
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError, new_figure
 from tasks.core.store import Artifact, copy_file, write_parquet
@@ -53,6 +51,11 @@ def rl_curve_figure(history: list[dict], title: str):
 
 
 def rl(cfg: RLConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
+    import torch  # here, not at the top: the pipeline imports every stage's config, data-only runs included
+
+    from tasks.core.model import save_model
+    from tasks.core.rl_loop import grpo, history_table
+
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model, tok = load_policy(inputs["model"], device)

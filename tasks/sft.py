@@ -17,15 +17,14 @@ import numpy as np
 from pydantic import Field
 
 from tasks.core.chat import completion_text, example_ids
+from tasks.core.configs import ModelConfig, TrainConfig
 from tasks.core.fit import run_training, save_array
-from tasks.core.model import ModelConfig
 from tasks.core.orchestration import stage_task
 from tasks.core.outputs import load_pass_rates, load_prompts
 from tasks.core.settings import runtime
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError, log
 from tasks.core.store import Artifact, read_text
 from tasks.core.tokens import PAD, below_fraction, doc_hash, load_tokenizer, special_ids, tokenizer_path
-from tasks.core.train import TrainConfig
 
 VERSION = 1
 

@@ -14,10 +14,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from tasks.core.model import ModelConfig
+from tasks.core.configs import ModelConfig, TrainConfig
 from tasks.core.stage import StageContext, StageError, new_figure
 from tasks.core.store import Artifact, copy_file, fsync_file, local_dir, write_parquet
-from tasks.core.train import DivergedError, TrainConfig, TrainSpec, launch
 
 
 def save_array(path: Path, array: np.ndarray) -> None:
@@ -48,6 +47,8 @@ def run_training(cfg: TrainConfig, ctx: StageContext, model_cfg: ModelConfig, ar
 
     arrays: `train`, `val` (token rows, .npy) and optionally `train_mask`, `val_mask`.
     init_from: the upstream model stage to start from (logged as the run's input model)."""
+    from tasks.core.train import DivergedError, TrainSpec, launch  # torch: only once a stage trains
+
     spec = TrainSpec(
         cfg=TrainConfig.model_validate(cfg.model_dump(include=set(TrainConfig.model_fields))),
         model=model_cfg, init_from=str(local_dir(f"{init_from.path}/model")) if init_from else None,

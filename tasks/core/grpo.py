@@ -2,7 +2,9 @@
 log-probs, and the online difficulty filter (DeepSeekMath's GRPO, with DAPO's and Dr. GRPO's variants and "Online
 Difficulty Filtering for Reasoning Oriented RL").
 
-Pure torch / numpy: no Prefect, no MLflow. `in_band` is also the offline difficulty stage's rule.
+Pure torch / numpy: no Prefect, no MLflow. `in_band` is also the offline difficulty stage's rule. torch is
+imported by the functions that use it: the filter half serves the RL and difficulty configs, which
+import without torch (a data-only run never loads it).
 
 Names follow TRL's GRPOConfig / verl where they exist:
   G (num_generations)      samples per prompt; rewards come as [n_groups, G].
@@ -33,13 +35,14 @@ Documented choices:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Literal, NamedTuple, Sequence
 
 import math
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    import torch
 
 Scale = Literal["group", "batch", "none"]
 LossType = Literal["grpo", "dr_grpo", "dapo"]
@@ -54,6 +57,8 @@ def group_advantages(rewards: torch.Tensor, scale: Scale = "group", eps: float =
     """[n_groups, G] rewards -> [n_groups, G] advantages A = r - mean_group(r), then divided by
     (std + eps): the group's std ("group"), the std of all rewards in the batch ("batch"), or not
     at all ("none", Dr. GRPO). Stds are Bessel-corrected (TRL). Zero-variance groups give 0."""
+    import torch
+
     r = torch.as_tensor(rewards)
     r = r if r.is_floating_point() else r.float()
     if r.dim() != 2 or r.shape[1] < 2:
@@ -91,6 +96,8 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     1+eps_high, or A<0 and ratio < 1-eps_low), clip_high_fraction, clip_low_fraction, ratio_mean,
     ratio_max (NaN when no token counts), kl (only when used), loss.
     """
+    import torch
+
     if logprobs.shape != old_logprobs.shape or logprobs.shape != mask.shape or logprobs.dim() != 2:
         raise ValueError(f"logprobs, old_logprobs and mask must all be [B, T]: "
                          f"{tuple(logprobs.shape)}, {tuple(old_logprobs.shape)}, {tuple(mask.shape)}")
@@ -145,6 +152,9 @@ def sequence_logprobs(model_logits: torch.Tensor, tokens: torch.Tensor, temperat
     """[B, T, V] logits (logits[:, t] predict tokens[:, t+1]) and [B, T] tokens -> [B, T] fp32
     log-probs aligned with the tokens: out[:, t] = log p(tokens[:, t] | tokens[:, :t]) for t >= 1,
     out[:, 0] = 0. p = softmax(logits / temperature): the distribution the samples were drawn from."""
+    import torch
+    import torch.nn.functional as F
+
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     logp = torch.log_softmax(model_logits[:, :-1].float() / temperature, dim=-1)

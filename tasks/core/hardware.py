@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import re
 from contextlib import nullcontext
-from typing import Literal
 
 import torch
 
-Precision = Literal["auto", "bf16", "fp32"]
+from tasks.core.settings import Precision
 
 # (whole-word pattern, dense bf16 FLOP/s per GPU), most specific first; the datasheet's sparse figure / 2
 PEAK_BF16_FLOPS: list[tuple[str, float]] = [

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -74,10 +75,12 @@ def alive(pid: int) -> bool:
 
 class OneWriter:
     """An MlflowClient whose calls hold the SQLite database's lock file (and retry if a writer from
-    outside slmflow, such as `mlflow ui`, still locks it)."""
+    outside slmflow, such as `mlflow ui`, still locks it). Threads sharing it take turns first: the
+    lock file serializes processes, one `FileLock` object is not for two threads at once."""
 
     def __init__(self, client: MlflowClient, db: Path, attempts: int = 8):
         self._client, self._lock, self._attempts = client, FileLock(f"{db}.lock", what=f"MLflow {db}"), attempts
+        self._threads = threading.Lock()
 
     def __getattr__(self, name: str):
         method = getattr(self._client, name)
@@ -86,7 +89,7 @@ class OneWriter:
 
         def call(*args, **kwargs):
             for attempt in range(self._attempts):
-                with self._lock:
+                with self._threads, self._lock:
                     try:
                         return method(*args, **kwargs)
                     except MlflowException as e:
@@ -102,7 +105,23 @@ def sqlite_file(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
+_SHARED: dict[tuple[str, str, str], Tracker] = {}  # Tracker.shared
+_SHARED_LOCK = threading.Lock()
+
+
 class Tracker:
+    @classmethod
+    def shared(cls, uri: str, experiment: str) -> Tracker:
+        """This process's Tracker of a tracking store and experiment: the MLflow client and the experiment's
+        lookup are made once per process, not once per stage (`slmflow run` makes it while Prefect's
+        server starts). A relative SQLite path names a database per working directory."""
+        db = sqlite_file(uri)
+        key = (uri, experiment, str(db.absolute()) if db else "")
+        with _SHARED_LOCK:
+            if key not in _SHARED:
+                _SHARED[key] = cls(uri, experiment)
+            return _SHARED[key]
+
     def __init__(self, uri: str, experiment: str):
         self.uri, self.experiment = uri, experiment
         self.client = MlflowClient(tracking_uri=uri)

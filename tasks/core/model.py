@@ -17,50 +17,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_file, save_file
 
+from tasks.core.configs import ModelConfig
+
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
-
-
-class ModelConfig(BaseModel):
-    """What `GPT` builds. Unset sizes follow from `depth`; `resolved()` fills them in."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    vocab_size: int | None = Field(None, gt=0)  # left unset in stage configs: training stages take it from the tokenizer
-    depth: int = Field(4, gt=0)
-    width: int | None = Field(None, gt=0)  # default 64 * depth
-    n_heads: int | None = Field(None, gt=0)  # default width // 64 (at least 1)
-    n_kv_heads: int | None = Field(None, gt=0)  # grouped-query attention; default n_heads
-    mlp_hidden: int | None = Field(None, gt=0)  # default 8/3 * width rounded up to a multiple of 64 (SwiGLU)
-    max_seq_len: int = Field(512, gt=0)
-    rope_theta: float = Field(10000.0, gt=0)
-    norm_eps: float = Field(1e-5, gt=0)
-    tie_embeddings: bool = True
-    qk_norm: bool = False  # RMSNorm on q and k per head (small-scale stability); not exportable
-
-    def resolved(self) -> ModelConfig:
-        """A copy with every derived size filled in: the dims the model actually has."""
-        width = self.width if self.width is not None else 64 * self.depth
-        n_heads = self.n_heads if self.n_heads is not None else max(1, width // 64)
-        n_kv = self.n_kv_heads if self.n_kv_heads is not None else n_heads
-        hidden = self.mlp_hidden if self.mlp_hidden is not None else 64 * math.ceil(8 * width / 3 / 64)
-        return self.model_copy(update=dict(width=width, n_heads=n_heads, n_kv_heads=n_kv, mlp_hidden=hidden))
-
-    @property
-    def head_dim(self) -> int:
-        r = self.resolved()
-        return r.width // r.n_heads
-
-    @model_validator(mode="after")
-    def _check(self) -> ModelConfig:
-        r = self.resolved()
-        if min(r.vocab_size or 1, r.depth, r.width, r.n_heads, r.n_kv_heads, r.mlp_hidden, r.max_seq_len) < 1:
-            raise ValueError(f"all sizes must be positive: {r}")
-        if r.width % r.n_heads or r.n_heads % r.n_kv_heads or (r.width // r.n_heads) % 2:
-            raise ValueError(f"need width % n_heads == 0, n_heads % n_kv_heads == 0 and an even head_dim: {r}")
-        return self
 
 
 class RMSNorm(nn.Module):

@@ -51,7 +51,7 @@ class RunContext(BaseModel):
         return Store(self.models_root if stage.store == "models" else self.data_root)
 
     def tracker(self) -> Tracker:
-        return Tracker(tracking_uri(self.mlflow_uri), self.experiment)
+        return Tracker.shared(tracking_uri(self.mlflow_uri), self.experiment)
 
 
 def prefect_map(stage_name: str, dask_address: str | None = None) -> Callable[..., list]:

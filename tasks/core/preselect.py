@@ -12,17 +12,17 @@ strength, labels and the classifier's AUC. No I/O; the stage is tasks/preselect.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
-import torch
 
-from tasks.core.model import GPT, token_loss
+if TYPE_CHECKING:
+    from tasks.core.model import GPT
 
 IGNORE = -100
 
 
-@torch.no_grad()
 def document_nll(model: GPT, docs: list[list[int]], batch_size: int = 16) -> np.ndarray:
     """Total NLL (nats, float64) of each document's tokens after its first.
 
@@ -33,6 +33,10 @@ def document_nll(model: GPT, docs: list[list[int]], batch_size: int = 16) -> np.
     longest first and right-padded: causal attention means padding never reaches a real
     position, so SDPA's causal fast path applies and the padding is only masked out of the loss.
     """
+    import torch  # here: the preselect stage's config and label math import without torch
+
+    from tasks.core.model import token_loss
+
     L = model.dims.max_seq_len
     device = model.embed_tokens.weight.device
     windows = [(d, s, min(L, len(ids) - 1 - s)) for d, ids in enumerate(docs) for s in range(0, len(ids) - 1, L)]
@@ -46,7 +50,8 @@ def document_nll(model: GPT, docs: list[list[int]], batch_size: int = 16) -> np.
         for row, (d, s, n) in enumerate(batch):
             ids = torch.as_tensor(docs[d][s:s + n + 1], dtype=torch.long)
             x[row, :n], y[row, :n] = ids[:-1], ids[1:]
-        loss = token_loss(model(x.to(device)), y.to(device), IGNORE, reduction="none").sum(1)
+        with torch.no_grad():
+            loss = token_loss(model(x.to(device)), y.to(device), IGNORE, reduction="none").sum(1)
         np.add.at(total, [d for d, _, _ in batch], loss.double().cpu().numpy())
     return total
 

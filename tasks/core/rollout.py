@@ -18,18 +18,19 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import polars as pl
-import torch
 
 from tasks.core import chat
-from tasks.core.model import load_model
 from tasks.core.outputs import load_prompts
 from tasks.core.stage import StageError
 from tasks.core.store import local_dir
 from tasks.core.tokens import END, load_tokenizer, special_ids
+
+if TYPE_CHECKING:  # torch is imported where a model runs: the stage configs and the report's baseline need none
+    import torch
 
 log = logging.getLogger("slmflow")
 CORRECT = 1.0  # a sample counts as correct when its verifier reward is at least this (full credit)
@@ -48,6 +49,8 @@ def end_id(tok) -> int:
 
 
 def _device(model) -> torch.device:
+    import torch
+
     try:
         return next(model.parameters()).device
     except (AttributeError, StopIteration):  # a fake model in tests
@@ -64,6 +67,8 @@ def sample_completions(model, tok, rows: Sequence[dict], n: int, temperature: fl
     what the draws depend on). temperature 0 is greedy: the n copies are then identical, so use n=1.
     `progress(iterable, total, what)` (e.g. `ctx.progress`) wraps the loop over batches.
     """
+    import torch
+
     if n < 1 or batch_size < 1:
         raise ValueError(f"need n >= 1 and batch_size >= 1 (got n={n}, batch_size={batch_size})")
     eos = end_id(tok)
@@ -220,6 +225,8 @@ def prompts_and_policy(stage: str, inputs: dict, split: str, per_task: int | Non
 
 def resolve_device(device: str) -> torch.device:
     """The torch device of a `device` setting: auto is cuda when available, else cpu."""
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -227,5 +234,7 @@ def resolve_device(device: str) -> torch.device:
 
 def load_policy(artifact, device: str | torch.device = "cpu"):
     """(model in eval mode, tokenizer) from a training-stage output: `<artifact.path>/model/`."""
+    from tasks.core.model import load_model
+
     directory = local_dir(f"{artifact.path.rstrip('/')}/model")  # a remote store's model is copied here once
     return load_model(directory, device).eval(), load_tokenizer(directory)

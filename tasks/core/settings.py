@@ -16,6 +16,7 @@ from pydantic import AfterValidator, BaseModel, Field
 from pydantic.fields import FieldInfo
 
 Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["auto", "bf16", "fp32"]  # what a training device computes in (tasks.core.hardware)
 
 
 def _valid_band(band: tuple[float, float]) -> tuple[float, float]:

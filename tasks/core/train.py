@@ -22,49 +22,19 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 
-from tasks.core.hardware import Precision, autocast, mfu, peak_flops, use_bf16
-from tasks.core.model import GPT, ModelConfig, load_model, load_weights, save_model
-from tasks.core.settings import Device, device_setting, runtime
+from tasks.core.configs import ModelConfig, TrainConfig
+from tasks.core.hardware import autocast, mfu, peak_flops, use_bf16
+from tasks.core.model import GPT, load_model, load_weights, save_model
 from tasks.core.store import fsync_file, fsync_tree
 
 log = logging.getLogger("slmflow")
 IGNORE = -100
-
-
-class TrainConfig(BaseModel):
-    """Optimization settings (the pretrain and SFT stage configs extend this)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    batch_size: int = Field(16, gt=0, description="sequences per optimizer step (global, all processes)")
-    grad_accum: int = runtime(1, "micro-batches per optimizer step (the same global batch: memory, not math)", gt=0)
-    max_steps: int = Field(200, gt=0)
-    lr: float = Field(3e-3, gt=0)
-    schedule: Literal["wsd", "cosine", "linear"] = "wsd"
-    warmup_steps: int = Field(20, ge=0)
-    decay_frac: float = Field(0.3, ge=0, le=1, description="WSD: final fraction of steps that decays linearly")
-    min_lr_frac: float = Field(0.1, ge=0, le=1, description="LR at the end, as a fraction of lr")
-    weight_decay: float = Field(0.1, ge=0)
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 = off")
-    eval_every: int = runtime(50, "steps between validation losses", gt=0)
-    eval_rows: int = Field(64, gt=0, description="validation rows per evaluation")
-    checkpoint_every: int = runtime(100, "steps between checkpoints (what a rerun resumes from)", gt=0)
-    log_every: int = runtime(10, "steps between logged training losses", gt=0)
-    seed: int = 0
-    device: Device = device_setting()
-    compile: bool = runtime(False, "torch.compile the model")
-    nproc: int = runtime(1, "processes; > 1 runs DDP under torchrun (gloo on CPU, nccl on GPU)", gt=0)
-    precision: Precision = runtime("auto", "auto: bf16 autocast on CUDA, fp32 on CPU; bf16 or fp32 on any device")
-    peak_flops: float | None = runtime(None, "dense bf16 FLOP/s of one device for MFU (default: the GPU's "
-                                       "datasheet figure when its name is known)", gt=0)
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
