@@ -102,3 +102,35 @@ def test_mlflow_lineage(project):
     assert {producers["ingest"], producers["dedup"]} <= {r.info.run_id for r in found}
     # the cluster-size histogram is a PNG on dedup's run
     assert [a.path for a in client.list_artifacts(producers["dedup"], "plots")] == ["plots/cluster_sizes.png"]
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_a_stage_map_runs_as_many_shards_at_once_as_there_are_cores(monkeypatch):
+    """Prefect's default thread pool would start all 12 shards at once (12 shards' memory); a stage's
+    map keeps as many in flight as there are cores, and returns results in item order."""
+    import os
+    import threading
+    import time
+
+    from prefect import flow
+
+    from tasks.core.orchestration import prefect_map
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    lock, running, peak = threading.Lock(), [0], [0]
+
+    def shard(i: int, scale: int) -> int:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.2)
+        with lock:
+            running[0] -= 1
+        return i * scale
+
+    @flow
+    def mapped() -> list[int]:
+        return prefect_map("demo")(shard, list(range(12)), scale=3)
+
+    assert mapped() == [3 * i for i in range(12)]
+    assert peak[0] == 2

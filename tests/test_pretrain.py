@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from flows.cli import app
 from flows.config import load_config
 from flows.pipeline import pipeline
+from flows.report import mean_standard_error
 from tasks.core.model import load_model
 from tasks.core.store import Store
 
@@ -40,7 +41,7 @@ def test_pretraining_beats_unigram_entropy(trained):
     names = list(report)
     assert names[names.index("select"):][:4] == ["select", "tokenizer", "pack", "pretrain"]
     m = Store(trained[0] / "models").get("pretrain", report["pretrain"]["key"]).manifest["metrics"]
-    assert m["steps"] == 200 and m["resumed_from_step"] == 0
+    assert m["steps"] == 400 and m["resumed_from_step"] == 0
     # well below the loss of the best context-free model of the same data
     assert m["val_loss"] < m["unigram_entropy"] - 0.5, m
     assert 0 < m["val_bpb"] < 8 and m["tokens_per_s"] > 0 and m["params"] > 0
@@ -60,11 +61,11 @@ def test_outputs_weights_tokenizer_history_and_mlflow(trained):
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     run_id = art.manifest["mlflow_run_id"]
     losses = client.get_metric_history(run_id, "loss")
-    assert [h.step for h in losses] == list(range(10, 201, 10))
-    assert [h.step for h in client.get_metric_history(run_id, "val_loss")] == [100, 200]
+    assert [h.step for h in losses] == list(range(10, 401, 10))
+    assert [h.step for h in client.get_metric_history(run_id, "val_loss")] == [200, 400]
     assert "plots/loss_curve.png" in [a.path for a in client.list_artifacts(run_id, "plots")]
     outputs = client.get_run(run_id).outputs.model_outputs
-    assert len(outputs) == 1 and outputs[0].step == 200
+    assert len(outputs) == 1 and outputs[0].step == 400
     logged = client.get_logged_model(outputs[0].model_id)
     assert logged.source_run_id == run_id and logged.status == LoggedModelStatus.READY
     inputs = {d.dataset.name for d in client.get_run(run_id).inputs.dataset_inputs}
@@ -226,8 +227,12 @@ def test_rl_raises_reward_records_history_and_registers(trained):
     dropped = history.filter(~pl.col("kept"))["pass_rate"]
     assert len(dropped) and ((dropped <= 0.2) | (dropped >= 0.8)).all()
     assert set(history["step"]) == set(range(1, 21))  # the step each group was drawn for, as in `steps`
-    # the held-out evaluation of the RL model is on the report card beside SFT's
-    assert report["eval_rl"]["metrics"]["pass_at_1"] >= report["eval_sft"]["metrics"]["pass_at_1"], report
+    # the held-out evaluation of the RL model is on the report card beside SFT's, and RL loses nothing
+    # beyond noise: within 2 standard errors of SFT's pass@1 (at rl.lr 0.003 it lost 0.06-0.09)
+    sft_eval = report["eval_sft"]
+    tasks = sorted(sft_eval["accuracy"])
+    se = mean_standard_error([sft_eval["accuracy"][t] for t in tasks], [sft_eval["prompts"][t] for t in tasks])
+    assert 0 < se < 0.1 and report["eval_rl"]["metrics"]["pass_at_1"] >= sft_eval["metrics"]["pass_at_1"] - 2 * se
     assert art.manifest["info"]["registered_version"] == "1"
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     assert str(client.get_registered_model("slmflow-rl").latest_versions[0].version) == "1"
@@ -255,7 +260,7 @@ def test_rl_resumes_after_a_kill_exactly_like_a_straight_run(trained, tmp_path):
     root, report = trained
     data, models = Store(root / "data"), Store(root / "models")
     inputs = {"model": models.get("sft", report["sft"]["key"]), "prompts": data.get("prompts", report["prompts"]["key"])}
-    settings = dict(max_steps=4, batch_prompts=4, num_generations=4, max_completion_length=8, filter="mixed", lr=1e-3,
+    settings = dict(max_steps=4, batch_prompts=4, num_generations=4, max_completion_length=12, filter="mixed", lr=1e-3,
                     max_generation_rounds=2, eval_every=2, eval_prompts_per_task=5, checkpoint_every=2, seed=3)
     straight = run_stage(RL, RLConfig(**settings), inputs, Store(tmp_path / "straight")).artifact
     killed = tmp_path / "killed"

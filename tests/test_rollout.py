@@ -107,9 +107,31 @@ def test_overlong_prompts_are_counted_per_task_and_most_stop_the_stage(tok, rows
     lengths = [len(chat.prompt_ids(tok, r["question"])) for r in rows]
     short, long_ = min(lengths), max(lengths)
     assert short < long_  # the fixture's questions differ in length
-    model = GPT(ModelConfig(vocab_size=tok.get_vocab_size(), depth=1, width=32, max_seq_len=long_ + 3))
-    assert count_overlong(model, tok, rows, 3, "eval") == {}
+    budget = max(answer_tokens(tok, r) for r in rows)  # every gold answer fits
+    model = GPT(ModelConfig(vocab_size=tok.get_vocab_size(), depth=1, width=32, max_seq_len=long_ + budget))
+    assert count_overlong(model, tok, rows, budget, "eval") == {}
     over = sum(n == long_ for n in lengths)  # "Calculate 0 - 10." is one digit longer than the rest
-    assert over == 1 and count_overlong(model, tok, rows, 4, "eval") == {f"too_long.{TASK}": 1}
+    assert over == 1 and count_overlong(model, tok, rows, budget + 1, "eval") == {f"too_long.{TASK}": 1}
     with pytest.raises(StageError, match=rf"eval: {len(rows)} of {len(rows)} prompts of task {TASK} plus 100 new"):
         count_overlong(model, tok, rows, 100, "eval")
+
+
+def answer_tokens(tok, row) -> int:
+    return len(chat.encode_plain(tok, chat.completion_text(row["answer"]))) + 1  # with the end token
+
+
+def test_answers_longer_than_the_completion_budget_are_counted_and_most_stop_the_stage(tok, rows):
+    """A gold answer (chat format + end token) longer than max_completion_length can never be completed:
+    counted per task; when most of a task's are, the stage stops naming the setting."""
+    from tasks.core.rollout import count_overlong
+    from tasks.core.stage import StageError
+
+    needed = sorted(answer_tokens(tok, r) for r in rows)
+    model = GPT(ModelConfig(vocab_size=tok.get_vocab_size(), depth=1, width=32, max_seq_len=512))
+    assert count_overlong(model, tok, rows, needed[-1], "rl") == {}
+    cut = sum(n == needed[-1] for n in needed)
+    assert 0 < cut <= len(rows) / 2  # multi-digit answers are the longest, and a minority here
+    assert count_overlong(model, tok, rows, needed[-1] - 1, "rl") == {f"answer_too_long.{TASK}": cut}
+    with pytest.raises(StageError, match=rf"rl: {len(rows)} of {len(rows)} gold answers of task {TASK} need more "
+                                         rf"than {needed[0] - 1} new tokens \(max_completion_length"):
+        count_overlong(model, tok, rows, needed[0] - 1, "rl")

@@ -18,6 +18,7 @@ from prefect import task, unmapped
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run, task_run
 from prefect.states import Completed, Failed
+from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel
 
 from tasks.core.lineage import Tracker, tracking_uri
@@ -61,13 +62,18 @@ def prefect_map(stage_name: str, dask_address: str | None = None) -> Callable[..
     def _map(fn: Callable, items: list, **common) -> list:
         shard_task = task(fn, name=f"{stage_name}-{fn.__name__}", cache_policy=NO_CACHE)
         fixed = {k: unmapped(v) for k, v in common.items()}
-        if dask_address is None:
-            return shard_task.map(items, **fixed).result()
-        from prefect_dask import DaskTaskRunner
-
         first = next(iter(inspect.signature(fn).parameters))  # the mapped argument
-        log.info("%s: %d x %s on Dask %s", stage_name, len(items), fn.__name__, dask_address)
-        with DaskTaskRunner(address=dask_address) as runner:
+        if dask_address is None:
+            # The flow's own thread pool has no bound: it would start every shard at once, each with its
+            # memory and threads. One pool per map, as many threads as cores (a separate pool: a bounded
+            # shared one would deadlock when stage tasks wait on their own shard tasks).
+            runner = ThreadPoolTaskRunner(max_workers=os.cpu_count() or 1)
+        else:
+            from prefect_dask import DaskTaskRunner
+
+            log.info("%s: %d x %s on Dask %s", stage_name, len(items), fn.__name__, dask_address)
+            runner = DaskTaskRunner(address=dask_address)
+        with runner:
             return runner.map(shard_task, {first: items, **fixed}).result()
 
     return _map

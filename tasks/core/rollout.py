@@ -176,20 +176,32 @@ def constant_answer_baseline(prompts, split: str, per_task: int | None) -> dict[
 
 
 def count_overlong(model, tok, rows: Sequence[dict], max_new_tokens: int, stage: str) -> dict[str, int]:
-    """Prompts per task whose prompt + `max_new_tokens` exceed the model's `max_seq_len` (`too_long.<task>`):
-    they are still scored, but their completions run on positions the model never trained on. Each task's
-    count is logged; a task with more than half of its prompts too long stops the stage (its score would
-    mean little)."""
+    """Prompts per task that do not fit, two ways. `too_long.<task>`: prompt + `max_new_tokens` exceed the
+    model's `max_seq_len` (still scored, but on positions the model never trained on).
+    `answer_too_long.<task>`: the gold answer in the chat format, with its end token, is longer than
+    `max_new_tokens`, so no completion can finish correctly (RL masks every cut completion, so such a task
+    trains on nothing). Each task's count is logged; a task with more than half of its prompts not fitting
+    either way stops the stage (its score would mean little)."""
     limit = getattr(getattr(model, "dims", None), "max_seq_len", None)
-    if limit is None:
-        return {}
-    totals, over, longest = Counter(), Counter(), {}
+    totals, over, longest, cut, longest_answer = Counter(), Counter(), {}, Counter(), {}
     for row in rows:
+        task = row["task"]
+        totals[task] += 1
+        answer = len(chat.encode_plain(tok, chat.completion_text(row["answer"]))) + 1
+        if answer > max_new_tokens:
+            cut[task] += 1
+            longest_answer[task] = max(answer, longest_answer.get(task, 0))
         n = len(chat.prompt_ids(tok, row["question"])) + max_new_tokens
-        totals[row["task"]] += 1
-        if n > limit:
-            over[row["task"]] += 1
-            longest[row["task"]] = max(n, longest.get(row["task"], 0))
+        if limit is not None and n > limit:
+            over[task] += 1
+            longest[task] = max(n, longest.get(task, 0))
+    for task in sorted(cut):
+        message = (f"{stage}: {cut[task]:,} of {totals[task]:,} gold answers of task {task} need more than "
+                   f"{max_new_tokens} new tokens (max_completion_length; the longest needs {longest_answer[task]} "
+                   f"with its end token)")
+        if cut[task] > totals[task] / 2:
+            raise StageError(f"{message}: raise max_completion_length")
+        log.warning("%s: those prompts cannot be answered in full", message)
     for task in sorted(over):
         message = (f"{stage}: {over[task]:,} of {totals[task]:,} prompts of task {task} plus {max_new_tokens} new tokens "
                    f"exceed the model's max_seq_len {limit} (the longest needs {longest[task]})")
@@ -197,7 +209,8 @@ def count_overlong(model, tok, rows: Sequence[dict], max_new_tokens: int, stage:
             raise StageError(f"{message}: lower the completion length, shorten the task's prompts, or train a model "
                              f"with a longer max_seq_len")
         log.warning("%s: scored on positions it never trained on", message)
-    return {f"too_long.{task}": over[task] for task in sorted(over)}
+    return ({f"too_long.{task}": over[task] for task in sorted(over)}
+            | {f"answer_too_long.{task}": cut[task] for task in sorted(cut)})
 
 
 def take_per_task(rows: Sequence[dict], cap: int | None) -> list[dict]:
