@@ -553,7 +553,8 @@ def _manifests(data_root: Path) -> dict[str, dict]:
     return {str(p): json.loads(p.read_text()) for p in data_root.glob("*/*/manifest.json")}
 
 
-def run_slmflow(corpus: Path, run_dir: Path, cores: int, workdir: Path, mb: float, verify: bool) -> dict:
+def run_slmflow(corpus: Path, run_dir: Path, cores: int, workdir: Path, mb: float, verify: bool,
+                dask_workers: list[int] | None = None) -> dict:
     data_root = run_dir / "data"
     config = {
         "run": {"data_root": str(data_root), "models_root": str(run_dir / "models"),
@@ -569,6 +570,9 @@ def run_slmflow(corpus: Path, run_dir: Path, cores: int, workdir: Path, mb: floa
     commands = [("ingest", ["--only", "ingest"]), ("dedup", ["--only", "dedup"])]
     if verify:
         commands.append(("dedup_verify", ["--only", "dedup", "--set", "dedup.verify=true"]))
+    for n in dask_workers or []:  # the same dedup on a local Dask cluster of n single-threaded worker processes
+        commands.append((f"dedup_dask_{n}", ["--only", "dedup", "--force", "dedup", "--set", "run.runner=dask",
+                                              "--set", f"run.dask_workers={n}"]))
     commands += [("decontaminate", ["--only", "decontaminate"]), ("quality", ["--only", "quality"])]
     stages, seen = {}, {}
     with prefect_server(workdir / "prefect-home", cores, run_dir / "prefect-server.log") as (url, server_s):
@@ -581,7 +585,7 @@ def run_slmflow(corpus: Path, run_dir: Path, cores: int, workdir: Path, mb: floa
             if res["rc"]:
                 raise RuntimeError(f"slmflow {name} exited {res['rc']}: {tail(run_dir / f'{name}.log')}")
             now = _manifests(data_root)
-            new = {k: v for k, v in now.items() if k not in seen}
+            new = {k: v for k, v in now.items() if seen.get(k) != v}  # a forced rerun rewrites its manifest
             seen = now
             computed = {m["stage"]: m for m in new.values()}
             stage_s = sum(float(m["seconds"]) for m in computed.values())
@@ -608,15 +612,24 @@ def run_slmflow(corpus: Path, run_dir: Path, cores: int, workdir: Path, mb: floa
         "mb_per_s_per_core": round(mb / stage_s / cores, 2),
         "dedup_stage_s": stages["dedup"]["stage_s"],
         "dedup_mb_per_s_per_core": stages["dedup"]["mb_per_s_per_core"],
-        "peak_rss_mb": max(stages[s]["peak_rss_mb"] for s in stages if s != "dedup_verify"),
-        "peak_rss_tree_mb": max(stages[s]["peak_rss_tree_mb"] for s in stages if s != "dedup_verify"),
+        "peak_rss_mb": max(stages[s]["peak_rss_mb"] for s in main + ("decontaminate",)),
+        "peak_rss_tree_mb": max(stages[s]["peak_rss_tree_mb"] for s in main + ("decontaminate",)),
         "prefect_server_start_s": round(server_s, 2),
-        "stages": {k: v for k, v in stages.items() if k != "dedup_verify"},
+        "stages": {k: v for k, v in stages.items() if k != "dedup_verify" and not k.startswith("dedup_dask")},
         "clusters_path": stages["dedup"]["clusters_path"],
         "note": "stage_s and mb_per_s_per_core: ingest + dedup + quality stage seconds; wall_s: the four commands "
                 "(ingest, dedup, decontaminate with prompts, quality), each a separate process (start-up counted "
                 "four times), not counting the shared Prefect server's start",
     }}
+    if dask_workers:
+        dask = {f"workers_{n}": {**{k: stages[f"dedup_dask_{n}"][k] for k in ("stage_s", "wall_s", "peak_rss_tree_mb")},
+                                 "docs_out": stages[f"dedup_dask_{n}"]["metrics"]["docs_out"]}
+                for n in dask_workers}
+        base = dask[f"workers_{dask_workers[0]}"]["stage_s"]
+        for n in dask_workers:
+            dask[f"workers_{n}"]["speedup"] = round(base / dask[f"workers_{n}"]["stage_s"], 2)
+        out["slmflow_dask"] = {**dask, "note": f"the dedup stage alone (--force dedup) with run.runner dask on a local "
+                                               f"cluster; speedup against {dask_workers[0]} worker(s)"}
     if verify:
         v = {k: stages["dedup_verify"][k] for k in ("wall_s", "stage_s", "mb_per_s_per_core", "peak_rss_mb",
                                                     "peak_rss_tree_mb", "metrics", "clusters_path")}
@@ -885,6 +898,8 @@ def main() -> None:
     parser.add_argument("--shard-mb", type=int, default=64, help="MB of text per corpus Parquet shard")
     parser.add_argument("--pool-mb", type=int, default=256, help="MB of unique paragraphs to recombine")
     parser.add_argument("--no-verify", action="store_true", help="skip the slmflow dedup run with verify: true")
+    parser.add_argument("--dask-workers", type=int, nargs="*", default=[],
+                        help="also run slmflow's dedup on a local Dask cluster of each of these worker counts (1 2)")
     parser.add_argument("--datatrove-python", default=os.environ.get("DATATROVE_PYTHON", "/tmp/dtvenv/bin/python"),
                         help="an interpreter with datatrove and spacy (python3 -m venv /tmp/dtvenv && "
                              "/tmp/dtvenv/bin/pip install 'datatrove[processing]' spacy)")
@@ -917,7 +932,7 @@ def main() -> None:
             log(f"{size_text}: {system} on {cores} core(s)")
             try:
                 if system == "slmflow":
-                    got = run_slmflow(corpus, run_dir, cores, args.workdir, mb, not args.no_verify)
+                    got = run_slmflow(corpus, run_dir, cores, args.workdir, mb, not args.no_verify, args.dask_workers)
                 elif system.startswith("datatrove"):
                     if not dt_python:
                         entry[system] = {"skipped": f"datatrove not available: {dt_why} (--datatrove-python)"}
@@ -927,6 +942,10 @@ def main() -> None:
                 else:
                     got = {system: run_arm(system, sys.executable, corpus, run_dir, cores, mb)}
                 for name, res in got.items():
+                    if "clusters_path" not in res:  # slmflow_dask: timings only
+                        entry[name] = res
+                        log(f"{size_text}: {name}: {res}")
+                        continue
                     res.update(evaluate(res.pop("clusters_path"), corpus, args.seed))
                     entry[name] = res
                     log(f"{size_text}: {name}: stage {res['stage_s']:.1f} s, wall {res['wall_s']:.1f} s, "

@@ -36,10 +36,10 @@ from typing import Any, Iterator
 import pyarrow as pa
 from pydantic import Field
 
-from tasks.core.chat import jsonable
+from tasks.core.chat import completion_text, jsonable, score
 from tasks.core.orchestration import stage_task
 from tasks.core.outputs import PROMPT_SPLITS as SPLITS
-from tasks.core.stage import Stage, StageConfig, StageContext, StageError
+from tasks.core.stage import Stage, StageConfig, StageContext, StageError, log
 from tasks.core.store import canonical_json, write_parquet
 from tasks.core.tokens import normalize
 
@@ -143,6 +143,28 @@ def generate(task: str, kwargs: dict, split: str, seed: int, size: int, ctx: Sta
     return rows
 
 
+def verified(rows: list[dict], counts: Counter, split: str) -> list[dict]:
+    """The rows whose gold answer, written in the chat format (what SFT teaches and RL rewards), passes
+    the task's own verifier; the rest are counted (`gold_rejected.<task>`) and logged. A task whose
+    verifier rejects most of its gold answers (no gold answer, as propositional_logic, or one the answer
+    extraction changes) stops the stage: nothing could be learned from it."""
+    if not rows:
+        return rows
+    task = rows[0]["task"]
+    passes = [r["answer"] is not None and score(r, completion_text(r["answer"])) == 1.0 for r in rows]
+    ok = [r for r, good in zip(rows, passes) if good]
+    rejected = len(rows) - len(ok)
+    counts[f"gold_rejected.{task}"] += rejected
+    if rejected:
+        bad = rows[passes.index(False)]
+        message = (f"prompts.tasks.{task}: its verifier rejects {rejected:,} of {len(rows):,} {split} gold answers "
+                   f"given as 'Answer: <gold>' (e.g. answer {bad['answer']!r})")
+        if rejected > len(rows) / 2:
+            raise StageError(f"{message}: slmflow trains on gold answers; choose a task that has them")
+        log.warning("%s: those rows are dropped", message)
+    return ok
+
+
 def distinct(rows: list[dict], seen: set[str], counts: Counter, split: str) -> Iterator[tuple[dict, str]]:
     """(row, normalized question) of the rows whose question `seen` lacks (it is added); counts the rest
     as `duplicates_dropped.<split>`."""
@@ -169,7 +191,7 @@ def make_prompts(cfg: PromptsConfig, inputs: dict, ctx: StageContext) -> dict:
 
     eval_rows, eval_keys = [], set()
     for task in tasks:
-        rows = generate(task, cfg.tasks[task], "eval", cfg.eval_seed, cfg.eval_size, ctx)
+        rows = verified(generate(task, cfg.tasks[task], "eval", cfg.eval_seed, cfg.eval_size, ctx), counts, "eval")
         for row, _ in distinct(rows, eval_keys, counts, "eval"):
             eval_rows.append(row)
             counts[f"eval.{task}"] += 1
@@ -177,7 +199,8 @@ def make_prompts(cfg: PromptsConfig, inputs: dict, ctx: StageContext) -> dict:
     train_rows, train_keys = [], set()
     for task in tasks:
         counts[f"decontaminated.{task}"] += 0
-        rows = generate(task, cfg.tasks[task], "train", cfg.train_seed, cfg.train_size, ctx)
+        counts[f"gold_rejected.{task}"] += 0
+        rows = verified(generate(task, cfg.tasks[task], "train", cfg.train_seed, cfg.train_size, ctx), counts, "train")
         for row, key in distinct(rows, train_keys, counts, "train"):
             if key in eval_keys:
                 counts[f"decontaminated.{task}"] += 1

@@ -46,6 +46,19 @@ def test_tables(small):
     assert row["difficulty"] == canonical_json(DEFAULT_TASKS[row["task"]])
     assert isinstance(json.loads(row["metadata"]), dict) and row["solution"] is None
     assert score(row, completion_text(row["answer"])) == 1.0
+    assert all(small.manifest["metrics"][f"gold_rejected.{t}"] == 0 for t in DEFAULT_TASKS)
+
+
+def test_rows_whose_gold_answer_fails_the_verifier_are_dropped_and_counted(monkeypatch, tmp_path):
+    """A minority of rejected gold answers: dropped from the split, counted per task, the stage goes on."""
+    real = prompts.score
+    monkeypatch.setattr(prompts, "score", lambda row, text: 0.0 if row["answer"] == "1" else real(row, text))
+    cfg = PromptsConfig(tasks={"gcd": DEFAULT_TASKS["gcd"]}, train_size=60, eval_size=20)
+    art = run_stage(STAGE, cfg, {}, Store(tmp_path)).artifact
+    rows = load_prompts(art, "train") + load_prompts(art, "eval")
+    ones = sum(r["answer"] == "1" for r in generate("gcd", cfg.tasks["gcd"], "train", 0, 60))
+    assert rows and "1" not in {r["answer"] for r in rows} and 0 < ones < 30
+    assert art.manifest["metrics"]["gold_rejected.gcd"] >= ones
 
 
 def test_same_config_same_bytes(small, tmp_path):
@@ -119,6 +132,10 @@ def test_worked_solution():
     ({"tasks": {"gcd": {"min_value": 1, "max_value": 100, "seed": 3}}}, "prompts.tasks.gcd: may not set"),
     ({"tasks": {"basic_arithmetic": {"min_terms": 0}}}, "prompts.tasks.basic_arithmetic: bad generator settings"),
     ({"tasks": {"gcd": {"no_such_kwarg": 1}}}, "prompts.tasks.gcd: bad generator settings"),
+    # no gold answers (its verifier checks the logic itself): nothing to teach or reward
+    ({"tasks": {"propositional_logic": {}}, "train_size": 20, "eval_size": 10},
+     "prompts.tasks.propositional_logic: its verifier rejects 10 of 10 eval gold answers given as 'Answer: <gold>' "
+     r"\(e.g. answer None\): slmflow trains on gold answers"),
 ])
 def test_bad_settings(tmp_path, update, setting):
     cfg = PromptsConfig(**{**SMALL.model_dump(), **update})
