@@ -34,6 +34,7 @@ import time
 from typing import Iterator
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -148,9 +149,6 @@ def train_tokenizer(cfg: TokenizerConfig, inputs: dict, ctx: StageContext) -> di
     cut = int(cfg.max_train_chars - before[len(taken) - 1])
     if cut < chars[last]:
         budget[ids[last]] = cut
-    heldout_ids = {ids[i] for i in np.flatnonzero(heldout)}
-
-    heldout_texts: list[str] = []
     train_chars = train_bytes = 0
 
     def train_texts() -> Iterator[str]:
@@ -158,9 +156,7 @@ def train_tokenizer(cfg: TokenizerConfig, inputs: dict, ctx: StageContext) -> di
         for path in ctx.progress(files, len(files), "shards read for training"):
             table = read_table(path, columns=["id", "text"])
             for doc, text in zip(table["id"].to_pylist(), table["text"].to_pylist()):
-                if doc in heldout_ids:
-                    heldout_texts.append(text)
-                elif doc in budget:
+                if doc in budget:
                     if budget[doc] is not None:
                         text = text[: budget[doc]]
                     train_chars += len(text)
@@ -186,7 +182,13 @@ def train_tokenizer(cfg: TokenizerConfig, inputs: dict, ctx: StageContext) -> di
 
     # Compression on the held-out documents, encoded as plain text (specials not matched).
     tok.encode_special_tokens = True
-    heldout_tokens = sum(len(e.ids) for b in _batches(iter(heldout_texts)) for e in tok.encode_batch_fast(b))
+    heldout_tokens = 0
+    starts = np.cumsum([0] + [len(p["id"]) for p in parts])
+    for path, start, stop in zip(files, starts[:-1], starts[1:]):  # shard by shard: memory is one shard
+        rows = np.flatnonzero(heldout[start:stop])
+        if len(rows):
+            texts = read_table(path, columns=["text"])["text"].take(pa.array(rows, pa.int64())).to_pylist()
+            heldout_tokens += sum(len(e.ids) for b in _batches(iter(texts)) for e in tok.encode_batch_fast(b))
     held = np.flatnonzero(heldout)
     held_chars, held_bytes = int(chars[held].sum()), int(nbytes[held].sum())
     metrics = {

@@ -320,3 +320,15 @@ def test_store_roots_from_environment_and_shared_spelling(tmp_path, monkeypatch)
     assert RunSettings(data_root="s3://bucket/slm").shared().data_root == "s3://bucket/slm"
     cfg = load_config(ROOT / "configs" / "tiny.yaml", ["run.schedule=*/30 * * * *"])  # not YAML: kept as the string it is
     assert cfg.run.schedule == "*/30 * * * *"
+
+
+def test_a_stage_map_on_dask_is_as_wide_as_the_cluster():
+    """map_bounded's window on Dask is the cluster's thread count (a machine's CPU count would leave a
+    big cluster idle)."""
+    from distributed import LocalCluster
+
+    from tasks.core.orchestration import ShardMap
+
+    with LocalCluster(n_workers=3, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        assert ShardMap("demo", cluster.scheduler_address).width == 3
+    assert ShardMap("demo").width == os.cpu_count()

@@ -114,7 +114,7 @@ def test_a_stage_map_runs_as_many_shards_at_once_as_there_are_cores(monkeypatch)
 
     from prefect import flow
 
-    from tasks.core.orchestration import prefect_map
+    from tasks.core.orchestration import ShardMap
 
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     lock, running, peak = threading.Lock(), [0], [0]
@@ -130,7 +130,7 @@ def test_a_stage_map_runs_as_many_shards_at_once_as_there_are_cores(monkeypatch)
 
     @flow
     def mapped() -> list[int]:
-        return prefect_map("demo")(shard, list(range(12)), scale=3)
+        return ShardMap("demo")(shard, list(range(12)), scale=3)
 
     assert mapped() == [3 * i for i in range(12)]
     assert peak[0] == 2

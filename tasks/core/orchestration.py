@@ -55,28 +55,39 @@ class RunContext(BaseModel):
         return Tracker.shared(tracking_uri(self.mlflow_uri), self.experiment)
 
 
-def prefect_map(stage_name: str, dask_address: str | None = None) -> Callable[..., list]:
-    """Map a function over shards as Prefect tasks (visible per shard in the UI): on the flow's
-    task runner, or on a Dask cluster through prefect-dask. Results come back in item order."""
+class ShardMap:
+    """Map a function over shards as Prefect tasks (visible per shard in the UI): on a thread pool as
+    wide as this machine's cores, or on a Dask cluster through prefect-dask. Results come back in item
+    order. `width`: how many items run at once (what `StageContext.map_bounded` puts in a window)."""
 
-    def _map(fn: Callable, items: list, **common) -> list:
-        shard_task = task(fn, name=f"{stage_name}-{fn.__name__}", cache_policy=NO_CACHE)
+    def __init__(self, stage_name: str, dask_address: str | None = None):
+        self.stage_name, self.dask_address = stage_name, dask_address
+
+    @functools.cached_property
+    def width(self) -> int:
+        if self.dask_address is None:
+            return os.cpu_count() or 1
+        from distributed import Client
+
+        with Client(self.dask_address, timeout=30) as client:  # the cluster's threads, all workers
+            return max(1, sum(client.nthreads().values()))
+
+    def __call__(self, fn: Callable, items: list, **common) -> list:
+        shard_task = task(fn, name=f"{self.stage_name}-{fn.__name__}", cache_policy=NO_CACHE)
         fixed = {k: unmapped(v) for k, v in common.items()}
         first = next(iter(inspect.signature(fn).parameters))  # the mapped argument
-        if dask_address is None:
+        if self.dask_address is None:
             # The flow's own thread pool has no bound: it would start every shard at once, each with its
             # memory and threads. One pool per map, as many threads as cores (a separate pool: a bounded
             # shared one would deadlock when stage tasks wait on their own shard tasks).
-            runner = ThreadPoolTaskRunner(max_workers=os.cpu_count() or 1)
+            runner = ThreadPoolTaskRunner(max_workers=self.width)
         else:
             from prefect_dask import DaskTaskRunner
 
-            log.info("%s: %d x %s on Dask %s", stage_name, len(items), fn.__name__, dask_address)
-            runner = DaskTaskRunner(address=dask_address)
+            log.info("%s: %d x %s on Dask %s", self.stage_name, len(items), fn.__name__, self.dask_address)
+            runner = DaskTaskRunner(address=self.dask_address)
         with runner:
             return runner.map(shard_task, {first: items, **fixed}).result()
-
-    return _map
 
 
 @contextlib.contextmanager
@@ -156,7 +167,7 @@ def stage_task(stage: Stage):
             tracker = run.tracker()
             outcome = run_stage(
                 stage, cfg, inputs, run.store(stage), tracker=tracker, parent_run_id=run.parent_run_id,
-                force=force, map_fn=prefect_map(stage.name, run.dask_address), tags=tags, label=label, key=key,
+                force=force, map_fn=ShardMap(stage.name, run.dask_address), tags=tags, label=label, key=key,
                 config_file=run.config_file,
             )
         except StageError as e:  # bad input or settings: a one-line Failed state, not a traceback

@@ -95,7 +95,7 @@ class StageContext:
     map: Callable[..., list] = _map_threads  # map(fn, items, **common); Prefect swaps in task.map
     work: Path | None = None  # survives a crash of this stage key (checkpoints); see Store.work_dir
     instance: str = ""  # the name in the DAG (`ref_0` for a pretrain stage); logged models are named by it
-    window: int | None = None  # most items `map_bounded` has in flight at once; None: the CPU count
+    window: int | None = None  # most items `map_bounded` has in flight at once; None: the map's width
 
     def __post_init__(self) -> None:
         self.instance = self.instance or self.stage
@@ -104,7 +104,7 @@ class StageContext:
         """`map` over `window` items at a time, yielding results in item order as each window ends.
         Prefect's thread pool starts every mapped item at once, so a plain `map` over shards peaks at
         the whole corpus in memory; with a window the peak is `window` shards, whatever the corpus."""
-        window = self.window or os.cpu_count() or 1
+        window = self.window or getattr(self.map, "width", None) or os.cpu_count() or 1  # a Dask cluster: its threads
         for start in range(0, len(items), window):
             yield from self.map(fn, items[start:start + window], **common)
 
