@@ -30,6 +30,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Annotated, Literal
@@ -82,7 +83,7 @@ class DedupConfig(StageConfig):
         "(exact dedup only), or the true shingle Jaccard its near-dup pairs must reach")
     audit_pairs: int = Field(100, ge=0, description="removed near-duplicates whose true Jaccard to their cluster's "
                              "kept document is measured (seeded sample)")
-    partitions: int = runtime(0, "band-key partitions (each one task); 0: about 4M band rows each", ge=0)
+    partitions: int = runtime(0, "band-key partitions (each one task); 0: at most 1M band rows each, and one per worker at least", ge=0)
     memory_limit: str = runtime("1GB", "duckdb's memory for the exact step and cluster assignment; it spills past it")
 
     def policy(self, source: str):
@@ -138,8 +139,10 @@ def shard_shingles(item: tuple[str, int], cfg: DedupConfig, work: str) -> int:
     wanted = np.load(Path(work) / "candidates.npy", mmap_mode="r")
     table = read_table(path, columns=["text"])
     rows = np.flatnonzero(wanted[base:base + len(table)])
-    hashes, offsets = word_shingle_hashes(table["text"].take(pa.array(rows, pa.int64())), cfg.ngram, cfg.lowercase)
-    write_shingle_sets(Path(work), f"shard-{base:012d}", rows + base, hashes, offsets)
+    texts = table["text"].take(pa.array(rows, pa.int64())).combine_chunks()
+    for k, (start, stop) in enumerate(text_batches(texts)):  # a file per 8 MB of text, in idx order
+        hashes, offsets = word_shingle_hashes(texts.slice(start, stop - start), cfg.ngram, cfg.lowercase)
+        write_shingle_sets(Path(work), f"shard-{base:012d}-{k:05d}", rows[start:stop] + base, hashes, offsets)
     return len(rows)
 
 
@@ -193,7 +196,7 @@ def find_clusters(items: list[tuple[str, int]], n: int, cfg: DedupConfig, ctx: S
     work = ctx.work_dir() / "dedup"
     shutil.rmtree(work, ignore_errors=True)  # intermediate files of a killed run: recomputed
     work.mkdir(parents=True)
-    partitions = partition_count(n, cfg.bands, cfg.partitions)
+    partitions = partition_count(n, cfg.bands, cfg.partitions, getattr(ctx.map, "width", None) or os.cpu_count() or 1)
     ctx.map(shard_signatures, items, cfg=cfg, work=str(work), partitions=partitions)
     con = connect(work, cfg.memory_limit)
     exact = exact_step(con, cfg)

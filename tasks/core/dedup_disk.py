@@ -7,7 +7,7 @@ million documents). The layout under the stage's work directory, step by step:
     docs/shard-S.parquet          per shard: idx (global row number), id, source, digest, has_shingles
     bands/p-P/shard-S.parquet     per shard and key partition: band, key, idx  (key % partitions = P)
     edges/q-Q/from-P.parquet      candidate pairs (i < j) of partition P whose i % edge_parts = Q
-    shingles/shard-S.parquet      with verification: unique shingle hashes of candidate documents
+    shingles/shard-S-B.parquet    with verification: unique shingle hashes of candidate documents (8 MB text batches)
     verified/q-Q.parquet          the distinct (and verified) pairs of edge partition Q
     final.parquet                 per document: cluster id and size, kind, kept (sorted by idx)
 
@@ -30,12 +30,14 @@ import pyarrow.parquet as pq
 from tasks.core.minhash import Components, bucket_pairs, shingle_jaccard, unique_pairs
 from tasks.core.store import write_parquet
 
-BAND_ROWS_PER_PARTITION = 4_000_000  # ~70 MB of (band, key, idx) plus the sort's temporaries
+BAND_ROWS_PER_PARTITION = 1_000_000  # 17 MB of (band, key, idx) plus the sort's temporaries
 
 
-def partition_count(rows: int, bands: int, partitions: int) -> int:
-    """The configured number of key partitions, or enough that each holds ~BAND_ROWS_PER_PARTITION."""
-    return partitions or max(1, -(-rows * bands // BAND_ROWS_PER_PARTITION))
+def partition_count(rows: int, bands: int, partitions: int, width: int = 1) -> int:
+    """The configured number of key partitions, or enough that each holds at most
+    BAND_ROWS_PER_PARTITION and there is one per worker (`width`): then as many partitions are in
+    memory at once on a small corpus as on a big one, and memory does not grow with the corpus."""
+    return partitions or max(width, -(-rows * bands // BAND_ROWS_PER_PARTITION))
 
 
 def write_band_keys(work: Path, shard: str, keys: np.ndarray, idx: np.ndarray, partitions: int) -> None:
@@ -101,8 +103,9 @@ def _shingles_of(work: Path, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     files = sorted(glob.glob(str(work / "shingles" / "*.parquet")))
     table = pads.dataset(files).to_table(filter=pads.field("idx").isin(pa.array(docs)))
     idx, h = table["idx"].to_numpy(), table["h"].to_numpy()
-    order = np.argsort(idx, kind="stable")
-    idx, h = idx[order], h[order]
+    if len(idx) and (np.diff(idx) < 0).any():  # files are written in idx order and usually read so: no copies
+        order = np.argsort(idx, kind="stable")
+        idx, h = idx[order], h[order]
     return h, np.searchsorted(idx, np.r_[docs, np.iinfo(np.int64).max])
 
 
@@ -123,7 +126,8 @@ def reduce_edges(edge_dir: str, work: str, n: int, chunk_pairs: int = 10_000) ->
         for part in np.array_split(check, -(-len(check) // chunk_pairs)) if len(check) else []:
             docs = np.unique(pairs[part])
             hashes, offsets = _shingles_of(work_dir, docs)
-            ok[part] = shingle_jaccard(hashes, offsets, np.searchsorted(docs, pairs[part])) >= need[part]
+            jaccard = shingle_jaccard(hashes, offsets, np.searchsorted(docs, pairs[part]), already_sets=True)
+            ok[part] = jaccard >= need[part]
         pairs = pairs[ok]
         stats["checked"] = len(check)
     stats["pairs"] = len(pairs)

@@ -301,11 +301,14 @@ def connected_components(n: int, pairs: np.ndarray) -> np.ndarray:
     return components.labels()
 
 
-def shingle_jaccard(hashes: np.ndarray, offsets: np.ndarray, pairs: np.ndarray) -> np.ndarray:
-    """Exact Jaccard of the shingle SETS of each pair (float64; two empty sets give 1.0)."""
+def shingle_jaccard(hashes: np.ndarray, offsets: np.ndarray, pairs: np.ndarray,
+                    already_sets: bool = False) -> np.ndarray:
+    """Exact Jaccard of the shingle SETS of each pair (float64; two empty sets give 1.0).
+    already_sets: each document's hashes are unique already (used as they are, no copies)."""
     pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
     docs = np.unique(pairs)
-    sets = {d: np.unique(hashes[offsets[d]:offsets[d + 1]]) for d in docs.tolist()}
+    unique = (lambda a: a) if already_sets else np.unique
+    sets = {d: unique(hashes[offsets[d]:offsets[d + 1]]) for d in docs.tolist()}
     out = np.empty(len(pairs), np.float64)
     for k, (i, j) in enumerate(pairs.tolist()):
         inter = len(np.intersect1d(sets[i], sets[j], assume_unique=True))
