@@ -30,7 +30,6 @@ from __future__ import annotations
 import glob
 import hashlib
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Annotated, Literal
@@ -83,7 +82,8 @@ class DedupConfig(StageConfig):
         "(exact dedup only), or the true shingle Jaccard its near-dup pairs must reach")
     audit_pairs: int = Field(100, ge=0, description="removed near-duplicates whose true Jaccard to their cluster's "
                              "kept document is measured (seeded sample)")
-    partitions: int = runtime(0, "band-key partitions (each one task); 0: at most 1M band rows each, and one per worker at least", ge=0)
+    partitions: int = runtime(0, "band-key partitions (each one task); 0: at most 1M band rows each, "
+                                  "and one per worker at least", ge=0)
     memory_limit: str = runtime("1GB", "duckdb's memory for the exact step and cluster assignment; it spills past it")
 
     def policy(self, source: str):
@@ -196,7 +196,7 @@ def find_clusters(items: list[tuple[str, int]], n: int, cfg: DedupConfig, ctx: S
     work = ctx.work_dir() / "dedup"
     shutil.rmtree(work, ignore_errors=True)  # intermediate files of a killed run: recomputed
     work.mkdir(parents=True)
-    partitions = partition_count(n, cfg.bands, cfg.partitions, getattr(ctx.map, "width", None) or os.cpu_count() or 1)
+    partitions = partition_count(n, cfg.bands, cfg.partitions, ctx.workers)
     ctx.map(shard_signatures, items, cfg=cfg, work=str(work), partitions=partitions)
     con = connect(work, cfg.memory_limit)
     exact = exact_step(con, cfg)

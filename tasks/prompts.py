@@ -199,7 +199,6 @@ def make_prompts(cfg: PromptsConfig, inputs: dict, ctx: StageContext) -> dict:
     train_rows, train_keys = [], set()
     for task in tasks:
         counts[f"decontaminated.{task}"] += 0
-        counts[f"gold_rejected.{task}"] += 0
         rows = verified(generate(task, cfg.tasks[task], "train", cfg.train_seed, cfg.train_size, ctx), counts, "train")
         for row, key in distinct(rows, train_keys, counts, "train"):
             if key in eval_keys:

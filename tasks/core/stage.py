@@ -92,7 +92,7 @@ class StageContext:
     out: Path
     tracker: Tracker | None = None
     run_id: str | None = None
-    map: Callable[..., list] = _map_threads  # map(fn, items, **common); Prefect swaps in task.map
+    map: Callable[..., list] = _map_threads  # map(fn, items, **common); under Prefect an orchestration.ShardMap
     work: Path | None = None  # survives a crash of this stage key (checkpoints); see Store.work_dir
     instance: str = ""  # the name in the DAG (`ref_0` for a pretrain stage); logged models are named by it
     window: int | None = None  # most items `map_bounded` has in flight at once; None: the map's width
@@ -100,11 +100,16 @@ class StageContext:
     def __post_init__(self) -> None:
         self.instance = self.instance or self.stage
 
+    @property
+    def workers(self) -> int:
+        """How many items `map` runs at once: the map's `width` (a Dask cluster's threads), else the CPUs."""
+        return getattr(self.map, "width", None) or os.cpu_count() or 1
+
     def map_bounded(self, fn: Callable[..., R], items: list[T], **common: Any) -> Iterator[R]:
-        """`map` over `window` items at a time, yielding results in item order as each window ends.
-        Prefect's thread pool starts every mapped item at once, so a plain `map` over shards peaks at
-        the whole corpus in memory; with a window the peak is `window` shards, whatever the corpus."""
-        window = self.window or getattr(self.map, "width", None) or os.cpu_count() or 1  # a Dask cluster: its threads
+        """`map` over `window` items at a time, yielding results in item order as each window ends, so
+        the stage sees (and reports progress on) one window of shards' results at a time, whatever the
+        corpus."""
+        window = self.window or self.workers
         for start in range(0, len(items), window):
             yield from self.map(fn, items[start:start + window], **common)
 
