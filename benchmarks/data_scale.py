@@ -32,6 +32,9 @@ OMP/MKL/OpenBLAS/POLARS/RAYON thread counts set to --cores:
               no server is in a command's time or RSS; its start-up is reported
               (prefect_server_start_s).
   slmflow_verify  dedup again with `verify: true` (true-Jaccard check of candidate pairs, 0.7).
+  slmflow_simplify, slmflow_simplify_verify  dedup again with `simplify: true` (shingles of
+              datatrove's simplified text, as datatrove's: numbers folded to 0, diacritics stripped),
+              verify off and on.
   datatrove   MinhashDedupSignature -> Buckets -> Cluster -> Filter, MinhashConfig(n_grams=5,
               num_buckets=14, hashes_per_bucket=8), LocalPipelineExecutor with tasks = shards (14 for
               buckets, 1 for clustering) and workers = --cores, Parquet in and out; its default English
@@ -95,6 +98,10 @@ THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NU
                "POLARS_MAX_THREADS", "RAYON_NUM_THREADS", "ARROW_NUM_THREADS", "TOKENIZERS_PARALLELISM")
 SYSTEMS = ("slmflow", "datatrove", "datasketch", "datatrove_regex")  # the last: only when asked for
 MAX_CHECKED_PAIRS = 20_000
+# slmflow's dedup again with other settings: verify (true Jaccard >= 0.7 of candidate pairs) and simplify
+# (datatrove's simplified text under the shingles: numbers folded to 0, diacritics stripped)
+DEDUP_VARIANTS = {"verify": ["dedup.verify=true"], "simplify": ["dedup.simplify=true"],
+                  "simplify_verify": ["dedup.simplify=true", "dedup.verify=true"]}
 
 
 def log(msg: str) -> None:
@@ -568,8 +575,9 @@ def run_slmflow(corpus: Path, run_dir: Path, cores: int, workdir: Path, mb: floa
     cfg_path.write_text(json.dumps(config, indent=1))  # JSON is YAML
     slmflow = str(Path(sys.executable).parent / "slmflow")
     commands = [("ingest", ["--only", "ingest"]), ("dedup", ["--only", "dedup"])]
-    if verify:
-        commands.append(("dedup_verify", ["--only", "dedup", "--set", "dedup.verify=true"]))
+    for variant, settings in DEDUP_VARIANTS.items():  # the dedup stage alone again, ingest reused
+        if verify or "dedup.verify=true" not in settings:
+            commands.append((f"dedup_{variant}", ["--only", "dedup", *(a for x in settings for a in ("--set", x))]))
     for n in dask_workers or []:  # the same dedup on a local Dask cluster of n single-threaded worker processes
         commands.append((f"dedup_dask_{n}", ["--only", "dedup", "--force", "dedup", "--set", "run.runner=dask",
                                               "--set", f"run.dask_workers={n}"]))
@@ -615,7 +623,7 @@ def run_slmflow(corpus: Path, run_dir: Path, cores: int, workdir: Path, mb: floa
         "peak_rss_mb": max(stages[s]["peak_rss_mb"] for s in main + ("decontaminate",)),
         "peak_rss_tree_mb": max(stages[s]["peak_rss_tree_mb"] for s in main + ("decontaminate",)),
         "prefect_server_start_s": round(server_s, 2),
-        "stages": {k: v for k, v in stages.items() if k != "dedup_verify" and not k.startswith("dedup_dask")},
+        "stages": {k: v for k, v in stages.items() if k in main + ("decontaminate",)},
         "clusters_path": stages["dedup"]["clusters_path"],
         "note": "stage_s and mb_per_s_per_core: ingest + dedup + quality stage seconds; wall_s: the four commands "
                 "(ingest, dedup, decontaminate with prompts, quality), each a separate process (start-up counted "
@@ -630,11 +638,13 @@ def run_slmflow(corpus: Path, run_dir: Path, cores: int, workdir: Path, mb: floa
             dask[f"workers_{n}"]["speedup"] = round(base / dask[f"workers_{n}"]["stage_s"], 2)
         out["slmflow_dask"] = {**dask, "note": f"the dedup stage alone (--force dedup) with run.runner dask on a local "
                                                f"cluster; speedup against {dask_workers[0]} worker(s)"}
-    if verify:
-        v = {k: stages["dedup_verify"][k] for k in ("wall_s", "stage_s", "mb_per_s_per_core", "peak_rss_mb",
-                                                    "peak_rss_tree_mb", "metrics", "clusters_path")}
-        out["slmflow_verify"] = {**v, "cores_used": cores, "dedup_mb_per_s_per_core": v["mb_per_s_per_core"],
-                                 "note": "the dedup stage alone, verify: true (ingest reused)"}
+    for variant, settings in DEDUP_VARIANTS.items():
+        if f"dedup_{variant}" not in stages:
+            continue
+        v = {k: stages[f"dedup_{variant}"][k] for k in ("wall_s", "stage_s", "mb_per_s_per_core", "peak_rss_mb",
+                                                       "peak_rss_tree_mb", "metrics", "clusters_path")}
+        out[f"slmflow_{variant}"] = {**v, "cores_used": cores, "dedup_mb_per_s_per_core": v["mb_per_s_per_core"],
+                                     "note": f"the dedup stage alone, {', '.join(settings)} (ingest reused)"}
     return out
 
 
@@ -897,7 +907,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shard-mb", type=int, default=64, help="MB of text per corpus Parquet shard")
     parser.add_argument("--pool-mb", type=int, default=256, help="MB of unique paragraphs to recombine")
-    parser.add_argument("--no-verify", action="store_true", help="skip the slmflow dedup run with verify: true")
+    parser.add_argument("--no-verify", action="store_true", help="skip slmflow's dedup runs with verify: true")
     parser.add_argument("--dask-workers", type=int, nargs="*", default=[],
                         help="also run slmflow's dedup on a local Dask cluster of each of these worker counts (1 2)")
     parser.add_argument("--datatrove-python", default=os.environ.get("DATATROVE_PYTHON", "/tmp/dtvenv/bin/python"),

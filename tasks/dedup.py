@@ -3,7 +3,8 @@ as datatrove and text-dedup run it).
 
 Out of core, in steps that each hold one shard or one partition (tasks.core.dedup_disk has the
 layout): per shard, a digest of each document's normalized text and the LSH band keys of its MinHash
-signature of word n-gram shingles, written to disk by key partition; exact groups (a duckdb query
+signature of word n-gram shingles (of datatrove's simplified text with `simplify`), written to disk
+by key partition; exact groups (a duckdb query
 over the digests); per key partition, the candidate pairs of the exact-group representatives that
 share a bucket (`bands` x `rows`); per edge partition, distinct pairs and optional true-Jaccard
 verification; union-find over the edge files (one integer per document); clusters assigned by a
@@ -69,6 +70,9 @@ class DedupConfig(StageConfig):
     near: bool = Field(True, description="MinHash-LSH near-duplicate removal")
     lowercase: bool = Field(True, description="lowercase when normalizing and shingling")
     ngram: int = Field(5, ge=1, description="word n-gram shingle length")
+    simplify: bool = Field(False, description="near-dup shingles of datatrove's simplified text (every number "
+                           "0, diacritics stripped): more recall on copies edited in numbers or accents, but "
+                           "templated problems that differ only in their numbers become duplicates")
     bands: int = Field(14, ge=1, description="LSH bands (b)")
     rows: int = Field(8, ge=1, description="rows per band (r); num_perm = bands * rows")
     seed: int = Field(1, description="seed of the MinHash permutations")
@@ -116,7 +120,7 @@ def shard_signatures(item: tuple[str, int], cfg: DedupConfig, work: str, partiti
         digests += [hashlib.blake2b(normalize(t, cfg.lowercase).encode(), digest_size=16).hexdigest()
                     for t in batch.to_pylist()]
         if cfg.near:
-            hashes, offsets = word_shingle_hashes(batch, cfg.ngram, cfg.lowercase)
+            hashes, offsets = word_shingle_hashes(batch, cfg.ngram, cfg.lowercase, cfg.simplify)
             has = np.diff(offsets) > 0
             has_shingles[start:stop] = has
             signatures = minhash_signatures(hashes, offsets, cfg.bands * cfg.rows, cfg.seed)[has]
@@ -141,7 +145,8 @@ def shard_shingles(item: tuple[str, int], cfg: DedupConfig, work: str) -> int:
     rows = np.flatnonzero(wanted[base:base + len(table)])
     texts = table["text"].take(pa.array(rows, pa.int64())).combine_chunks()
     for k, (start, stop) in enumerate(text_batches(texts)):  # a file per 8 MB of text, in idx order
-        hashes, offsets = word_shingle_hashes(texts.slice(start, stop - start), cfg.ngram, cfg.lowercase)
+        hashes, offsets = word_shingle_hashes(texts.slice(start, stop - start), cfg.ngram, cfg.lowercase,
+                                              cfg.simplify)
         write_shingle_sets(Path(work), f"shard-{base:012d}-{k:05d}", rows[start:stop] + base, hashes, offsets)
     return len(rows)
 
@@ -269,7 +274,8 @@ def audit(files: list[str], docs: pl.LazyFrame, cfg: DedupConfig) -> dict[str, f
         texts.update((i, t) for i, t in zip(table["id"].to_pylist(), table["text"].to_pylist()) if i in wanted)
     ids = sorted(wanted)
     index = {i: k for k, i in enumerate(ids)}
-    hashes, offsets = word_shingle_hashes(pa.array([texts[i] for i in ids], pa.large_string()), cfg.ngram, cfg.lowercase)
+    hashes, offsets = word_shingle_hashes(pa.array([texts[i] for i in ids], pa.large_string()), cfg.ngram,
+                                          cfg.lowercase, cfg.simplify)
     pairs = np.array([[index[a], index[b]] for a, b in zip(sample["id"], sample["cluster_id"])], np.int64)
     jaccard = shingle_jaccard(hashes, offsets, pairs)
     return {"audit_pairs": len(pairs), "audit_jaccard_mean": float(jaccard.mean()),

@@ -114,6 +114,23 @@ def test_verification_drops_false_candidates(tmp_path):
     assert verified.manifest["metrics"]["verified_pairs"] == 0
 
 
+def test_simplify_matches_copies_that_differ_in_numbers(tmp_path):
+    rng = np.random.default_rng(5)
+    letters = str.maketrans("0123456789", "abcdefghij")  # RNG_WORDS hold digits, which simplify folds
+    texts = []
+    for _ in range(10):  # a document whose every fifth word is a number, and a copy with other numbers
+        words = [w.translate(letters) for w in random_doc(rng, 100)]
+        texts += [" ".join(w if i % 5 else str(rng.integers(1000)) for i, w in enumerate(words)) for _ in range(2)]
+    texts += [" ".join(random_doc(rng, 100)).translate(letters) for _ in range(10)]
+    docs, _, _ = make_documents(tmp_path, texts)
+    plain = run_stage(STAGE, DedupConfig(), {"documents": docs}, Store(tmp_path / "a")).artifact
+    simple = run_stage(STAGE, DedupConfig(simplify=True, verify=True), {"documents": docs}, Store(tmp_path / "b")).artifact
+    assert plain.manifest["metrics"]["near_duplicates"] == 0         # every 5-shingle holds a number
+    assert simple.manifest["metrics"]["near_duplicates"] == 10
+    assert simple.manifest["metrics"]["audit_precision"] == 1.0     # Jaccard of simplified shingles: 1
+    assert plain.key != simple.key
+
+
 @pytest.mark.parametrize("shard_rows", [7, 1000])
 def test_output_independent_of_sharding_and_repeatable(tmp_path, shard_rows):
     rng = np.random.default_rng(4)

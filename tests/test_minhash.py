@@ -6,6 +6,7 @@ import re
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components as scipy_components
@@ -18,6 +19,7 @@ from tasks.core.minhash import (
     lsh_candidate_pairs,
     minhash_signatures,
     shingle_jaccard,
+    simplify,
     word_shingle_hashes,
 )
 
@@ -265,6 +267,22 @@ def test_short_and_empty_documents():
     assert len(word_shingle_hashes([])[0]) == 0 and word_shingle_hashes([])[1].tolist() == [0]
     sig = minhash_signatures(hashes, offsets, 16, seed=0)
     assert (sig[:3] == 0xFFFFFFFF).all() and not (sig[3:] == 0xFFFFFFFF).all(axis=1).any()
+
+
+def test_simplify_is_datatrove_simplify_text():
+    # expected: datatrove 0.10's simplify_text of the same inputs, split at spaces (it turns
+    # punctuation into spaces; here punctuation separates words at shingling)
+    texts = ["Costs 3.50, or 1,000 in 2024!", "Café naïve ĉu", "snake_case x٣٤y", "v1.2.3 ok", None]
+    got = simplify(pc.utf8_lower(pa.array(texts))).to_pylist()
+    assert [re.findall(r"\w+", t) for t in got[:-1]] == [
+        "costs 0 or 0 in 0".split(), "cafe naive cu".split(), "snake case x0y".split(), "v0 0 ok".split()]
+    assert got[-1] is None
+    plain = ["Paid 17 dollars on 2024-03-05 for the café", "Paid 23 dollars on 2023-11-30 for the cafe"]
+    hashes, offsets = word_shingle_hashes(plain, ngram=2, simplified=True)
+    a, b = hashes[offsets[0]:offsets[1]], hashes[offsets[1]:offsets[2]]
+    assert a.tolist() == b.tolist()                       # they differ only in numbers and an accent
+    hashes, offsets = word_shingle_hashes(plain, ngram=2)
+    assert shingle_jaccard(hashes, offsets, np.array([[0, 1]]))[0] < 0.5
 
 
 def test_list_and_arrow_inputs_agree():

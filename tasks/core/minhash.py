@@ -64,8 +64,23 @@ def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.cumprod(pw), np.cumprod(ipw)            # uint64 products wrap = mod 2^64
 
 
-def _utf8_buffers(texts, lowercase: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(bytes uint8, doc byte offsets int64 of len n+1) of the (lowercased) shard, zero-copy."""
+# numbers in any script, with an optional decimal part (datatrove's NUMBERS_PATTERN, in RE2 syntax)
+_NUMBER = r"\p{Nd}+([.,\x{060C}\x{066B}\x{2396}-\x{2398}]\p{Nd}+)?"
+
+
+def simplify(texts: pa.Array) -> pa.Array:
+    """datatrove's `simplify_text` before shingling: every number becomes "0", diacritics are
+    stripped (NFD, then nonspacing marks dropped) and "_" separates words; punctuation and
+    whitespace already separate words here. Near-copies that differ in numbers or accents then
+    share more shingles (datatrove's recall), at the cost of matching templates that differ only in
+    their numbers. Vectorized in Arrow's C++ kernels (RE2, utf8proc)."""
+    texts = pc.replace_substring_regex(texts, _NUMBER, "0")
+    texts = pc.replace_substring_regex(pc.utf8_normalize(texts, "NFD"), r"\p{Mn}+", "")
+    return pc.replace_substring(texts, "_", " ")
+
+
+def _utf8_buffers(texts, lowercase: bool, simplified: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(bytes uint8, doc byte offsets int64 of len n+1) of the (lowercased, simplified) shard, zero-copy."""
     if isinstance(texts, pa.ChunkedArray):
         texts = texts.combine_chunks()
     if not isinstance(texts, pa.Array):
@@ -76,6 +91,8 @@ def _utf8_buffers(texts, lowercase: bool) -> tuple[np.ndarray, np.ndarray]:
         texts = pc.fill_null(texts, "")              # nulls count as empty documents
     if lowercase:
         texts = pc.utf8_lower(texts)                 # Unicode-aware, vectorized in C++
+    if simplified:
+        texts = simplify(texts)
     _, off_buf, data_buf = texts.buffers()
     off_type = np.int32 if texts.type == pa.string() else np.int64
     offsets = np.frombuffer(off_buf, off_type)[texts.offset:texts.offset + len(texts) + 1].astype(np.int64)
@@ -126,14 +143,16 @@ def _word_hashes(data: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.n
     return _splitmix64(out)
 
 
-def word_shingle_hashes(texts, ngram: int = 5, lowercase: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def word_shingle_hashes(texts, ngram: int = 5, lowercase: bool = True,
+                        simplified: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Hashes of the word `ngram`-shingles of every document.
 
     Returns (hashes uint64, offsets int64 of len n_docs+1): document d owns
     hashes[offsets[d]:offsets[d+1]], one per shingle position (duplicates kept).
     A document with 1..ngram-1 words gets one shingle of all its words; one with none gets none.
-    `texts`: list[str] or pyarrow string/large_string array (nulls = empty)."""
-    data, doc_off = _utf8_buffers(texts, lowercase)
+    `texts`: list[str] or pyarrow string/large_string array (nulls = empty); `simplified`: the
+    words of `simplify(texts)`."""
+    data, doc_off = _utf8_buffers(texts, lowercase, simplified)
     starts, ends = _word_spans(data, doc_off)
     word_h = _word_hashes(data, starts, ends)
     word_off = np.searchsorted(starts, doc_off)        # words of doc d: word_off[d]:word_off[d+1]
