@@ -4,9 +4,8 @@ as datatrove and text-dedup run it).
 Out of core, in steps that each hold one shard or one partition (tasks.core.dedup_disk has the
 layout): per shard, a digest of each document's normalized text and the LSH band keys of its MinHash
 signature of word n-gram shingles (of datatrove's simplified text with `simplify`), written to disk
-by key partition; exact groups (a duckdb query
-over the digests); per key partition, the candidate pairs of the exact-group representatives that
-share a bucket (`bands` x `rows`); per edge partition, distinct pairs and optional true-Jaccard
+by key partition; exact groups (a duckdb query over the digests); per key partition, the candidate
+pairs of the exact-group representatives that share a bucket (`bands` x `rows`); per edge partition, distinct pairs and optional true-Jaccard
 verification; union-find over the edge files (one integer per document); clusters assigned by a
 duckdb query; then the filter pass, shard by shard. Every per-shard and per-partition step is a
 map, so on a Dask cluster (`run.runner: dask`) adding workers speeds up all of them. Each cluster
@@ -93,6 +92,10 @@ class DedupConfig(StageConfig):
     def policy(self, source: str):
         return self.sources.get(source, "fuzzy")
 
+    def shingles(self, texts) -> tuple[np.ndarray, np.ndarray]:
+        """Shingle hashes and offsets of `texts` under these settings (signatures, verification and audit alike)."""
+        return word_shingle_hashes(texts, self.ngram, self.lowercase, self.simplify)
+
     def needs_shingles(self) -> bool:
         return self.verify or any(isinstance(v, float) for v in self.sources.values())
 
@@ -120,7 +123,7 @@ def shard_signatures(item: tuple[str, int], cfg: DedupConfig, work: str, partiti
         digests += [hashlib.blake2b(normalize(t, cfg.lowercase).encode(), digest_size=16).hexdigest()
                     for t in batch.to_pylist()]
         if cfg.near:
-            hashes, offsets = word_shingle_hashes(batch, cfg.ngram, cfg.lowercase, cfg.simplify)
+            hashes, offsets = cfg.shingles(batch)
             has = np.diff(offsets) > 0
             has_shingles[start:stop] = has
             signatures = minhash_signatures(hashes, offsets, cfg.bands * cfg.rows, cfg.seed)[has]
@@ -145,8 +148,7 @@ def shard_shingles(item: tuple[str, int], cfg: DedupConfig, work: str) -> int:
     rows = np.flatnonzero(wanted[base:base + len(table)])
     texts = table["text"].take(pa.array(rows, pa.int64())).combine_chunks()
     for k, (start, stop) in enumerate(text_batches(texts)):  # a file per 8 MB of text, in idx order
-        hashes, offsets = word_shingle_hashes(texts.slice(start, stop - start), cfg.ngram, cfg.lowercase,
-                                              cfg.simplify)
+        hashes, offsets = cfg.shingles(texts.slice(start, stop - start))
         write_shingle_sets(Path(work), f"shard-{base:012d}-{k:05d}", rows[start:stop] + base, hashes, offsets)
     return len(rows)
 
@@ -274,8 +276,7 @@ def audit(files: list[str], docs: pl.LazyFrame, cfg: DedupConfig) -> dict[str, f
         texts.update((i, t) for i, t in zip(table["id"].to_pylist(), table["text"].to_pylist()) if i in wanted)
     ids = sorted(wanted)
     index = {i: k for k, i in enumerate(ids)}
-    hashes, offsets = word_shingle_hashes(pa.array([texts[i] for i in ids], pa.large_string()), cfg.ngram,
-                                          cfg.lowercase, cfg.simplify)
+    hashes, offsets = cfg.shingles(pa.array([texts[i] for i in ids], pa.large_string()))
     pairs = np.array([[index[a], index[b]] for a, b in zip(sample["id"], sample["cluster_id"])], np.int64)
     jaccard = shingle_jaccard(hashes, offsets, pairs)
     return {"audit_pairs": len(pairs), "audit_jaccard_mean": float(jaccard.mean()),
