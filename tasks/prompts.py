@@ -103,9 +103,13 @@ def check(cfg: PromptsConfig) -> None:
         if {"size", "seed"} & set(kwargs):
             raise StageError(f"prompts.tasks.{task}: may not set size/seed (use train_size/eval_size and the seeds)")
         try:
-            conf = DATASETS[task][1](size=1, seed=0, **kwargs)  # cheap: builds no dataset
+            conf = DATASETS[task][1](size=1, seed=0, **kwargs)
             getattr(conf, "validate", lambda: None)()
-        except Exception as e:  # noqa: BLE001 - any constructor/validate failure is a bad setting
+            # one item too (milliseconds): some settings pass the config class and break the generator,
+            # e.g. aiw's task_types from YAML are strings where it wants its TaskType enum
+            with contextlib.redirect_stdout(io.StringIO()):
+                DATASETS[task][0](conf)[0]
+        except Exception as e:  # noqa: BLE001 - any constructor/validate/generation failure is a bad setting
             msg = " ".join(f"{type(e).__name__}: {e}".splitlines())
             raise StageError(f"prompts.tasks.{task}: bad generator settings ({msg})") from None
 

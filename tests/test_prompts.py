@@ -132,6 +132,9 @@ def test_worked_solution():
     ({"tasks": {"gcd": {"min_value": 1, "max_value": 100, "seed": 3}}}, "prompts.tasks.gcd: may not set"),
     ({"tasks": {"basic_arithmetic": {"min_terms": 0}}}, "prompts.tasks.basic_arithmetic: bad generator settings"),
     ({"tasks": {"gcd": {"no_such_kwarg": 1}}}, "prompts.tasks.gcd: bad generator settings"),
+    # the config class takes them; the generator breaks on its first item (it wants its enum, YAML gives strings)
+    ({"tasks": {"aiw": {"task_types": ["siblings"], "task_type_weights": [1.0]}}},
+     r"prompts.tasks.aiw: bad generator settings \(AttributeError: 'str' object has no attribute 'value'\)"),
     # no gold answers (its verifier checks the logic itself): nothing to teach or reward
     ({"tasks": {"propositional_logic": {}}, "train_size": 20, "eval_size": 10},
      "prompts.tasks.propositional_logic: its verifier rejects 10 of 10 eval gold answers given as 'Answer: <gold>' "
