@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 from pathlib import Path
@@ -34,6 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flows.config import load_config  # noqa: E402
 from flows.pipeline import make_plan, pipeline  # noqa: E402
+from flows.report import mean_standard_error, standard_error  # noqa: E402
 from tasks import eval as evaluation  # noqa: E402
 from tasks import prompts, sft  # noqa: E402
 from tasks.core.rollout import constant_answer_baseline  # noqa: E402
@@ -47,10 +47,6 @@ TASKS = {  # two of the defaults, and three tasks with large problem spaces (add
     "word_sequence_reversal": {"min_words": 2, "max_words": 3},
     "aiw": {"task_type_weights": [0.5, 0.5, 0.0], "max_entities": 9},  # siblings and friends: answer = sisters + 1
 }
-
-
-def se(p: float, n: int) -> float:
-    return math.sqrt(p * (1 - p) / n) if n else 0.0
 
 
 def main() -> None:
@@ -92,11 +88,12 @@ def main() -> None:
         seconds[steps] = round(tuned.seconds, 1)
         metrics = run_stage(evaluation.STAGE, evaluation.EvalConfig.model_validate(eval_cfg.model_dump()),
                             {"model": tuned.artifact, "prompts": problems}, mine).artifact.manifest["metrics"]
-        for t, row in out.items():
-            row["pass_at_1"][steps] = round(metrics[f"pass_at_1.{t}"], 4)
-            row["se"][steps] = round(se(metrics[f"pass_at_1.{t}"], row["eval_prompts"]), 4)
+        ps, ns = [metrics[f"pass_at_1.{t}"] for t in out], [row["eval_prompts"] for row in out.values()]
+        for (t, row), p in zip(out.items(), ps):
+            row["pass_at_1"][steps] = round(p, 4)
+            row["se"][steps] = round(standard_error(p, row["eval_prompts"]), 4)
         mean["pass_at_1"][steps] = round(metrics["pass_at_1"], 4)
-        mean["se"][steps] = round(math.sqrt(sum(r["se"][steps] ** 2 for r in out.values())) / len(out), 4)
+        mean["se"][steps] = round(mean_standard_error(ps, ns), 4)
     settings = {"config": args.config, "set": args.set, "tasks": tasks, "steps": args.steps, "seq_len": args.seq_len,
                 "train_size": args.train_size, "eval_size": args.eval_size, "sft_lr": cfg.sft.lr,
                 "sft_batch_size": cfg.sft.batch_size, "base_model": base.key, "root": str(root)}
