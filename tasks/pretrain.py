@@ -62,5 +62,5 @@ def check(cfg: PretrainConfig) -> None:
 
 
 STAGE = Stage("pretrain", VERSION, PretrainConfig, pretrain, store="models", family="pretrain", check=check,
-              report_metrics=("val_loss", "val_bpb", "unigram_entropy", "tokens_per_s", "params"))
+              report_metrics=("val_loss", "val_bpb", "residual_growth", "max_attention_logit", "tokens_per_s", "params"))
 pretrain_task = stage_task(STAGE)

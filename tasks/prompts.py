@@ -48,14 +48,14 @@ SCHEMA = pa.schema([
     ("id", pa.string()), ("task", pa.string()), ("difficulty", pa.string()), ("question", pa.string()),
     ("answer", pa.string()), ("solution", pa.string()), ("metadata", pa.string()),
 ])
-# The default run's tasks: short questions with one-token answers that a few-million-parameter
-# model learns something of on a CPU. Their problem spaces are small (one-digit +/- has about
-# 200 distinct problems), so dedup and decontamination leave far fewer than train_size rows.
+# The default run's tasks, three kinds, each with thousands of distinct problems (room to generalise:
+# the held-out problems are new, not memorised): two-digit addition, reversing a short word list, and
+# "Alice in Wonderland" sibling/friend questions (the answer is a count in the question plus one).
 DEFAULT_TASKS: dict[str, dict[str, Any]] = {
-    "basic_arithmetic": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1,
-                         "operators": ["+", "-"], "allow_parentheses": False, "allow_negation": False},
-    "leg_counting": {"min_animals": 1, "max_animals": 2, "min_instances": 1, "max_instances": 4},
-    "gcd": {"min_numbers": 2, "max_numbers": 2, "min_value": 1, "max_value": 30},
+    "basic_arithmetic": {"min_terms": 2, "max_terms": 2, "min_digits": 2, "max_digits": 2,
+                         "operators": ["+"], "allow_parentheses": False, "allow_negation": False},
+    "word_sequence_reversal": {"min_words": 2, "max_words": 3},
+    "aiw": {"task_type_weights": [0.5, 0.5, 0.0], "max_entities": 9},
 }
 _COT_RESULT = re.compile(r"(?:^|\n)#### [^\n]*\s*$")
 

@@ -2,14 +2,17 @@
 
 Each example is `prompt_ids + completion + <|end|>` (tasks.core.chat), with a loss mask that is 1
 only on the completion and the closing <|end|>: prompt tokens give no loss and no gradient.
-Examples are packed whole into rows (never split, so every completion sees its question);
-rows are padded at the end. Prompts the base model already masters (its pass rate in the
+Examples are packed whole into rows (never split, so every completion sees its question; best fit
+decreasing, so rows are nearly full); rows are padded at the end. Packed examples are kept apart, as TRL's padding-free packing does: each
+attends only to itself, with positions from 0 (a block-diagonal causal mask), so an example's loss
+is the same packed with others as alone. Prompts the base model already masters (its pass rate in the
 difficulty table reaches `max_pass_rate`) are left out. Training reuses the pretraining loop,
 with its own schedule, checkpoints, resume, metrics and logged model.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter
 from typing import Literal
 
@@ -24,47 +27,59 @@ from tasks.core.outputs import load_pass_rates, load_prompts
 from tasks.core.settings import runtime
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError, log
 from tasks.core.store import Artifact, read_text
-from tasks.core.tokens import PAD, below_fraction, doc_hash, load_tokenizer, special_ids, tokenizer_path
+from tasks.core.tokens import BOS, PAD, below_fraction, doc_hash, load_tokenizer, special_ids, tokenizer_path
 
-VERSION = 1
+VERSION = 2  # 2: packed examples kept apart (block-diagonal mask, positions per example)
 
 
 class SFTConfig(StageConfig, TrainConfig):
     # SFT's own defaults: a lower LR with linear decay (small-LM SFT studies: larger batches with a lower LR tend to win)
     # (a field redeclared here must restate TrainConfig's bounds: pydantic replaces the whole field)
     batch_size: int = Field(32, gt=0, description="sequences per optimizer step (global, all processes)")
-    max_steps: int = Field(200, gt=0)
+    max_steps: int = Field(400, gt=0)
     lr: float = Field(1e-3, gt=0)
     schedule: Literal["wsd", "cosine", "linear"] = "linear"
     warmup_steps: int = Field(10, ge=0)
     eval_every: int = runtime(50, "steps between validation losses", gt=0)
-    seq_len: int | None = Field(64, gt=0, description="row length (None: the base model's max_seq_len); chat "
-                                "examples are short: rows of 64 tokens pack 1-3 of them")
+    seq_len: int | None = Field(96, gt=0, description="row length (None: the base model's max_seq_len); chat "
+                                "examples are short: rows of 96 tokens pack 1-4 of them")
     val_fraction: float = Field(0.02, gt=0, lt=1, description="training prompts held out for SFT validation loss")
     use_solutions: bool = Field(True, description="train on the worked solution where the task has one")
     max_pass_rate: float | None = Field(0.9, gt=0, le=1, description="drop prompts the base model solves at least this often")
 
 
 def pack_examples(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int):
-    """Whole examples into rows of seq_len+1 tokens (first fit, in order); returns tokens, mask, dropped."""
-    width = seq_len + 1
-    tokens, masks, row_t, row_m, dropped = [], [], [], [], 0
+    """Whole examples into rows of seq_len+1 tokens; returns tokens, mask, dropped (longer than a row).
 
-    def flush():
-        if row_t:
-            tokens.append(row_t + [pad_id] * (width - len(row_t)))
-            masks.append(row_m + [0] * (width - len(row_m)))
-
-    for ids, mask in examples:
-        if len(ids) > width:
+    Best fit decreasing: longest first, each into the row with the least room that still holds it, so rows
+    come out nearly full (in input order, one open row at a time, the default tasks filled 60% of each
+    row). Order within a row does not matter: SFT keeps packed examples apart (segments).
+    """
+    width, dropped = seq_len + 1, 0
+    rows: list[list[int]] = []  # example indices per row
+    room: list[tuple[int, int]] = []  # (free tokens, row), sorted: the first that fits is the best fit
+    for i in sorted(range(len(examples)), key=lambda i: -len(examples[i][0])):  # stable: ties in input order
+        n = len(examples[i][0])
+        if n > width:
             dropped += 1
             continue
-        if len(row_t) + len(ids) > width:
-            flush()
-            row_t, row_m = [], []
-        row_t, row_m = row_t + ids, row_m + mask
-    flush()
-    return np.array(tokens, np.int32).reshape(-1, width), np.array(masks, np.int8).reshape(-1, width), dropped
+        at = bisect.bisect_left(room, (n, -1))
+        if at == len(room):
+            rows.append([i])
+            free, row = width - n, len(rows) - 1
+        else:
+            free, row = room.pop(at)
+            rows[row].append(i)
+            free -= n
+        if free:
+            bisect.insort(room, (free, row))
+    tokens = np.full((len(rows), width), pad_id, np.int32)
+    masks = np.zeros((len(rows), width), np.int8)
+    for r, members in enumerate(rows):
+        ids = [t for i in members for t in examples[i][0]]
+        tokens[r, : len(ids)] = ids
+        masks[r, : len(ids)] = [m for i in members for m in examples[i][1]]
+    return tokens, masks, dropped
 
 
 def count_too_long(rows: list[dict], examples: list[tuple[list[int], list[int]]], seq_len: int, split: str,
@@ -89,7 +104,8 @@ def count_too_long(rows: list[dict], examples: list[tuple[list[int], list[int]]]
 def sft(cfg: SFTConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
     base, tok_art = inputs["model"], inputs["tokenizer"]
     tok = load_tokenizer(tok_art)
-    pad_id = special_ids(tok)[PAD]
+    specials = special_ids(tok)
+    pad_id = specials[PAD]
     model_cfg = ModelConfig.model_validate_json(read_text(f"{base.path}/model/config.json"))
     seq_len = cfg.seq_len or model_cfg.max_seq_len
     if seq_len > model_cfg.max_seq_len:
@@ -119,7 +135,9 @@ def sft(cfg: SFTConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
                         f"{split}_too_long": dropped, f"{split}_target_tokens": int(mask[:, 1:].sum())})
     if metrics["train_rows"] < cfg.batch_size:
         raise StageError(f"sft.batch_size {cfg.batch_size} exceeds the {metrics['train_rows']} packed SFT rows")
-    result = run_training(cfg, ctx, model_cfg, arrays, pad_id, tokenizer_path(tok_art), init_from=base)
+    # examples packed into one row never see each other (each starts with <|bos|>): as if trained alone
+    result = run_training(cfg, ctx, model_cfg, arrays, pad_id, tokenizer_path(tok_art), init_from=base,
+                          segment_bos_id=specials[BOS])
     result["metrics"].update(metrics)
     result["metrics"]["epochs"] = result["metrics"]["steps"] * cfg.batch_size / metrics["train_rows"]
     return result

@@ -46,6 +46,12 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+# One-digit +/- (the default task before 2026-12-07): short prompts and answers of one to three tokens,
+# what the rollout, RL-loop and difficulty tests were written around
+ONE_DIGIT_ARITHMETIC = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1, "operators": ["+", "-"],
+                        "allow_parentheses": False, "allow_negation": False}
+
+
 def chat_tokenizer(rows: list[dict]):
     """A small byte-level BPE (the tokenizer stage's, 320 tokens) trained on prompt rows in the chat format."""
     from tokenizers import pre_tokenizers, trainers

@@ -10,6 +10,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import ONE_DIGIT_ARITHMETIC
 from tokenizers import pre_tokenizers, trainers
 
 from tasks import difficulty as D
@@ -24,7 +25,8 @@ from tasks.core.stage import run_stage
 from tasks.core.store import Store
 from tasks.tokenizer import TokenizerConfig, new_tokenizer
 
-TASKS = {t: P.DEFAULT_TASKS[t] for t in ("basic_arithmetic", "leg_counting")}
+TASKS = {"basic_arithmetic": ONE_DIGIT_ARITHMETIC,
+         "leg_counting": {"min_animals": 1, "max_animals": 2, "min_instances": 1, "max_instances": 4}}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

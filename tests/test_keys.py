@@ -79,7 +79,7 @@ def test_runtime_settings_are_recorded_in_the_manifest(tiny_run):
     planned = BASE.stages["pretrain"]
     manifest = Store(root / "models").get("pretrain", planned.key).manifest
     assert manifest["runtime"] == runtime_settings(planned.cfg) and manifest["runtime"]["checkpoint_every"] == 200
-    assert "checkpoint_every" not in manifest["config"] and manifest["config"]["lr"] == 0.003
+    assert "checkpoint_every" not in manifest["config"] and manifest["config"]["lr"] == 0.001
 
 
 @pytest.mark.usefixtures("prefect_server")

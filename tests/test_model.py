@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tasks.core.model import GPT, ModelConfig, load_model, sample, save_model
+from tasks.core.model import GPT, ModelConfig, load_model, sample, save_model, segment_positions
 
 V = 97
 
@@ -188,3 +188,27 @@ def test_tiny_model_overfits_a_repeated_sequence():
         opt.step()
         first = first if first is not None else loss.item()
     assert loss.item() < 0.1 * first
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_packed_example_loss_equals_its_loss_alone(qk_norm):
+    """SFT packs several examples into a row: with segments, each one's per-token loss (and so its
+    gradient) is exactly what it gets alone at positions from 0; without, later ones see earlier ones."""
+    model = tiny(qk_norm=qk_norm)
+    bos = 0
+    examples = [[bos, 5, 17, 3, 8], [bos, 9, 8, 7], [bos, 42, 11, 12, 13, 14]]
+    row = torch.tensor([sum(examples, [])])
+    inputs, targets = row[:, :-1], row[:, 1:]
+    segments = (inputs == bos).cumsum(-1)
+    packed = model(inputs, targets, reduction="none", segments=segments)[1][0]
+    unmasked = model(inputs, targets, reduction="none")[1][0]
+    start = 0
+    for i, ex in enumerate(examples):
+        alone = torch.tensor([ex])
+        loss_alone = model(alone[:, :-1], alone[:, 1:], reduction="none")[1][0]
+        n = len(ex) - 1  # the example's own next-token targets (the last one's target is the next <|bos|>)
+        assert torch.allclose(packed[start : start + n], loss_alone, atol=1e-5)
+        if i > 0:  # the check has teeth: the plain causal row lets this example attend to the earlier ones
+            assert not torch.allclose(unmasked[start : start + n], loss_alone, atol=1e-3)
+        start += len(ex)
+    assert segment_positions(segments)[0].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1, 2, 3, 4]

@@ -22,6 +22,7 @@ SMALL = PromptsConfig(train_size=150, eval_size=30, shard_rows=100)
 TINY_SPACE = {"basic_arithmetic": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1,
                                    "operators": ["+"], "allow_parentheses": False, "allow_negation": False}}
 
+GCD = {"min_numbers": 2, "max_numbers": 2, "min_value": 1, "max_value": 30}
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory) -> Artifact:
@@ -53,7 +54,7 @@ def test_rows_whose_gold_answer_fails_the_verifier_are_dropped_and_counted(monke
     """A minority of rejected gold answers: dropped from the split, counted per task, the stage goes on."""
     real = prompts.score
     monkeypatch.setattr(prompts, "score", lambda row, text: 0.0 if row["answer"] == "1" else real(row, text))
-    cfg = PromptsConfig(tasks={"gcd": DEFAULT_TASKS["gcd"]}, train_size=60, eval_size=20)
+    cfg = PromptsConfig(tasks={"gcd": GCD}, train_size=60, eval_size=20)
     art = run_stage(STAGE, cfg, {}, Store(tmp_path)).artifact
     rows = load_prompts(art, "train") + load_prompts(art, "eval")
     ones = sum(r["answer"] == "1" for r in generate("gcd", cfg.tasks["gcd"], "train", 0, 60))
@@ -71,11 +72,11 @@ def test_same_config_same_bytes(small, tmp_path):
 
 
 def test_ids_are_stable():
-    a = generate("gcd", DEFAULT_TASKS["gcd"], "train", 3, 20)
-    b = generate("gcd", DEFAULT_TASKS["gcd"], "train", 3, 30)
+    a = generate("gcd", GCD, "train", 3, 20)
+    b = generate("gcd", GCD, "train", 3, 30)
     assert a == b[:20]  # a prefix: growing train_size only adds rows
     assert a[0]["id"] == prompts.prompt_id("gcd", "train", 3, 0)
-    assert a[0]["id"] != generate("gcd", DEFAULT_TASKS["gcd"], "eval", 3, 1)[0]["id"]
+    assert a[0]["id"] != generate("gcd", GCD, "eval", 3, 1)[0]["id"]
 
 
 def test_neighbouring_seeds_are_disjoint():

@@ -15,12 +15,12 @@ import torch
 from pydantic import ValidationError
 
 import tasks.core.rl_loop as loop
-from conftest import chat_tokenizer
+from conftest import ONE_DIGIT_ARITHMETIC, chat_tokenizer
 from tasks.core.grpo import group_advantages, group_pass_rates, keep_groups
 from tasks.core.model import GPT, ModelConfig
 from tasks.core.rl_loop import GRPOConfig, LoopState, Rollouts, SampledGroup, advantages, grpo, history_table
 from tasks.core.rollout import Scored
-from tasks.prompts import DEFAULT_TASKS, generate
+from tasks.prompts import generate
 
 TASK = "basic_arithmetic"
 
@@ -89,7 +89,7 @@ def test_format_bonus_never_turns_a_wrong_answer_into_a_pass(monkeypatch):
 
 @pytest.fixture(scope="module")
 def rows():
-    return generate(TASK, DEFAULT_TASKS[TASK], "train", 1, 24)
+    return generate(TASK, ONE_DIGIT_ARITHMETIC, "train", 1, 24)
 
 
 @pytest.fixture(scope="module")

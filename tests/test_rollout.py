@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import chat_tokenizer
+from conftest import ONE_DIGIT_ARITHMETIC, chat_tokenizer
 from tasks.core import chat
 from tasks.core.model import GPT, ModelConfig
 from tasks.core.rollout import end_id, is_correct, sample_completions, score_completions, take_per_task
-from tasks.prompts import DEFAULT_TASKS, generate
+from tasks.prompts import generate
 
 TASK = "basic_arithmetic"
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def rows():
-    return generate(TASK, DEFAULT_TASKS[TASK], "eval", 1, 6)
+    return generate(TASK, ONE_DIGIT_ARITHMETIC, "eval", 1, 6)
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,16 @@ def example(prompt_len: int, completion_len: int, start: int) -> tuple[list[int]
 
 
 def test_pack_examples_keeps_examples_whole():
-    examples = [example(5, 3, 10), example(4, 2, 30), example(6, 4, 50), example(30, 5, 100)]
+    examples = [example(5, 3, 10), example(4, 2, 30), example(6, 4, 50), example(30, 5, 100), example(3, 3, 200)]
     tokens, mask, dropped = pack_examples(examples, seq_len=15, pad_id=PAD)
     assert dropped == 1  # 35 tokens > seq_len + 1
     assert tokens.shape == mask.shape == (2, 16)
-    assert tokens[0].tolist() == examples[0][0] + examples[1][0] + [PAD] * 2  # 8 + 6 fit, 10 would not
-    assert mask[0].tolist() == examples[0][1] + examples[1][1] + [0, 0]
-    assert tokens[1].tolist() == examples[2][0] + [PAD] * 6 and mask[1].tolist() == examples[2][1] + [0] * 6
+    # best fit decreasing: 10 opens row 0, 8 opens row 1 (it does not fit beside 10), 6 fills row 0 exactly
+    # (least room that holds it), 6 goes to row 1; in input order, 8 + 6 would have closed row 0 at 14
+    assert tokens[0].tolist() == examples[2][0] + examples[1][0]
+    assert mask[0].tolist() == examples[2][1] + examples[1][1]
+    assert tokens[1].tolist() == examples[0][0] + examples[4][0] + [PAD] * 2
+    assert mask[1].tolist() == examples[0][1] + examples[4][1] + [0, 0]
 
 
 def test_prompt_tokens_get_no_loss_and_no_gradient():

@@ -61,7 +61,9 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(16, gt=0, description="sequences per optimizer step (global, all processes)")
     grad_accum: int = runtime(1, "micro-batches per optimizer step (the same global batch: memory, not math)", gt=0)
     max_steps: int = Field(200, gt=0)
-    lr: float = Field(3e-3, gt=0)
+    # 3e-3 (the old default) left a 4.2M base whose first MLP wrote a residual stream ~300x the embedding
+    # scale, attention logits up to ~70: SFT from it could not learn (README, "Why the defaults")
+    lr: float = Field(1e-3, gt=0, description="peak AdamW learning rate")
     schedule: Literal["wsd", "cosine", "linear"] = "wsd"
     warmup_steps: int = Field(20, ge=0)
     decay_frac: float = Field(0.3, ge=0, le=1, description="WSD: final fraction of steps that decays linearly")
@@ -87,7 +89,7 @@ class GRPOConfig(BaseModel):
     """GRPO settings under TRL's GRPOConfig names where TRL has the concept (the RL stage extends this)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    max_steps: int = Field(30, gt=0, description="optimizer steps, one batch of groups each")
+    max_steps: int = Field(16, gt=0, description="optimizer steps, one batch of groups each")
     max_generated_samples: int | None = Field(None, gt=0, description="generation budget: stop once this many "
                                               "completions were sampled (compare filters at equal cost)")
     batch_prompts: int = Field(16, gt=0, description="groups (prompts) per optimizer step")
@@ -95,8 +97,9 @@ class GRPOConfig(BaseModel):
     temperature: float = Field(1.0, gt=0, description="sampling temperature of the rollouts; the loss's log-probs "
                                "use it too (softmax(logits / temperature), as TRL)")
     top_k: int | None = Field(None, ge=1, description="sample from the top_k tokens only (None: all)")
-    max_completion_length: int = Field(16, gt=0, description="tokens generated per completion at most")
-    lr: float = Field(5e-4, gt=0, description="AdamW learning rate")
+    max_completion_length: int = Field(20, gt=0, description="tokens generated per completion at most (a three-word reversal needs up to 18)")
+    lr: float = Field(5e-5, gt=0, description="AdamW learning rate (5e-4 collapsed a model that had learned its "
+                      "tasks within 20 steps)")
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 = off")
     epsilon: float = Field(0.2, ge=0, description="lower clip of the ratio, 1 - epsilon (PPO, GRPO: 0.2)")

@@ -42,11 +42,12 @@ def loss_curve_figure(history: list[dict], title: str):
 
 def run_training(cfg: TrainConfig, ctx: StageContext, model_cfg: ModelConfig, arrays: dict[str, Path],
                  pad_id: int, tokenizer_json: str, tokens_per_byte: float | None = None,
-                 init_from: Artifact | None = None) -> dict:
+                 init_from: Artifact | None = None, segment_bos_id: int | None = None) -> dict:
     """Shared by the training stages: launch the loop, then write model + history and log to MLflow.
 
     arrays: `train`, `val` (token rows, .npy) and optionally `train_mask`, `val_mask`.
-    init_from: the upstream model stage to start from (logged as the run's input model)."""
+    init_from: the upstream model stage to start from (logged as the run's input model).
+    segment_bos_id: keep the packed examples of a row apart, each starting at this token (SFT)."""
     from tasks.core.train import DivergedError, TrainSpec, launch  # torch: only once a stage trains
 
     spec = TrainSpec(
@@ -55,7 +56,7 @@ def run_training(cfg: TrainConfig, ctx: StageContext, model_cfg: ModelConfig, ar
         train_path=str(arrays["train"]), val_path=str(arrays["val"]),
         train_mask_path=str(arrays["train_mask"]) if "train_mask" in arrays else None,
         val_mask_path=str(arrays["val_mask"]) if "val_mask" in arrays else None,
-        pad_id=pad_id, tokens_per_byte=tokens_per_byte, out=str(ctx.out / "model"), work=str(ctx.work_dir()),
+        pad_id=pad_id, segment_bos_id=segment_bos_id, tokens_per_byte=tokens_per_byte, out=str(ctx.out / "model"), work=str(ctx.work_dir()),
         mlflow_uri=ctx.tracker.uri if ctx.tracker else None,
         mlflow_experiment=ctx.tracker.experiment if ctx.tracker else None, mlflow_run_id=ctx.run_id,
     )

@@ -133,14 +133,18 @@ class GPT(nn.Module):
                 nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.depth) if out_proj else 0.02)
 
     def forward(self, idx, targets=None, *, ignore_index=-100, loss_mask=None, reduction="mean",
-                attn_mask=None, positions=None, kv_cache: KVCache | None = None, last_only: bool = False):
+                attn_mask=None, positions=None, segments=None, kv_cache: KVCache | None = None,
+                last_only: bool = False):
         """idx [B, T] -> logits [B, T, V], or (logits, loss) when targets are given.
 
         loss: cross-entropy in fp32 over positions where targets != ignore_index (and loss_mask,
         if given, is true); reduction "mean" (over those positions), "sum", or "none" ([B, T],
         zero elsewhere). attn_mask [B, T] marks real tokens (False = padding, never attended to).
         positions default to each row's count of real tokens before it, so left-padded rows start
-        at 0. kv_cache: append these tokens to the cache and attend over all its filled slots.
+        at 0. segments [B, T] (training only): packed examples, numbered in row order; a token attends
+        only within its own segment and positions restart at 0 in each, so an example's loss is the
+        same packed with others as alone. kv_cache: append these tokens to the cache and attend over
+        all its filled slots.
         last_only: logits [B, 1, V] for the final position only (sampling skips the big lm_head matmul).
         """
         B, T = idx.shape
@@ -149,11 +153,18 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.valid[:, start : start + T] = real
             real = kv_cache.valid[:, : start + T]
-        plain = kv_cache is None and attn_mask is None  # training: SDPA's is_causal fast path
-        if positions is None:
-            positions = (torch.arange(T, device=idx.device)[None] if plain
-                         else (real.cumsum(-1) - 1).clamp(min=0)[:, start:])
-        mask = None if plain else causal_mask(real, start)
+        plain = kv_cache is None and attn_mask is None and segments is None  # SDPA's is_causal fast path
+        if segments is not None:
+            if kv_cache is not None or attn_mask is not None:
+                raise ValueError("segments are for packed training rows: no kv_cache or attn_mask with them")
+            mask = segment_mask(segments)
+            if positions is None:
+                positions = segment_positions(segments)
+        else:
+            if positions is None:
+                positions = (torch.arange(T, device=idx.device)[None] if plain
+                             else (real.cumsum(-1) - 1).clamp(min=0)[:, start:])
+            mask = None if plain else causal_mask(real, start)
         x = self.embed_tokens(idx)
         cos, sin = rotary(positions, self.head_dim, self.dims.rope_theta, x.dtype)
         for i, block in enumerate(self.layers):
@@ -233,6 +244,35 @@ class GPT(nn.Module):
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
 
 
+@torch.no_grad()
+def activation_scale(model: GPT, idx: torch.Tensor) -> dict[str, float]:
+    """Two signs that a model has lost its plasticity, on token rows idx [B, T] (plain causal rows).
+
+    residual_growth: RMS of the residual stream after the last block over the RMS of the token
+    embeddings (a fresh model: ~3); max_attention_logit: the largest q.k / sqrt(head_dim) of any head
+    (fresh: ~4). The default 4.2M model pretrained at lr 3e-3 had 303 and 67 (with QK-norm: 312 and 9)
+    and SFT from either did not learn two-digit addition; at 1e-3 it had 13 and 20, and SFT learned it.
+    """
+    T = idx.shape[1]
+    x = model.embed_tokens(idx)
+    embed_rms = x.pow(2).mean().sqrt()
+    cos, sin = rotary(torch.arange(T, device=idx.device)[None], model.head_dim, model.dims.rope_theta, x.dtype)
+    future = torch.ones(T, T, dtype=torch.bool, device=idx.device).triu(1)
+    largest = 0.0
+    for block in model.layers:
+        a, h = block.self_attn, block.input_layernorm(x)
+        q = a.q_proj(h).view(*idx.shape, a.n_heads, a.head_dim).transpose(1, 2)
+        k = a.k_proj(h).view(*idx.shape, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        if a.q_norm is not None:
+            q, k = a.q_norm(q), a.k_norm(k)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        k = k.repeat_interleave(a.n_heads // a.n_kv_heads, dim=1)
+        logits = (q @ k.transpose(-1, -2)).float() / math.sqrt(a.head_dim)
+        largest = max(largest, float(logits.masked_fill(future, 0).abs().max()))
+        x = block(x, cos, sin, None, None, 0)
+    return {"residual_growth": float(x.pow(2).mean().sqrt() / embed_rms), "max_attention_logit": largest}
+
+
 def causal_mask(real: torch.Tensor, start: int) -> torch.Tensor:
     """[B, 1, T, S] boolean (True = may attend) for queries at slots start.. over keys 0..S-1."""
     S = real.shape[1]
@@ -240,6 +280,23 @@ def causal_mask(real: torch.Tensor, start: int) -> torch.Tensor:
     k_slot = torch.arange(S, device=real.device)[None]
     # A query always sees itself, so a pad query never has an all-masked row (NaN that would leak).
     return ((k_slot <= q_slot) & (real[:, None, :] | (k_slot == q_slot)))[:, None]
+
+
+def segment_mask(segments: torch.Tensor) -> torch.Tensor:
+    """[B, 1, T, T] boolean: causal, and only within the query's segment (a block-diagonal causal mask)."""
+    T = segments.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    return (causal & (segments[:, :, None] == segments[:, None, :]))[:, None]
+
+
+def segment_positions(segments: torch.Tensor) -> torch.Tensor:
+    """[B, T] position of each token within its segment (0 at each segment's first token)."""
+    T = segments.shape[1]
+    index = torch.arange(T, device=segments.device).expand_as(segments)
+    first = torch.ones_like(segments, dtype=torch.bool)
+    first[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    starts = torch.where(first, index, 0).cummax(-1).values
+    return index - starts
 
 
 def token_loss(logits, targets, ignore_index=-100, loss_mask=None, reduction="mean"):

@@ -30,7 +30,7 @@ from pydantic import BaseModel
 
 from tasks.core.configs import ModelConfig, TrainConfig
 from tasks.core.hardware import autocast, mfu, peak_flops, use_bf16
-from tasks.core.model import GPT, load_model, load_weights, save_model
+from tasks.core.model import GPT, activation_scale, load_model, load_weights, save_model
 from tasks.core.store import fsync_file, fsync_tree
 
 log = logging.getLogger("slmflow")
@@ -87,6 +87,9 @@ class TrainSpec(BaseModel):
     train_mask_path: str | None = None
     val_mask_path: str | None = None
     pad_id: int
+    # Packed examples kept apart: each <|bos|> starts a segment that attends only to itself, positions
+    # restarting at 0 (SFT); None = plain causal rows (pretraining: documents see earlier documents)
+    segment_bos_id: int | None = None
     tokens_per_byte: float | None = None  # val tokens / val bytes, for bits-per-byte
     out: str  # where the final model goes
     work: str  # checkpoints
@@ -101,6 +104,11 @@ def targets_of(rows: torch.Tensor, pad_id: int, mask: torch.Tensor | None = None
     if mask is not None:
         targets[mask[:, 1:] == 0] = IGNORE  # e.g. prompt tokens in SFT: no loss, no gradient
     return inputs, targets
+
+
+def segments_of(inputs: torch.Tensor, bos_id: int | None) -> torch.Tensor | None:
+    """Segment ids [B, T] for packed rows: the count of <|bos|> tokens so far (None: no segments)."""
+    return None if bos_id is None else (inputs == bos_id).cumsum(-1)
 
 
 def checkpoints(work: Path) -> list[Path]:
@@ -159,7 +167,7 @@ def evaluate(model, val: np.ndarray, val_mask: np.ndarray | None, spec: TrainSpe
         part = slice(i, i + spec.cfg.batch_size)
         inputs, targets = targets_of(rows[part], spec.pad_id, None if masks is None else masks[part])
         with amp:
-            _, loss = model(inputs, targets, reduction="none")
+            _, loss = model(inputs, targets, reduction="none", segments=segments_of(inputs, spec.segment_bos_id))
         mask = targets != IGNORE
         total += float(loss[mask].sum())
         count += int(mask.sum())
@@ -232,7 +240,7 @@ def train(spec: TrainSpec, mlflow_log=None) -> dict:
             inputs, targets = targets_of(_rows(train_rows, index, device), spec.pad_id, _rows(train_mask, index, device))
             sync = nullcontext() if (not ddp or m == cfg.grad_accum - 1) else net.no_sync()
             with sync, amp:
-                _, loss = net(inputs, targets)
+                _, loss = net(inputs, targets, segments=segments_of(inputs, spec.segment_bos_id))
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach() / cfg.grad_accum
         if ddp:
@@ -276,8 +284,12 @@ def train(spec: TrainSpec, mlflow_log=None) -> dict:
             save_checkpoint(work, step, model, opt, history)
             flush()
     flush()
+    scale = {}
     if rank == 0:
         save_model(model, Path(spec.out))
+        if val_rows is not None:  # the health of what the next stage starts from (model.activation_scale)
+            model.eval()
+            scale = activation_scale(model, _rows(val_rows, slice(0, 8), device)[:, :-1])
     evals = [h for h in history if "val_loss" in h]
     trains = [h for h in history if "loss" in h]
     return {
@@ -285,7 +297,7 @@ def train(spec: TrainSpec, mlflow_log=None) -> dict:
         "val_loss": evals[-1]["val_loss"] if evals else None, "val_bpb": evals[-1].get("val_bpb") if evals else None,
         "tokens_per_s": float(np.median([h["tokens_per_s"] for h in trains])) if trains else None,
         "mfu": float(np.median([h["mfu"] for h in trains])) if trains and "mfu" in trains[0] else None,
-        "params": model.num_params(), "history": history,
+        "params": model.num_params(), **scale, "history": history,
     }
 
 
