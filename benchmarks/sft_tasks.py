@@ -40,12 +40,10 @@ from tasks.core.rollout import constant_answer_baseline  # noqa: E402
 from tasks.core.stage import run_stage  # noqa: E402
 from tasks.core.store import Store  # noqa: E402
 
-TASKS = {  # two of the defaults, and three tasks with large problem spaces (addition up to 99 + 99 replaces
-    **prompts.DEFAULT_TASKS,  # the default one-digit +/-)
-    "basic_arithmetic": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2, "operators": ["+"],
-                         "allow_parentheses": False, "allow_negation": False},
-    "word_sequence_reversal": {"min_words": 2, "max_words": 3},
-    "aiw": {"task_type_weights": [0.5, 0.5, 0.0], "max_entities": 9},  # siblings and friends: answer = sisters + 1
+TASKS = {  # the default tasks, and two of the old defaults (small problem spaces) beside them
+    **prompts.DEFAULT_TASKS,
+    "gcd": {"min_numbers": 2, "max_numbers": 2, "min_value": 1, "max_value": 30},
+    "leg_counting": {"min_animals": 1, "max_animals": 2, "min_instances": 1, "max_instances": 4},
 }
 
 

@@ -3,11 +3,12 @@
 Each example is `prompt_ids + completion + <|end|>` (tasks.core.chat), with a loss mask that is 1
 only on the completion and the closing <|end|>: prompt tokens give no loss and no gradient.
 Examples are packed whole into rows (never split, so every completion sees its question; best fit
-decreasing, so rows are nearly full); rows are padded at the end. Packed examples are kept apart, as TRL's padding-free packing does: each
-attends only to itself, with positions from 0 (a block-diagonal causal mask), so an example's loss
-is the same packed with others as alone. Prompts the base model already masters (its pass rate in the
-difficulty table reaches `max_pass_rate`) are left out. Training reuses the pretraining loop,
-with its own schedule, checkpoints, resume, metrics and logged model.
+decreasing, so rows are nearly full); rows are padded at the end. Packed examples are kept apart, as
+TRL's padding-free packing does: each attends only to itself, with positions from 0 (a block-diagonal
+causal mask), so an example's loss is the same packed with others as alone. Prompts the base model
+already masters (its pass rate in the difficulty table reaches `max_pass_rate`) are left out.
+Training reuses the pretraining loop, with its own schedule, checkpoints, resume, metrics and
+logged model.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from tasks.core.stage import Stage, StageConfig, StageContext, StageError, log
 from tasks.core.store import Artifact, read_text
 from tasks.core.tokens import BOS, PAD, below_fraction, doc_hash, load_tokenizer, special_ids, tokenizer_path
 
-VERSION = 2  # 2: packed examples kept apart (block-diagonal mask, positions per example)
+VERSION = 2  # 2: packed examples kept apart (block-diagonal mask, positions per example), best-fit packing
 
 
 class SFTConfig(StageConfig, TrainConfig):

@@ -56,7 +56,8 @@ def run_training(cfg: TrainConfig, ctx: StageContext, model_cfg: ModelConfig, ar
         train_path=str(arrays["train"]), val_path=str(arrays["val"]),
         train_mask_path=str(arrays["train_mask"]) if "train_mask" in arrays else None,
         val_mask_path=str(arrays["val_mask"]) if "val_mask" in arrays else None,
-        pad_id=pad_id, segment_bos_id=segment_bos_id, tokens_per_byte=tokens_per_byte, out=str(ctx.out / "model"), work=str(ctx.work_dir()),
+        pad_id=pad_id, segment_bos_id=segment_bos_id, tokens_per_byte=tokens_per_byte, out=str(ctx.out / "model"),
+        work=str(ctx.work_dir()),
         mlflow_uri=ctx.tracker.uri if ctx.tracker else None,
         mlflow_experiment=ctx.tracker.experiment if ctx.tracker else None, mlflow_run_id=ctx.run_id,
     )
