@@ -93,10 +93,11 @@ def main() -> None:
             save_model(GPT(load_model(base_dir).config), root / "random")
             (root / "random" / "tokenizer.json").write_text(Path(base_dir, "tokenizer.json").read_text())
         model_dir = {"pretrained": base_dir, "random": str(root / "random")}.get(start, start)
-        scale = activation_scale(load_model(model_dir).eval(), probe)
+        start_model = load_model(model_dir).eval()
+        scale = activation_scale(start_model, probe)
         train_cfg = TrainConfig(batch_size=args.batch_size, max_steps=args.steps, lr=args.lr, schedule="linear",
                                 warmup_steps=10, eval_every=10**6, checkpoint_every=10**6, log_every=50)
-        spec = TrainSpec(cfg=train_cfg, model=load_model(model_dir).config, init_from=model_dir,
+        spec = TrainSpec(cfg=train_cfg, model=start_model.config, init_from=model_dir,
                          train_path=str(root / "train.npy"), train_mask_path=str(root / "mask.npy"),
                          pad_id=specials[PAD], segment_bos_id=specials[BOS], out=str(root / f"out-{i}"),
                          work=str(root / f"work-{i}"))

@@ -34,7 +34,8 @@ class DifficultyConfig(StageConfig):
     k: int = Field(4, ge=1, description="samples per prompt")
     temperature: float = Field(1.0, gt=0, description="sampling temperature")
     top_k: int | None = Field(None, ge=1, description="sample from the top_k tokens only (None: all)")
-    max_completion_length: int = Field(20, ge=1, description="tokens generated per completion at most (a three-word reversal needs up to 18)")
+    max_completion_length: int = Field(20, ge=1, description="tokens generated per completion at most (a "
+                                       "three-word reversal needs up to 18)")
     band: Band = Field((0.1, 0.9), description="keep prompts with low < pass_rate < high (strict)")
     max_prompts_per_task: int | None = Field(100, ge=1, description="first N prompts of each task (None: all)")
     batch_size: int = Field(128, ge=1, description="sequences per generate call (decides each sample's random draws)")

@@ -34,7 +34,8 @@ MEASURES = ("pass_at_1", "pass_at_k", "sampled_pass_at_1", "completion_tokens")
 class EvalConfig(StageConfig):
     split: str = Field("eval", description="which prompts table to evaluate on")
     max_prompts_per_task: int | None = Field(100, ge=1, description="first N prompts of each task (None: all)")
-    max_completion_length: int = Field(20, ge=1, description="tokens generated per completion at most (a three-word reversal needs up to 18)")
+    max_completion_length: int = Field(20, ge=1, description="tokens generated per completion at most (a "
+                                       "three-word reversal needs up to 18)")
     k: int = Field(4, ge=1, description="samples per prompt for pass@k")
     temperature: float = Field(0.8, gt=0, description="sampling temperature of the k samples (greedy is separate)")
     top_k: int | None = Field(None, ge=1, description="sample from the top_k tokens only (None: all)")

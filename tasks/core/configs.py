@@ -97,7 +97,8 @@ class GRPOConfig(BaseModel):
     temperature: float = Field(1.0, gt=0, description="sampling temperature of the rollouts; the loss's log-probs "
                                "use it too (softmax(logits / temperature), as TRL)")
     top_k: int | None = Field(None, ge=1, description="sample from the top_k tokens only (None: all)")
-    max_completion_length: int = Field(20, gt=0, description="tokens generated per completion at most (a three-word reversal needs up to 18)")
+    max_completion_length: int = Field(20, gt=0, description="tokens generated per completion at most (a "
+                                       "three-word reversal needs up to 18)")
     lr: float = Field(5e-5, gt=0, description="AdamW learning rate (5e-4 collapsed a model that had learned its "
                       "tasks within 20 steps)")
     weight_decay: float = Field(0.0, ge=0)

@@ -70,14 +70,19 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int):
+    def queries_keys(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [B, n_heads, T, head_dim] and k [B, n_kv_heads, T, head_dim], QK-normed and rotated."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int):
+        B, T, _ = x.shape
+        q, k = self.queries_keys(x, cos, sin)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None:  # write the new slots, attend over everything filled so far
             end = cache.length + T
             cache.keys[layer][:, :, cache.length : end] = k
@@ -260,12 +265,8 @@ def activation_scale(model: GPT, idx: torch.Tensor) -> dict[str, float]:
     future = torch.ones(T, T, dtype=torch.bool, device=idx.device).triu(1)
     largest = 0.0
     for block in model.layers:
-        a, h = block.self_attn, block.input_layernorm(x)
-        q = a.q_proj(h).view(*idx.shape, a.n_heads, a.head_dim).transpose(1, 2)
-        k = a.k_proj(h).view(*idx.shape, a.n_kv_heads, a.head_dim).transpose(1, 2)
-        if a.q_norm is not None:
-            q, k = a.q_norm(q), a.k_norm(k)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        a = block.self_attn
+        q, k = a.queries_keys(block.input_layernorm(x), cos, sin)
         k = k.repeat_interleave(a.n_heads // a.n_kv_heads, dim=1)
         logits = (q @ k.transpose(-1, -2)).float() / math.sqrt(a.head_dim)
         largest = max(largest, float(logits.masked_fill(future, 0).abs().max()))
