@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import Field
@@ -47,6 +47,12 @@ class SFTConfig(StageConfig, TrainConfig):
     val_fraction: float = Field(0.02, gt=0, lt=1, description="training prompts held out for SFT validation loss")
     use_solutions: bool = Field(True, description="train on the worked solution where the task has one")
     max_pass_rate: float | None = Field(0.9, gt=0, le=1, description="drop prompts the base model solves at least this often")
+    # the default tasks' tokens per example differ 4x (addition 19, aiw 66, reversal 57); measured at 400 steps,
+    # addition 3x and aiw 0.5x lift the held-out mean 0.430 -> 0.573 (aiw 0.96 -> 0.95, addition 0.14 -> 0.63)
+    task_weights: dict[str, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=lambda: {"basic_arithmetic": 3.0, "aiw": 0.5},
+        description="task -> times each of its training examples is packed (a fraction: a hash-chosen share once "
+                    "more; tasks not named: 1; names of absent tasks are ignored): the mixture of the step budget")
 
 
 def pack_examples(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int):
@@ -81,6 +87,20 @@ def pack_examples(examples: list[tuple[list[int], list[int]]], seq_len: int, pad
         tokens[r, : len(ids)] = ids
         masks[r, : len(ids)] = [m for i in members for m in examples[i][1]]
     return tokens, masks, dropped
+
+
+def mixed(rows: list[dict], weights: dict[str, float], seed: int) -> list[dict]:
+    """Each row of a task of weight w int(w) times, plus once more for a hash-chosen share w - int(w) of them
+    (data-mixture weights by repetition, as pretraining mixtures upsample small sources)."""
+    out = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        of_task = [r for r in rows if r["task"] == task]
+        w = weights.get(task, 1.0)
+        out += of_task * int(w)
+        if w > int(w):
+            once_more = below_fraction(doc_hash([r["id"] for r in of_task], seed + 1), w - int(w))
+            out += [r for r, m in zip(of_task, once_more) if m]
+    return out
 
 
 def count_too_long(rows: list[dict], examples: list[tuple[list[int], list[int]]], seq_len: int, split: str,
@@ -125,6 +145,8 @@ def sft(cfg: SFTConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
     arrays, metrics = {}, {"mastered_dropped": mastered}
     for split, select in (("train", ~is_val), ("val", is_val)):
         chosen = [r for r, c in zip(rows, select) if c]
+        if split == "train":
+            chosen = mixed(chosen, cfg.task_weights, cfg.seed)
         examples = [example_ids(tok, r["question"], completion_text(r["answer"], r.get("solution") if cfg.use_solutions
                                                                     else None)) for r in chosen]
         metrics.update(count_too_long(chosen, examples, seq_len, split, model_cfg.max_seq_len))

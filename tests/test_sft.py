@@ -62,3 +62,17 @@ def test_examples_that_do_not_fit_are_counted_per_task_and_a_lost_task_stops(cap
     assert count_too_long(rows, examples, 15, "train", 64) == {"train_too_long.wordy": 2}
     assert "2 of 4 train examples of task wordy do not fit a row" in caplog.text
     assert count_too_long(rows[:4], examples[:4], 15, "train", 64) == {}
+
+
+def test_task_weights_repeat_examples_by_task():
+    from collections import Counter
+
+    from tasks.sft import mixed
+
+    rows = [{"task": "add", "id": f"a{i}"} for i in range(1000)] + [{"task": "aiw", "id": f"w{i}"} for i in range(1000)]
+    counts = Counter(r["task"] for r in mixed(rows, {"add": 3.0, "aiw": 0.5, "absent": 9.0}, seed=0))
+    assert counts["add"] == 3000 and 450 < counts["aiw"] < 550  # a hash-chosen half of aiw, once
+    half = {r["id"] for r in mixed(rows, {"aiw": 0.5}, seed=0) if r["task"] == "aiw"}
+    assert half == {r["id"] for r in mixed(rows, {"aiw": 0.5}, seed=0) if r["task"] == "aiw"}  # deterministic
+    assert half < {r["id"] for r in mixed(rows, {"aiw": 0.7}, seed=0) if r["task"] == "aiw"}  # more only adds
+    assert Counter(r["task"] for r in mixed(rows, {}, seed=0)) == {"add": 1000, "aiw": 1000}

@@ -99,8 +99,9 @@ class GRPOConfig(BaseModel):
     top_k: int | None = Field(None, ge=1, description="sample from the top_k tokens only (None: all)")
     max_completion_length: int = Field(20, gt=0, description="tokens generated per completion at most (a "
                                        "three-word reversal needs up to 18)")
-    lr: float = Field(5e-5, gt=0, description="AdamW learning rate (5e-4 collapsed a model that had learned its "
-                      "tasks within 20 steps)")
+    lr: float = Field(2e-5, gt=0, description="AdamW learning rate (5e-4 collapsed a model that had learned its "
+                      "tasks within 20 steps; from the default SFT model, 16 steps at 5e-5 cost 0.07 held-out, "
+                      "at 2e-5 0.03)")
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 = off")
     epsilon: float = Field(0.2, ge=0, description="lower clip of the ratio, 1 - epsilon (PPO, GRPO: 0.2)")
