@@ -11,9 +11,9 @@ smoothed with a moving average of `--window` steps and averaged over seeds befor
 
 Prints ONE JSON object:
   {"settings": {...},
-   "runs": {"none": [{"seed", "steps", "reward", "generated_samples", "eval_pass_at_1": {step: p}}, ...],
+   "runs": {"none": [{"seed", "steps", "reward", "generated_samples", "check_pass_at_1": {step: p}}, ...],
             "mixed": [...], "balanced": [...]},
-   "summary": {"plain_best_reward", "plain_steps_to_best", "eval_pass_at_1_start",
+   "summary": {"plain_best_reward", "plain_steps_to_best", "check_pass_at_1_start",
                "arms": {filter: {"steps", "best_reward", "steps_to_plain_best", "samples_to_plain_best",
                                  "final_eval_pass_at_1", "final_eval_se", "eval_prompts"}},
                "curves": {filter: [...]}}}
@@ -75,10 +75,10 @@ def run_one(cfg, inputs, filter_: str, seed: int, budget: int, store: Store) -> 
     out = run_stage(rl.STAGE, rl.RLConfig.model_validate(rl_cfg.model_dump()), inputs, store, force=True)
     steps = pl.read_parquet(f"{out.artifact.path}/steps/part-00000.parquet").sort("step")
     trained = steps.filter(pl.col("step") > 0)
-    evals = steps.filter(pl.col("eval_pass_at_1").is_not_null())
+    evals = steps.filter(pl.col("check_pass_at_1").is_not_null())
     return {"seed": seed, "steps": int(trained["step"].max()), "reward": trained["reward_mean"].fill_null(strategy="forward").to_list(),  # a step of only carried groups draws nothing
             "generated_samples": trained["generated_samples"].to_list(),
-            "eval_pass_at_1": dict(zip(map(str, evals["step"].to_list()), evals["eval_pass_at_1"].to_list()))}
+            "check_pass_at_1": dict(zip(map(str, evals["step"].to_list()), evals["check_pass_at_1"].to_list()))}
 
 
 def first_reaching(curve: np.ndarray, level: float) -> int | None:
@@ -104,7 +104,7 @@ def summarize(runs: dict[str, list[dict]], window: int, eval_prompts: int) -> di
     arms = {}
     for f, rs in runs.items():
         at = first_reaching(curves[f], best)
-        finals = np.array([list(r["eval_pass_at_1"].values())[-1] for r in rs])
+        finals = np.array([list(r["check_pass_at_1"].values())[-1] for r in rs])
         mean = float(finals.mean())
         seed_se = float(finals.std(ddof=1) / np.sqrt(len(finals))) if len(finals) > 1 else 0.0
         binomial = float(np.sqrt(mean * (1 - mean) / (eval_prompts * len(finals))))
@@ -114,7 +114,7 @@ def summarize(runs: dict[str, list[dict]], window: int, eval_prompts: int) -> di
                    "eval_prompts": eval_prompts}
     return {
         "plain_best_reward": best, "plain_steps_to_best": int(plain.argmax()) + 1,
-        "eval_pass_at_1_start": float(np.mean([r["eval_pass_at_1"]["0"] for r in runs["none"]])),
+        "check_pass_at_1_start": float(np.mean([r["check_pass_at_1"]["0"] for r in runs["none"]])),
         "arms": arms, "curves": {f: c.round(4).tolist() for f, c in curves.items()},
     }
 
@@ -175,7 +175,7 @@ def main() -> None:
             for f in runs:
                 runs[f].append(run_one(cfg, inputs, f, seed, budget, Store(tmp)))
                 print(f"{f} seed {seed}: {runs[f][-1]['steps']} steps, final eval pass@1 "
-                      f"{list(runs[f][-1]['eval_pass_at_1'].values())[-1]:.3f}", file=sys.stderr)
+                      f"{list(runs[f][-1]['check_pass_at_1'].values())[-1]:.3f}", file=sys.stderr)
     eval_prompts = len(take_per_task(load_prompts(inputs["prompts"], "eval"), cfg.rl.eval_prompts_per_task))
     summary = summarize(runs, args.window, eval_prompts)
     out = Path(args.out)

@@ -7,6 +7,7 @@ plan of the last run recorded in the store (flows/record.py) unless given a --co
 
 from __future__ import annotations
 
+from flows.interrupt import Interrupts, cancel_flow_run, in_thread, kill_open_runs, resume_hint, stop_children
 from flows.prefect_server import PrefectAPI, ServerError, apply_defaults, healthy
 
 apply_defaults()  # before Prefect is imported: no telemetry, our progress lines, generous timeouts
@@ -31,7 +32,6 @@ from flows.cli_common import (  # noqa: E402
     load_plan,
     out,
 )
-from tasks.core.store import Store  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
 # Registered before Prefect and MLflow are imported, so it runs after their exit handlers: the process
@@ -67,13 +67,16 @@ def _check_tracking(configured: str | None) -> None:
              f"--port 5000) or point run.mlflow_uri / MLFLOW_TRACKING_URI at one (unset: sqlite:///mlflow.db here)")
 
 
-def _run(api: PrefectAPI, config: Path, only: list[str], force: list[str], sets: list[str]) -> dict:
-    """Plan and check the run, set MLflow up, then wait for Prefect's API and run the flow."""
+def _run(api: PrefectAPI, stop: Interrupts, config: Path, only: list[str], force: list[str], sets: list[str]) -> dict:
+    """Plan and check the run, set MLflow up, then wait for Prefect's API and run the flow (off the main
+    thread, which stays free for Ctrl-C: flows/interrupt.py)."""
     from flows.config import ConfigError
-    from tasks.core.lineage import Tracker, tracking_uri
+    from tasks.core.faults import on_file
+    from tasks.core.lineage import Tracker, sqlite_file, tracking_uri
     from tasks.core.stage import StageError
 
     cfg, plan = load_plan(config, sets)
+    stop.hint = lambda: resume_hint(cfg, plan)
     _check_tracking(cfg.run.mlflow_uri)
     try:
         plan.check_names(force, "--force")
@@ -88,10 +91,12 @@ def _run(api: PrefectAPI, config: Path, only: list[str], force: list[str], sets:
 
     from flows.pipeline import pipeline
 
-    Tracker.shared(tracking_uri(cfg.run.mlflow_uri), cfg.run.experiment)  # the flow's parent run and stages reuse it
+    uri = tracking_uri(cfg.run.mlflow_uri)
+    with on_file(sqlite_file(uri) or uri):  # a database that is not one is named in the fault's line
+        Tracker.shared(uri, cfg.run.experiment)  # the flow's parent run and stages reuse it
     try:
         api.url()
-        return pipeline(str(config), only or None, force or None, sets)
+        return in_thread(pipeline, str(config), only or None, force or None, sets)
     except (ConfigError, StageError, ServerError) as e:
         fail(str(e))
 
@@ -105,9 +110,11 @@ def run(
 ):
     """Run the pipeline (cached stages are skipped) and print the report card."""
     # Prefect's temporary server starts first and is waited for last: its seconds of start-up overlap
-    # the imports, the plan, the checks and MLflow's set-up instead of adding to them
-    with PrefectAPI(log=lambda line: err.print(line, highlight=False, soft_wrap=True)) as api:
-        result = _run(api, config, _names(only), _names(force), list(set_ or []))
+    # the imports, the plan, the checks and MLflow's set-up instead of adding to them. Ctrl-C or SIGTERM
+    # from here on ends the open MLflow runs as KILLED, stops the server last and exits (130 / 143).
+    with Interrupts() as stop, PrefectAPI(log=lambda line: err.print(line, highlight=False, soft_wrap=True)) as api:
+        stop.steps = [kill_open_runs, cancel_flow_run, stop_children, api.stop]
+        result = _run(api, stop, config, _names(only), _names(force), list(set_ or []))
     table = Table(title="slmflow report card")
     for col in ("stage", "key", "cached", "rows", "metrics", "time (s)"):
         table.add_column(col)
@@ -145,37 +152,9 @@ for command in (cli_read.status, cli_read.show, cli_read.lineage, cli_read.ls, c
     app.command()(command)
 
 
-@app.command(help="List (with --yes remove) what no longer counts in the stores: unfinished or replaced outputs "
-             "of stopped runs, damaged outputs set aside, stale checkpoints and lock files, and outputs that no given "
-             "config reaches. Keys a run holds are never touched.")
-def gc(
-    config: Annotated[Optional[list[Path]], typer.Option("--config", "-c", help="configs whose outputs to keep "
-                                                         "(repeatable; default configs/default.yaml)")] = None,
-    yes: Annotated[bool, typer.Option("--yes", help="remove what is listed (default: only list it)")] = False,
-):
-    from tasks.core.housekeeping import find_garbage
+from flows import cli_gc  # noqa: E402  (gc judges the stores as the read commands do, without the stages)
 
-    configs = config or [DEFAULT_CONFIG]
-    loaded = [load_plan(c, []) for c in configs]
-    reachable = {(p.stage.name, p.key) for _, plan in loaded for p in plan.stages.values()}
-    roots = dict.fromkeys(root for cfg, _ in loaded for root in (cfg.run.data_root, cfg.run.models_root))
-    garbage = [g for root in roots for g in find_garbage(Store(root), reachable)]
-    if not garbage:
-        out.print(f"nothing to remove under {', '.join(roots)}")
-        return
-    table = Table(title=f"not needed by {', '.join(map(str, configs))}")
-    for col in ("path", "MB", "why"):
-        table.add_column(col)
-    for g in garbage:
-        table.add_row(str(g.path), f"{g.bytes / 1e6:,.1f}", g.why)
-    out.print(table)
-    total = sum(g.bytes for g in garbage) / 1e6
-    if not yes:
-        out.print(f"{len(garbage)} entries, {total:,.1f} MB: run again with --yes to remove them")
-        return
-    for g in garbage:
-        g.remove()
-    out.print(f"removed {len(garbage)} entries, {total:,.1f} MB")
+app.command()(cli_gc.gc)
 
 
 for command in (cli_read.difficulty, cli_read.export):
@@ -211,5 +190,33 @@ def serve(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None):
         fail(str(e))
 
 
+def main() -> None:
+    """`slmflow`: the commands inside one fault boundary. An ordinary fault (disk full, permissions, a corrupt
+    file: tasks.core.faults) is one line and exit 1; anything else is one line too, its traceback in a log
+    file. `--debug` anywhere on the line (or SLMFLOW_DEBUG=1) shows every traceback instead."""
+    import sys
+    import tempfile
+    import traceback
+
+    from tasks.core.faults import DEBUG_ENV, debugging, explain
+
+    if "--debug" in sys.argv[1:]:
+        sys.argv.remove("--debug")
+        os.environ[DEBUG_ENV] = "1"
+    try:
+        app()
+    except Exception as e:  # typer.Exit and SystemExit are not Exceptions: they pass
+        if debugging():
+            raise
+        line = explain(e)
+        if line is None:
+            log = Path(tempfile.gettempdir()) / "slmflow-last-error.log"
+            log.write_text("".join(traceback.format_exception(e)))
+            line = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''} " \
+                   f"(unexpected: the traceback is in {log}; rerun with --debug to see it)"
+        err.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
+        raise SystemExit(1) from None
+
+
 if __name__ == "__main__":
-    app()
+    main()

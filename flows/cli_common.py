@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from flows.record import RECORD, RunRecord, runs_dir
+from flows.record import RECORD, RunRecord, configured_roots, runs_dir
 from tasks.core.store import check_name
 
 # Piped output (logs, CI) gets a wide fixed width so report cards don't wrap into columns.
@@ -19,8 +19,8 @@ err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="pipeline YAML")]
 ReadConfigOpt = Annotated[Optional[Path], typer.Option(
-    "--config", "-c", help="pipeline YAML (default: the last run's plan, recorded in data/runs/last-run.json, "
-                           "else configs/default.yaml)")]
+    "--config", "-c", help="pipeline YAML (default: the last run's plan, recorded in <data root>/runs/last-run.json "
+                           "(data root: $SLMFLOW_DATA_ROOT, else data), else configs/default.yaml)")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override: stage.field=value (repeatable)")]
 KeyOpt = Annotated[Optional[str], typer.Option(help="a stored key other than the configured one")]
 DEFAULT_CONFIG = Path("configs/default.yaml")
@@ -43,24 +43,34 @@ def load_plan(config: Path, sets: list[str] | None):
 
 
 def read_plan(config: Path | None, sets: list[str] | None) -> RunRecord:
-    """The plan a read command reads, said on stderr: --config's; else the last run's, as recorded in
-    the store (with --set: its config file and overrides plus these); else configs/default.yaml."""
-    last = runs_dir("data") / RECORD
+    """The plan a read command reads, said on stderr with its stores: --config's; else the last run's,
+    as recorded in the configured data root ($SLMFLOW_DATA_ROOT, else data) (with --set: its config file
+    and overrides plus these); else configs/default.yaml."""
+    last = runs_dir(configured_roots()[0]) / RECORD
+    hint = "; --config to read another"
     if config is None and last.exists():
-        record = RunRecord.load(last)
+        try:
+            record = RunRecord.load(last)
+        except ValueError as e:
+            fail(str(e))
         if not sets:
-            err.print(f"reading the plan of the last run ({record.describe()}, {record.created}) from {last}; "
-                      f"--config to read another", style="dim", highlight=False, soft_wrap=True)
+            _say_reading(f"the plan of the last run ({record.describe()}, {record.created}) from {last}", record, hint)
             return record
         config, sets = Path(record.config_file or DEFAULT_CONFIG), [*record.overrides, *sets]
-        err.print(f"reading the plan of the last run's {config} --set {' --set '.join(sets)}", style="dim",
-                  highlight=False, soft_wrap=True)
+        what, hint = f"the plan of the last run's {config} --set {' --set '.join(sets)}", ""
     elif config is None:
-        err.print(f"reading the plan of {DEFAULT_CONFIG} (no run recorded in {last.parent}); --config to read another",
-                  style="dim", highlight=False, soft_wrap=True)
-    config = config or DEFAULT_CONFIG
+        config, what = DEFAULT_CONFIG, f"the plan of {DEFAULT_CONFIG} (no run recorded in {last.parent})"
+    else:
+        what, hint = f"the plan of {config}" + "".join(f" --set {s}" for s in sets or []), ""
     cfg, plan = load_plan(config, sets)
-    return RunRecord.from_plan(cfg, plan, str(config), sets)
+    record = RunRecord.from_plan(cfg, plan, str(config), sets)
+    _say_reading(what, record, hint)
+    return record
+
+
+def _say_reading(what: str, record: RunRecord, hint: str) -> None:
+    err.print(f"reading {what} in the stores {', '.join(s.root for s in record.roots())}{hint}", style="dim",
+              highlight=False, soft_wrap=True)
 
 
 def instance_of(record: RunRecord, stage: str):

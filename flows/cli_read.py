@@ -24,7 +24,7 @@ from flows.cli_common import (
 )
 from flows.record import Graph
 from flows.record import lineage as lineage_graph
-from tasks.core.store import Store, check_name
+from tasks.core.store import DamagedManifest, Store, check_name
 
 
 def status(config: ReadConfigOpt = None, set_: SetOpt = None):
@@ -34,7 +34,12 @@ def status(config: ReadConfigOpt = None, set_: SetOpt = None):
     for col in ("stage", "key", "cached", "rows", "created"):
         table.add_column(col)
     for name, inst in record.stages.items():
-        hit = record.store(inst.store).get(inst.stage, inst.key)
+        store = record.store(inst.store)
+        manifest = store.manifest_or_damage(inst.stage, inst.key)
+        if isinstance(manifest, DamagedManifest):  # shown, not set aside: a read command leaves it to verify or a run
+            table.add_row(name, inst.key, "damaged", f"{manifest.path.rsplit('/', 1)[-1]}: {manifest.why}", "")
+            continue
+        hit = store.get(inst.stage, inst.key)
         rows = ", ".join(f"{k} {v:,}" for k, v in hit.rows.items()) if hit else ""
         table.add_row(name, inst.key, "yes" if hit else "no", rows, hit.manifest.get("created", "") if hit else "")
     out.print(table)
@@ -114,17 +119,24 @@ def ls(config: ReadConfigOpt = None, set_: SetOpt = None):
     table = Table(title=f"outputs in {', '.join(s.root for s in record.roots())}")
     for col in ("stage", "key", "created", "MB", "produced with", "in the plan as"):
         table.add_column(col)
-    count, total = 0, 0
+    count, total, damaged = 0, 0, []
     for store in record.roots():
         for stage in store.stages():
             for k in store.keys(stage):
-                m = store.read_manifest(stage, k) or {}
+                m = store.manifest_or_damage(stage, k) or {}
+                count += 1
+                if isinstance(m, DamagedManifest):
+                    damaged.append(m)
+                    table.add_row(stage, k, "damaged", "?", "", instances.get((stage, k), ""))
+                    continue
                 size = sum(m.get("sizes", {}).values())
-                count, total = count + 1, total + size
+                total += size
                 table.add_row(stage, k, m.get("created", "?"), f"{size / 1e6:,.1f}", m.get("config_file") or "",
                               instances.get((stage, k), ""))
     out.print(table)
-    out.print(f"{count} outputs, {total / 1e6:,.1f} MB")
+    out.print(f"{count} outputs, {total / 1e6:,.1f} MB" + (f", {len(damaged)} damaged" if damaged else ""))
+    for m in damaged:
+        err.print(f"[bold red]damaged:[/] {m}; slmflow verify sets it aside", highlight=False, soft_wrap=True)
 
 
 def verify(
@@ -132,30 +144,65 @@ def verify(
     config: ReadConfigOpt = None,
     set_: SetOpt = None,
 ):
-    """Check stored outputs against their manifests (every file's size and sha256); a damaged output is named and set aside, so the next run recomputes it. Exit 1 if any was."""
+    """Check stored outputs against their manifests (the manifest itself, every file's size and sha256) and
+    the checkpoints of unfinished keys (each loads); a damaged one is named and set aside, so the next run
+    recomputes it or resumes from an earlier checkpoint. Exit 1 if any was."""
     record = read_plan(config, set_)
     name = record.stages[stage].stage if stage in record.stages else stage
-    checked, damaged, nbytes = 0, 0, 0
+    checked, damaged, nbytes, ckpts = 0, 0, 0, 0
     for store in record.roots():
         for stage_name in store.stages():
             if name and stage_name != name:
                 continue
             for key in store.keys(stage_name):
-                manifest = store.read_manifest(stage_name, key)
-                problems = store.problems(stage_name, key, manifest, digests=True)
+                manifest = store.manifest_or_damage(stage_name, key)
+                if manifest is None:  # gone since the listing (gc, or a run replacing it)
+                    continue
+                if isinstance(manifest, DamagedManifest):
+                    problems = [str(manifest)]
+                else:
+                    problems = store.problems(stage_name, key, manifest, digests=True)
+                    nbytes += sum(manifest["sizes"].values())
                 checked += 1
-                nbytes += sum(manifest.get("sizes", {}).values())
                 for line in problems:
                     err.print(f"[bold red]damaged:[/] {line}", highlight=False, soft_wrap=True)
                 if problems:
                     damaged += 1
                     err.print(f"  {stage_name} {key} set aside as {store.set_aside(stage_name, key)}; "
                               f"the next run recomputes it", highlight=False, soft_wrap=True)
-    if name and not checked:
+            bad, count = _verify_checkpoints(store, stage_name)
+            damaged, ckpts = damaged + bad, ckpts + count
+    if name and not checked and not ckpts:
         fail(f"no stored outputs of stage {name!r} under {', '.join(s.root for s in record.roots())}")
-    out.print(f"verified {checked} outputs ({nbytes / 1e6:,.1f} MB): {damaged} damaged")
+    also = f" and {ckpts} checkpoints" if ckpts else ""
+    out.print(f"verified {checked} outputs ({nbytes / 1e6:,.1f} MB){also}: {damaged} damaged")
     if damaged:
         raise typer.Exit(1)
+
+
+def _verify_checkpoints(store: Store, stage: str) -> tuple[int, int]:
+    """Check that each checkpoint in the stage's `.work-<key>` dirs loads; set aside those that do not.
+    (damaged, checked). torch is imported only when there are checkpoints; a key a run holds is skipped
+    (it writes and prunes its checkpoints as we read)."""
+    works = [store.local_path / stage / n for s, n in store.hidden() if s == stage and n.startswith(".work-")]
+    works = [w for w in works if any(w.glob("ckpt-*")) and not store.lock(stage, w.name[len(".work-"):]).held()]
+    if not works:
+        return 0, 0
+    from tasks.core.train import CheckpointError, checkpoints, read_checkpoint, set_aside_checkpoint
+
+    damaged, checked = 0, 0
+    for work in works:
+        for path in checkpoints(work):
+            checked += 1
+            try:
+                read_checkpoint(path)
+            except CheckpointError as e:
+                damaged += 1
+                aside = set_aside_checkpoint(path)
+                err.print(f"[bold red]damaged:[/] {path}: {e}", highlight=False, soft_wrap=True)
+                err.print(f"  set aside as {aside.name if aside else '(moved already)'}; the next run resumes "
+                          f"from an earlier checkpoint, or step 0", highlight=False, soft_wrap=True)
+    return damaged, checked
 
 
 def difficulty(prompt_id: str, config: ReadConfigOpt = None, set_: SetOpt = None):

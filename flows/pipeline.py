@@ -19,7 +19,7 @@ from prefect.states import Failed
 
 from flows.config import ConfigError, PipelineConfig, resolve_config
 from flows.record import RunRecord, lineage
-from flows.report import baseline_of, headline_metrics, report_card, write_report
+from flows.report import baseline_of, headline, headline_metrics, report_card, write_report
 from tasks import (
     decontaminate,
     dedup,
@@ -38,7 +38,7 @@ from tasks import (
 )
 from tasks.core.lineage import Tracker, tracking_uri
 from tasks.core.orchestration import RunContext, dask_scheduler, stage_task
-from tasks.core.stage import Outcome, Stage, StageConfig, StageError
+from tasks.core.stage import DamagedInput, Outcome, Stage, StageConfig, StageError, log
 from tasks.core.store import Artifact, stage_key
 
 
@@ -152,21 +152,40 @@ class PrefectRunner:
     config: dict = field(default_factory=dict)  # the resolved pipeline config, sent to remote stages
     remote: set[str] = field(default_factory=set)  # stage families sent to their deployments
     outcomes: list[tuple[str, Outcome]] = field(default_factory=list)
+    calls: dict[str, tuple] = field(default_factory=dict)  # instance -> (stage, cfg, inputs) as called
+    recovered: set[str] = field(default_factory=set)  # instances rerun after a damaged input (once each)
 
     def __call__(self, stage: Stage, cfg: StageConfig, name: str | None = None, **inputs: Any):
         name = name or stage.name
         planned = self.plan.stages[name]
         if name not in self.needed:
             return planned  # not run here: a needed stage downstream reads its output from the store
+        self.calls[name] = (stage, cfg, inputs)
         inputs = {k: self.stored(v) if isinstance(v, PlannedStage) else v for k, v in inputs.items()}
         forced = name in self.force
         if stage.family in self.remote and (forced or self.run.store(stage).get(stage.name, planned.key) is None):
             outcome = self.dispatch(planned, forced)
         else:  # the task asks the store: a hit ends as a `Cached` state, with its MLflow child run
             task = stage_task(stage).with_options(task_run_name=f"{name}-{planned.key[:8]}")
-            outcome = task(self.run, cfg, inputs, forced, name, planned.key, return_state=True).result()
+            try:
+                outcome = task(self.run, cfg, inputs, forced, name, planned.key, return_state=True).result()
+            except DamagedInput as e:  # a cached input did not decode and was set aside: make it again, once
+                upstream = self.producer(inputs[e.input_name])
+                if upstream is None or name in self.recovered:
+                    raise
+                self.recovered.add(name)
+                self.outcomes = [(n, o) for n, o in self.outcomes if n != upstream]
+                up_stage, up_cfg, up_inputs = self.calls[upstream]
+                fresh = self(up_stage, up_cfg, upstream, **up_inputs)
+                again = {k: fresh if k == e.input_name else v for k, v in self.calls[name][2].items()}
+                return self(stage, cfg, name, **again)
         self.outcomes.append((name, outcome))
         return outcome.artifact
+
+    def producer(self, artifact: Artifact) -> str | None:
+        """The instance of this run that made `artifact` (None: it was read from the store, not run here)."""
+        return next((n for n, o in self.outcomes if (o.artifact.stage, o.artifact.key) == (artifact.stage, artifact.key)
+                     and n in self.calls), None)
 
     def stored(self, planned: PlannedStage) -> Artifact:
         hit = self.run.store(planned.stage).get(planned.stage.name, planned.key)
@@ -238,15 +257,24 @@ def describe_final_model(tracker: Tracker, record: RunRecord, outcomes: dict[str
     run of every upstream output) and its held-out scores, so the registry page says what it is."""
     if "rl" not in outcomes or not outcomes["rl"].artifact.manifest.get("info", {}).get("registered_version"):
         return
+    version = outcomes["rl"].artifact.manifest["info"]["registered_version"]
+    if not tracker.has_model_version(rl.REGISTERED_MODEL, version, outcomes["rl"].artifact.manifest.get("mlflow_run_id")):
+        log.warning("the RL model (a cache hit) is registered as %s version %s in another MLflow store, not in %s: "
+                    "`slmflow run --force rl` registers it here", rl.REGISTERED_MODEL, version, tracker.uri)
+        return
     final = outcomes["rl"].artifact
     info = final.manifest["info"]
     scores = outcomes["eval_rl"].artifact.manifest.get("metrics", {}) if "eval_rl" in outcomes else {}
     held_out = {k: float(v) for k, v in scores.items() if k.startswith(("pass_at_1", "sampled_pass_at_1", "pass_at_k"))}
     graph = lineage(record, ["rl"])
-    chain = " <- ".join(f"{n.name} {n.key}" for n in graph.main_chain(f"rl:{final.key}"))
+    nodes = graph.main_chain(f"rl:{final.key}")
+    chain = " <- ".join(f"{n.name} {n.key}" for n in nodes)
+    links = " <- ".join(f"{n.name} {tracker.run_link(n.mlflow_run_id) if n.mlflow_run_id else n.key}" for n in nodes)
     score = f"Held-out greedy pass@1 {held_out['pass_at_1']:.3f}. " if "pass_at_1" in held_out else ""
-    description = (f"GRPO policy trained by slmflow (instance rl, key {final.key}).\n\n{score}Lineage: {chain}. "
-                   f"Store: {final.path}. Producing MLflow run: {final.manifest.get('mlflow_run_id')}.")
+    producer = final.manifest.get("mlflow_run_id")
+    description = (f"GRPO policy trained by slmflow (instance rl, key {final.key}).\n\n{score}Lineage (each a link to "
+                   f"the run that made it): {links}. Store: {final.path}. Producing MLflow run: "
+                   f"{tracker.run_link(producer) if producer else None}.")
     tags = {"stage_key": final.key, "store_path": final.path, "lineage": chain[:5000],
             **{f"run.{n.name}": n.mlflow_run_id for n in graph.nodes.values() if n.mlflow_run_id}}
     tracker.describe_model_version(rl.REGISTERED_MODEL, info["registered_version"], description, tags,
@@ -278,16 +306,18 @@ def _pipeline(config: str | dict, only: list[str] | None, force: list[str] | Non
     remote = set(cfg.run.remote_families) if cfg.run.execution == "deployments" else set()
     with (parent_run(cfg, f"pipeline-{flow_run.name or 'local'}", tags, overrides=overrides) as (tracker, parent),
           dask_scheduler(cfg.run.runner, cfg.run.dask_address, cfg.run.dask_workers) as dask_address):
+        # recorded first: `slmflow gc` keeps what a run in progress will read, and the read commands follow it
+        record = RunRecord.from_plan(cfg, plan, config_file, overrides, parent)
+        record.save()
         runner = PrefectRunner(plan, run_context(cfg, parent, dask_address, config_file), tracker, needed,
                                set(force or []), cfg.model_dump(mode="json"), remote)
         dag(cfg, runner)
         card = report_card(runner.outcomes, plan)
         baseline = baseline_of(runner.outcomes, plan)
-        path = write_report(card, cfg.run.data_root, parent, baseline)
+        path = write_report(card, record.run_dir(), parent, baseline)
         tracker.log_text(parent, path.read_text(), "report.md")
         tracker.log_metrics(parent, headline_metrics(card, baseline))
-        record = RunRecord.from_plan(cfg, plan, config_file, overrides, parent)
+        tracker.describe(parent, headline(card, baseline))
         tracker.log_text(parent, lineage(record, needed).to_mermaid(), "lineage.mmd")
         describe_final_model(tracker, record, dict(runner.outcomes))
-        record.save()
     return {"report": card, "baseline": baseline, "report_path": str(path), "mlflow_run_id": parent}

@@ -7,8 +7,10 @@ instead starts the same server (`uvicorn prefect.server.api.server:create_app`, 
 waits on the wall clock, generously, for as long as the process lives; one start at a time per
 `PREFECT_HOME`, so two runs never migrate one database at once. The server's URL goes into this
 process's environment, so stage subprocesses (torchrun, Dask workers) use it too, and the server
-dies with the run (also on SIGKILL of the run alone). `slmflow run` starts it first and waits for it
-last, just before the flow: its seconds of start-up overlap the run's planning, checks and MLflow set-up.
+dies with the run (also on SIGKILL of the run alone). It runs in its own session: a Ctrl-C in the
+terminal reaches the run only, which stops the server itself, last (flows/interrupt.py). `slmflow run`
+starts it first and waits for it last, just before the flow: its seconds of start-up overlap the run's
+planning, checks and MLflow set-up.
 
 `apply_defaults` runs before Prefect is imported: telemetry off (no network), slmflow's progress
 lines forwarded, and Prefect's own timeouts raised to minutes where a slow machine could hit them.
@@ -17,6 +19,7 @@ lines forwarded, and Prefect's own timeouts raised to minutes where a slow machi
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import socket
@@ -60,12 +63,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    """In the server process: get SIGTERM when the run that started it dies (Linux)."""
+def _die_with_parent(parent: int) -> None:
+    """In the server process: get SIGTERM when the run that started it dies (Linux). The kernel sends it
+    when the *thread* that spawned the server ends, so only threads that live as long as the server
+    spawn it (the caller's, and the watcher, which waits for `stop`)."""
     with contextlib.suppress(Exception):
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the run died before the line above: no signal will come
+        os._exit(1)
 
 
 def healthy(url: str) -> bool:
@@ -108,7 +115,7 @@ class PrefectAPI:
         self._errors = Path(tempfile.mkstemp(prefix="slmflow-prefect-server-", suffix=".log")[1])
         self._deadline = time.monotonic() + self.timeout_s
         self._failure: ServerError | None = None
-        self._stop = threading.Event()
+        self._stop, self._ready = threading.Event(), threading.Event()
         self._spawn()
         self._watcher = threading.Thread(target=self._watch, name="slmflow-prefect-server", daemon=True)
         self._watcher.start()
@@ -122,9 +129,17 @@ class PrefectAPI:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
                  "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"],
-                env=env, stdout=subprocess.DEVNULL, stderr=err, preexec_fn=_die_with_parent)
+                env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
+                preexec_fn=functools.partial(_die_with_parent, os.getpid()))
 
     def _watch(self) -> None:
+        try:
+            self._wait_for_server()
+        finally:
+            self._ready.set()
+        self._stop.wait()  # a server this thread spawned dies when the thread ends (PR_SET_PDEATHSIG)
+
+    def _wait_for_server(self) -> None:
         """Wait for the server (on a thread), then make its first API call at once: that call loads what
         /health does not (half a second of the server's time, spent while this process plans the run)."""
         while not healthy(self._starting):
@@ -156,10 +171,11 @@ class PrefectAPI:
                                   f"starts a temporary one")
             self._url = self.configured
             return self._url
-        if self._watcher.is_alive():
+        if not self._ready.is_set():
             self.log(f"Waiting for Prefect's temporary server on {self._starting} (the first start on a machine "
                      f"creates its database: a minute or more on a busy machine)")
-        self._watcher.join()
+        while not self._ready.wait(0.1):  # short waits: a Ctrl-C is handled only when this thread wakes
+            pass
         if self._failure:
             raise self._failure
         self._lock.release()
@@ -172,7 +188,6 @@ class PrefectAPI:
     def __exit__(self, *exc) -> None:
         if self.configured:
             return
-        self._stop.set()
         self._lock.release()  # a no-op once released
         if self._url:
             if "prefect.logging.handlers" in sys.modules:  # send the last log lines and events while it is up
@@ -185,8 +200,18 @@ class PrefectAPI:
             del os.environ["PREFECT_API_URL"]
             if "prefect.context" in sys.modules:
                 sys.modules["prefect.context"].refresh_global_settings_context()
+        self.stop(grace_s=10)
+
+    def stop(self, grace_s: float = 3) -> None:
+        """Stop the temporary server (SIGTERM, then SIGKILL after `grace_s`); a no-op with PREFECT_API_URL
+        or once stopped. An interrupted run calls it directly: no waiting for log lines to reach it."""
+        if self.configured or self._proc is None:
+            return
+        self._stop.set()
         self._proc.terminate()
         try:
-            self._proc.wait(timeout=10)
+            self._proc.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             self._proc.kill()
+            self._proc.wait()
+        self._errors.unlink(missing_ok=True)  # its output, kept until now for a failed start's message

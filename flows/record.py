@@ -1,11 +1,12 @@
 """The record of a pipeline run, and the lineage graph that `slmflow lineage` draws from the store.
 
-Every `slmflow run` ends by writing `<data_root>/runs/last-run.json`: the config file and overrides
-it ran with, its store roots, its MLflow parent run, and its plan (each instance of the DAG: stage,
-key, store, and which instances it reads). The read commands (`status`, `show`, `lineage`, `ls`)
-follow that record when no `--config` is given, so after a tiny run `slmflow show sft` finds the
+Every `slmflow run` starts by recording the config file and overrides it runs with, its store roots,
+its MLflow parent run, and its plan (each instance of the DAG: stage, key, store, and which instances
+it reads) twice: in its own `<data_root>/runs/<UTC time>-<run>/record.json`, beside its report, and in
+`<data_root>/runs/last-run.json`. The read commands (`status`, `show`, `lineage`, `ls`) follow the
+last run's record when no `--config` is given, so after a tiny run `slmflow show sft` finds the
 tiny output, and they need no stage module (no torch, mlflow or prefect import): they answer in
-well under two seconds.
+well under two seconds. `slmflow gc` keeps what the runs' own records name.
 
 This module imports nothing heavier than the store, on purpose.
 """
@@ -18,16 +19,40 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from tasks.core.store import Store, current_umask
 
 RECORD = "last-run.json"
+RUN_RECORD = "record.json"  # one per run, in `runs/<UTC time>-<run>/`
+
+
+def configured_roots() -> tuple[str, str]:
+    """The store roots with no config given: $SLMFLOW_DATA_ROOT and $SLMFLOW_MODELS_ROOT, else data and
+    models (as flows/config.py's run.data_root and run.models_root, which would import pydantic)."""
+    return os.environ.get("SLMFLOW_DATA_ROOT", "data"), os.environ.get("SLMFLOW_MODELS_ROOT", "models")
+
+
+def parse_time(text: str) -> datetime:
+    """An ISO time as records and manifests write it (UTC when it names no zone)."""
+    when = datetime.fromisoformat(text)
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
 
 
 def runs_dir(data_root: str) -> Path:
     """`<data_root>/runs`: reports and run records (a local directory even when the store is remote)."""
     base = Path(data_root) if "://" not in data_root else Path(".")
     return base / "runs"
+
+
+def _write_json(path: Path, value: Any) -> None:
+    """Written beside itself and renamed into place: a killed run leaves no half-written record."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(value, f, indent=2)
+    os.chmod(tmp, 0o644 & ~current_umask())  # mkstemp makes 0600
+    os.replace(tmp, path)
 
 
 @dataclass
@@ -73,22 +98,46 @@ class RunRecord:
         sets = f" --set {' --set '.join(self.overrides)}" if self.overrides else ""
         return f"{self.config_file or 'a config given as a dict'}{sets}"
 
+    def created_at(self) -> datetime | None:
+        return parse_time(self.created) if self.created else None
+
+    def run_dir(self) -> Path:
+        """`<data_root>/runs/<UTC time>-<run>/`: the one the run's report went to (flows/report.py), else a new one."""
+        runs, tag = runs_dir(self.data_root), (self.mlflow_run_id or "local")[:8]
+        reports = sorted(p for p in runs.glob(f"*-{tag}") if p.is_dir() and not p.name.startswith("."))
+        if reports and self.mlflow_run_id:
+            return reports[-1]
+        created = self.created_at() or datetime.now(timezone.utc)
+        return runs / f"{created.astimezone(timezone.utc):%Y%m%dT%H%M%SZ}-{tag}"
+
     def save(self) -> Path:
-        """Write `<data_root>/runs/last-run.json` beside itself and rename it into place."""
+        """Write the run's own record (`runs/<UTC time>-<run>/record.json`) and `runs/last-run.json`."""
+        _write_json(self.run_dir() / RUN_RECORD, asdict(self))
         path = runs_dir(self.data_root) / RECORD
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(asdict(self), f, indent=2)
-        os.chmod(tmp, 0o644 & ~current_umask())  # mkstemp makes 0600
-        os.replace(tmp, path)
+        _write_json(path, asdict(self))
         return path
 
     @classmethod
     def load(cls, path: Path) -> RunRecord:
-        raw = json.loads(path.read_text())
-        raw["stages"] = {n: Instance(**i) for n, i in raw["stages"].items()}
-        return cls(**raw)
+        """Raises ValueError (one line naming the file) for a file that is not a run record."""
+        try:
+            raw = json.loads(path.read_text())
+            raw["stages"] = {n: Instance(**i) for n, i in raw["stages"].items()}
+            record = cls(**raw)
+            record.created_at()  # a date that does not parse fails here, not in gc
+            return record
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{path} is not a readable run record ({type(e).__name__}: {e}): "
+                             f"move it out of {path.parent} or restore it") from None
+
+
+def recorded_runs(data_root: str) -> list[RunRecord]:
+    """Every run recorded under `<data_root>/runs`, oldest first: each run's own record, then
+    last-run.json unless it repeats one (it is the only record of a run from before runs kept their own)."""
+    runs = runs_dir(data_root)
+    records = [RunRecord.load(p) for p in sorted(runs.glob(f"*/{RUN_RECORD}")) if not p.parent.name.startswith(".")]
+    last = RunRecord.load(runs / RECORD) if (runs / RECORD).exists() else None
+    return records + [last] if last and last not in records else records
 
 
 @dataclass

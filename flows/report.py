@@ -5,12 +5,10 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 
-from flows.record import runs_dir
 from tasks.core.stage import Outcome
-from tasks.core.store import make_readable
+from tasks.core.store import current_umask
 
 
 def fmt(v) -> str:
@@ -34,6 +32,18 @@ def headline_metrics(card: list[dict], baseline: dict[str, dict] | None = None) 
     for task, b in (baseline or {}).items():
         out[f"constant_answer.pass_at_1.{task}"] = b["pass_at_1"]
     return out
+
+
+def headline(card: list[dict], baseline: dict[str, dict] | None = None) -> str:
+    """The report card in one line, the parent run's description: held-out mean greedy pass@1 per evaluated
+    model (and the constant answer), then stages computed and cached, and the time."""
+    scores = [f"{r['stage'].removeprefix('eval_')} {sum(r['accuracy'].values()) / len(r['accuracy']):.3f}"
+              for r in card if r["accuracy"]]
+    if baseline:
+        scores.append(f"constant answer {sum(b['pass_at_1'] for b in baseline.values()) / len(baseline):.3f}")
+    computed = sum(not r["cached"] for r in card)
+    ran = f"{computed} of {len(card)} stages computed ({len(card) - computed} cached), {sum(r['seconds'] for r in card) / 60:.1f} min"
+    return f"Held-out mean greedy pass@1: {', '.join(scores)}. {ran}." if scores else f"{ran[0].upper()}{ran[1:]}."
 
 
 def report_card(outcomes: list[tuple[str, Outcome]], plan) -> list[dict]:
@@ -126,15 +136,13 @@ def to_markdown(card: list[dict], baseline: dict[str, dict] | None = None) -> st
     return "\n".join(lines) + "\n"
 
 
-def write_report(card: list[dict], data_root: str, run_id: str, baseline: dict[str, dict] | None = None) -> Path:
-    """`<data_root>/runs/<UTC time>-<run>/report.md` (a local directory even for remote stores),
-    written beside it and renamed into place: a killed run leaves no half-written report."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    runs = runs_dir(data_root)
-    runs.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=runs))
-    (tmp / "report.md").write_text(f"# slmflow report card\n\nMLflow run `{run_id}`\n\n" + to_markdown(card, baseline))
-    make_readable(tmp)
-    out = runs / f"{stamp}-{run_id[:8]}"
-    os.replace(tmp, out)
-    return out / "report.md"
+def write_report(card: list[dict], run_dir: Path, run_id: str, baseline: dict[str, dict] | None = None) -> Path:
+    """`<run_dir>/report.md` (the run's directory, `<data_root>/runs/<UTC time>-<run>/`, local even for remote
+    stores), written beside it and renamed into place: a killed run leaves no half-written report."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=run_dir)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"# slmflow report card\n\nMLflow run `{run_id}`\n\n" + to_markdown(card, baseline))
+    os.chmod(tmp, 0o644 & ~current_umask())  # mkstemp makes 0600
+    os.replace(tmp, run_dir / "report.md")
+    return run_dir / "report.md"

@@ -154,12 +154,23 @@ def ingest(cfg: IngestConfig, inputs: dict, ctx: StageContext) -> dict:
     metrics.update(
         documents=documents,
         chars=sum(v for k, v in counts.items() if k.startswith("chars.")),
-        dropped_empty=sum(v for k, v in counts.items() if k.startswith("dropped_empty.")),
-        dropped_too_long=sum(v for k, v in counts.items() if k.startswith("dropped_too_long.")),
+        **{why: sum(v for k, v in counts.items() if k.startswith(f"{why}.")) for why in DROPPED},
         invalid_utf8=sum(v for k, v in counts.items() if k.startswith("invalid_utf8.")),
         shards=writer.shards,
     )
     return {"rows": {"documents": documents}, "metrics": metrics}
+
+
+# why a row or file of a source did not become a document: null text, blank text, over max_doc_chars, a
+# file over the source's max_bytes
+DROPPED = ("dropped_null", "dropped_empty", "dropped_too_long", "dropped_too_large")
+
+
+def source_summary(source: str, counts: Counter) -> str:
+    """`source S: N documents; dropped: 40 null, 3 empty` (every row that did not become a document, and why)."""
+    dropped = [f"{counts[f'{why}.{source}']:,} {why.removeprefix('dropped_').replace('_', ' ')}"
+               for why in DROPPED if counts[f"{why}.{source}"]]
+    return f"source {source}: {counts[f'docs.{source}']:,} documents; dropped: {', '.join(dropped) or 'none'}"
 
 
 def write_documents(cfg: IngestConfig, ctx: StageContext, writer: ShardWriter, refs: ShardWriter, counts: Counter) -> int:
@@ -193,11 +204,12 @@ def write_documents(cfg: IngestConfig, ctx: StageContext, writer: ShardWriter, r
         except SourceError as e:
             raise StageError(str(e)) from None
         counts.update({f"{k}.{src.source}": v for k, v in stats.items()})
+        log.info("ingest: %s", source_summary(src.source, counts))
     writer.flush()
     refs.flush()
     return documents
 
 
 STAGE = Stage("ingest", VERSION, IngestConfig, ingest, check=check,
-              report_metrics=("chars", "dropped_empty", "dropped_too_long", "invalid_utf8", "shards"))
+              report_metrics=("chars", *DROPPED, "invalid_utf8", "shards"))
 ingest_task = stage_task(STAGE)

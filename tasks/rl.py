@@ -27,7 +27,8 @@ from tasks.core.rollout import count_overlong, load_policy, resolve_device, take
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError, new_figure
 from tasks.core.store import Artifact, copy_file, write_parquet
 
-VERSION = 3  # 2: TRL's setting names, 1-based steps in the history table; 3: band (0.2, 0.8), overflow groups
+VERSION = 4  # 2: TRL's setting names, 1-based steps in the history table; 3: band (0.2, 0.8), overflow groups;
+# 4: the loop's own held-out check is `check_pass_at_1` (eval_rl's `pass_at_1` is the card's number)
 # carried to the next step and refills sized to what is missing, log-probs at the sampling temperature,
 # pass rates from the verifier alone, filter variance
 REGISTERED_MODEL = "slmflow-rl"
@@ -35,13 +36,14 @@ REGISTERED_MODEL = "slmflow-rl"
 
 class RLConfig(StageConfig, GRPOConfig):
     use_difficulty: bool = Field(False, description="train only on prompts kept by the difficulty table")
-    eval_prompts_per_task: int = Field(100, gt=0, description="held-out prompts per task of the greedy pass@1 check")
+    eval_prompts_per_task: int = Field(100, gt=0, description="held-out prompts per task of the loop's own greedy "
+                                       "check, `check_pass_at_1` (the card's held-out number is eval_rl's pass_at_1)")
 
 
 def rl_curve_figure(history: list[dict], title: str):
     """Mean reward and kept fraction per step, and held-out greedy pass@1 at each eval."""
     fig, ax = new_figure()
-    for key, style in (("reward_mean", "-"), ("kept_fraction", ":"), ("eval_pass_at_1", "o-")):
+    for key, style in (("reward_mean", "-"), ("kept_fraction", ":"), ("check_pass_at_1", "o-")):
         points = [(h["step"], h[key]) for h in history if key in h]
         if points:
             ax.plot(*zip(*points), style, label=key)
@@ -90,12 +92,12 @@ def rl(cfg: RLConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
         info["mlflow_model_id"] = ctx.tracker.log_model(ctx.run_id, ctx.out / "model", ctx.instance, step=state.step)
         info["registered_version"] = ctx.tracker.register_model(info["mlflow_model_id"], ctx.run_id, REGISTERED_MODEL)
     rewards = [h["reward_mean"] for h in history if "reward_mean" in h]
-    evals = [h["eval_pass_at_1"] for h in history if "eval_pass_at_1" in h]
+    evals = [h["check_pass_at_1"] for h in history if "check_pass_at_1" in h]
     metrics = {
         "steps": state.step, "resumed_from_step": state.resumed_from,
         "reward_first": float(np.mean(rewards[:3])) if rewards else 0.0,
         "reward_last": float(np.mean(rewards[-3:])) if rewards else 0.0, "reward_best": max(rewards, default=0.0),
-        "eval_pass_at_1_start": evals[0] if evals else 0.0, "eval_pass_at_1": evals[-1] if evals else 0.0,
+        "check_pass_at_1_start": evals[0] if evals else 0.0, "check_pass_at_1": evals[-1] if evals else 0.0,
         "kept_fraction": float(np.mean([h["kept_fraction"] for h in history if "kept_fraction" in h] or [0])),
         "train_prompts": len(rows), **overlong,
     }

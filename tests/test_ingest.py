@@ -103,3 +103,19 @@ def test_progress_by_bytes_and_a_source_listed_twice(tmp_path, caplog):
     assert "ingest: 4.0/8.0 MB of docs (2)" in caplog.text and "ingest: 2 docs, 4.0 MB in" in caplog.text
     with pytest.raises(StageError, match=r"ingest: document jsonl:c.jsonl:1 appears twice \(a source listed twice\?\)"):
         run_stage(STAGE, IngestConfig(sources=[source, source], shard_rows=2), {}, Store(tmp_path / "b"))
+
+
+def test_null_texts_are_counted_beside_empty_ones(tmp_path, caplog):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [None if i % 5 == 0 else ("  " if i % 7 == 0 else f"document {i}") for i in range(200)]
+    pq.write_table(pa.table({"text": pa.array(texts, pa.string())}), tmp_path / "c.parquet")
+    cfg = IngestConfig(sources=[{"kind": "parquet", "path": str(tmp_path / "*.parquet"), "name": "web"}])
+    with caplog.at_level("INFO", logger="slmflow"):
+        m = run_stage(STAGE, cfg, {}, Store(tmp_path / "store")).artifact.manifest["metrics"]
+    nulls, blanks = texts.count(None), texts.count("  ")
+    assert (nulls, blanks) == (40, 23)
+    assert (m["dropped_null"], m["dropped_null.web"], m["dropped_empty"], m["documents"]) == (40, 40, 23, 137)
+    assert m["documents"] + m["dropped_null"] + m["dropped_empty"] == len(texts)  # every row accounted for
+    assert "ingest: source web: 137 documents; dropped: 40 null, 23 empty" in caplog.text

@@ -101,10 +101,14 @@ def test_mlflow_links_reach_ingest_from_the_rl_run(tiny_run):
     assert parent.data.metrics["eval_rl.pass_at_1"] == pytest.approx(card["eval_rl"]["metrics"]["pass_at_1"])
     assert [a.path for a in client.list_artifacts(result["mlflow_run_id"]) if a.path == "lineage.mmd"]
 
+    preselect = client.search_runs([exp.experiment_id], "attributes.run_name = 'preselect'", max_results=1)[0]
+    assert {"ref_0", "ref_1", "ref_2"} <= {d.dataset.name for d in preselect.inputs.dataset_inputs}  # by instance
     models = {m.name for m in client.search_logged_models([exp.experiment_id])}
     assert {"ref_0", "ref_1", "pretrain", "sft", "rl"} <= models
     version = client.get_model_version("slmflow-rl", manifest["info"]["registered_version"])
-    assert "Lineage: rl" in version.description and "ingest" in version.description
+    assert "Lineage (each a link to the run that made it): rl [" in version.description
+    assert f"(#/experiments/{exp.experiment_id}/runs/" in version.description and "ingest [" in version.description
+    assert parent.data.tags["mlflow.note.content"].startswith("Held-out mean greedy pass@1: pretrain ")
     assert version.tags["stage_key"] == manifest["key"]
     logged = client.get_logged_model(manifest["info"]["mlflow_model_id"])
     assert {m.key for m in logged.metrics} >= {"pass_at_1"}

@@ -238,7 +238,7 @@ def test_rl_raises_reward_records_history_and_registers(trained):
     assert str(client.get_registered_model("slmflow-rl").latest_versions[0].version) == "1"
     run_ = client.get_run(art.manifest["mlflow_run_id"])
     assert {"reward_mean", "kept_fraction", "zero_variance_fraction", "generation_seconds", "train_seconds",
-            "generated_tokens_per_s", "clip_fraction", "eval_pass_at_1"} <= set(run_.data.metrics)
+            "generated_tokens_per_s", "clip_fraction", "check_pass_at_1"} <= set(run_.data.metrics)
     assert "plots/rl_curve.png" in {a.path for a in client.list_artifacts(run_.info.run_id, "plots")}
     sft_model = Store(root / "models").get("sft", report["sft"]["key"]).manifest["info"]["mlflow_model_id"]
     assert [i.model_id for i in run_.inputs.model_inputs] == [sft_model]

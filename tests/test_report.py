@@ -5,7 +5,7 @@ import math
 import polars as pl
 import pytest
 
-from flows.report import accuracy_table, mean_standard_error, standard_error, to_markdown
+from flows.report import accuracy_table, headline, mean_standard_error, standard_error, to_markdown
 from tasks.core.outputs import load_prompts
 from tasks.core.rollout import constant_answer_baseline
 
@@ -27,6 +27,9 @@ def test_standard_errors_in_the_table():
     assert rows[0] == ["eval_sft", "0.100 ± 0.030", "0.500 ± 0.100", "0.300 ± 0.052", "0.200", "0.500", "125"]
     assert rows[1][:4] == ["constant answer", "0.040 ± 0.020", "0.000 ± 0.000", "0.020 ± 0.010"]
     assert "| constant answer | 0.040 ± 0.020 |" in to_markdown(card, baseline)
+    ingest = {**card_row("ingest", {"a": 0.0}, {}), "accuracy": {}, "cached": True, "seconds": 59.0}
+    assert headline([ingest, *card], baseline) == ("Held-out mean greedy pass@1: sft 0.300, constant answer 0.020. "
+                                                   "1 of 2 stages computed (1 cached), 1.0 min.")
 
 
 def test_constant_answer_baseline_matches_an_oracle(tiny_run):

@@ -54,7 +54,7 @@ def test_parquet_reads_rows_in_order_skipping_nulls(tmp_path):
     out = docs(cfg, stats)
     assert [(d.ref.split("/")[-1], d.data) for d in out] == [("a.parquet:0", "first"), ("b.parquet:0", "a"),
                                                            ("b.parquet:2", "c")]
-    assert all(d.source == "parquet" for d in out) and stats == {"skipped_null": 1}
+    assert all(d.source == "parquet" for d in out) and stats == {"dropped_null": 1}
     assert cfg.estimate() == 4
     assert docs(ParquetSource(path=str(tmp_path / "*.parquet"), name="mine"))[0].source == "mine"
 
@@ -99,7 +99,7 @@ def test_jsonl_reads_lines_keeps_invalid_utf8_as_bytes(tmp_path):
     assert isinstance(out[3].data, bytes) and out[3].data.startswith(b"lone ")  # unpaired \ud800 escape
     assert out[0].data == "hello" and out[2].data == "été"
     assert out[1].data == b"caf\xe9 ok"  # invalid UTF-8 passed through; ingest decodes with replace
-    assert stats == {"skipped_null": 1}
+    assert stats == {"dropped_null": 1}
     assert JsonlSource(path=str(f)).estimate() is None
 
 
@@ -125,7 +125,7 @@ def test_stdlib_small_deterministic_and_size_limit():
     assert all(isinstance(d, RawDoc) and d.ref.endswith(".py") and isinstance(d.data, bytes) for d in out)
     stats = {}
     small = docs(StdlibSource(max_bytes=300, max_files=3), stats)
-    assert all(len(d.data) <= 300 for d in small) and stats["skipped_too_large"] > 0
+    assert all(len(d.data) <= 300 for d in small) and stats["dropped_too_large"] > 0
     refs = [d.ref for d in docs(StdlibSource(max_bytes=2000))]
     assert refs and not any(r.startswith("test/") or "/tests/" in r or "site-packages" in r for r in refs)
 

@@ -120,3 +120,106 @@ def test_fsspec_memory_filesystem_commits_manifest_last(tmp_path):
     assert store.get("toy", out.artifact.key).rows == {"rows": 2}
     assert store.fs.cat(f"/slmflow-test/toy/{out.artifact.key}/rows.txt") == b"x0\nx1"
     assert run_stage(STAGE, Cfg(n=2), {}, store).cached
+
+
+# --- A manifest that vouches for nothing: never a hit, set aside, recomputed ----------------------------------
+
+def committed(tmp_path):
+    store = Store(tmp_path)
+    key = run_stage(STAGE, Cfg(), {}, store).artifact.key
+    return store, key, tmp_path / "toy" / key / "manifest.json"
+
+
+def test_empty_manifest_is_not_a_hit_and_is_recomputed(tmp_path, caplog):
+    store, key, manifest = committed(tmp_path)
+    manifest.write_text("{}")
+    again = run_stage(STAGE, Cfg(), {}, store)
+    assert not again.cached and again.artifact.key == key
+    assert (tmp_path / "toy" / key / "rows.txt").read_text() == "x0\nx1\nx2"
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and f"{manifest}: lacks stage, key, files, sizes" in warned[0], warned
+    assert "it will be recomputed" in warned[0]
+    aside = [p.name for p in (tmp_path / "toy").iterdir() if p.name.startswith(f".damaged-{key}-")]
+    assert len(aside) == 1 and store.get("toy", key) is not None
+
+
+@pytest.mark.parametrize("content, why", [
+    (None, "not JSON (Expecting"),  # cut short: the first half of the real manifest
+    (b"\xff\xfe\x00garbage\x00", "not JSON ("),  # binary
+    (b"[1, 2]", "not a JSON object"),
+    (b'{"stage": "toy", "key": "0123456789abcdef", "files": {}, "sizes": {}}', "names toy 0123456789abcdef, not"),
+    (b'{"stage": "toy", "key": "KEY", "files": {"rows.txt": "abc"}, "sizes": {"rows.txt": 8}}',
+     "files is not a map of file name to sha256"),
+    (b'{"stage": "toy", "key": "KEY", "files": {"rows.txt": "' + b"a" * 64 + b'"}, "sizes": {}}',
+     "files and sizes name different files"),
+    (b'{"stage": "toy", "key": "KEY", "files": {"../x": "' + b"a" * 64 + b'"}, "sizes": {"../x": 1}}',
+     "names a file outside its output directory"),
+])
+def test_bad_manifest_get_returns_none_with_one_warning_and_sets_it_aside(tmp_path, caplog, content, why):
+    store, key, manifest = committed(tmp_path)
+    whole = manifest.read_bytes()
+    manifest.write_bytes(whole[: len(whole) // 2] if content is None else content.replace(b"KEY", key.encode()))
+    assert store.read_manifest("toy", key) is None  # never raises
+    assert store.get("toy", key) is None
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and f"{manifest}: {why}" in warned[0], warned
+    assert "\n" not in warned[0] and "set aside as" in warned[0]
+    assert store.keys("toy") == [] and not manifest.parent.exists()
+    assert [p.name.startswith(f".damaged-{key}-") for p in (tmp_path / "toy").iterdir()] == [True]
+
+
+def test_bad_manifest_is_not_set_aside_while_a_run_holds_its_key(tmp_path, caplog):
+    store, key, manifest = committed(tmp_path)
+    manifest.write_text("{")
+    with store.lock("toy", key):  # that run's commit replaces it: setting it aside could race the commit
+        assert store.get("toy", key) is None
+    assert manifest.exists() and "it will be recomputed" in caplog.text and "set aside" not in caplog.text
+
+
+def test_commit_writes_the_stage_and_key_into_the_manifest(tmp_path):
+    store = Store(tmp_path)
+    scratch = store.scratch("toy", "k1")
+    (scratch / "x.txt").write_text("x")
+    art = store.commit(scratch, "toy", "k1", {"rows": {}})
+    assert art.manifest["stage"] == "toy" and art.manifest["key"] == "k1"
+    assert store.get("toy", "k1") is not None
+
+
+def test_verify_ls_and_status_name_bad_manifests_without_crashing(project):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from flows.config import load_config
+    from flows.pipeline import make_plan
+
+    cfg = str(project / "tiny.yaml")
+    store = Store(project / "data")
+    bad = []
+    for n, content in ((1, b"{}"), (2, b'{"stage": "toy", "ke'), (3, b"\x00\x01\xff\xfe binary")):
+        manifest = project / "data" / "toy" / run_stage(STAGE, Cfg(n=n), {}, store).artifact.key / "manifest.json"
+        manifest.write_bytes(content)
+        bad.append(manifest)
+    ingest = project / "data" / "ingest" / make_plan(load_config(cfg)).stages["ingest"].key
+    ingest.mkdir(parents=True)
+    (ingest / "manifest.json").write_text("not json")
+    runner = CliRunner()
+
+    listing = runner.invoke(app, ["ls", "-c", cfg])
+    assert listing.exit_code == 0, listing.output
+    assert "4 outputs, 0.0 MB, 4 damaged" in listing.output
+    assert f"damaged: {bad[0]}: lacks stage, key, files, sizes" in " ".join(listing.output.split())
+    status = runner.invoke(app, ["status", "-c", cfg], terminal_width=250)
+    assert status.exit_code == 0, status.output
+    assert " damaged " in status.output and "manifest.json: not JSON" in status.output
+    assert all(m.exists() for m in bad)  # ls and status only read
+
+    result = runner.invoke(app, ["verify", "-c", cfg])
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    assert f"damaged: {bad[0]}: lacks stage, key, files, sizes" in text
+    assert f"damaged: {bad[1]}: not JSON (" in text and f"damaged: {bad[2]}: not JSON (" in text
+    assert f"damaged: {ingest / 'manifest.json'}: not JSON (" in text
+    assert "verified 4 outputs (0.0 MB): 4 damaged" in text and "Traceback" not in text
+    assert store.keys("toy") == [] and len(list((project / "data" / "toy").glob(".damaged-*"))) == 3
+    again = runner.invoke(app, ["verify", "-c", cfg])
+    assert again.exit_code == 0 and "verified 0 outputs" in again.output

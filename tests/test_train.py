@@ -1,4 +1,5 @@
-"""The training loop: schedules, exact resume after a kill, DDP equivalence, divergence."""
+"""The training loop: schedules, exact resume after a kill or past a damaged checkpoint, DDP equivalence,
+divergence."""
 
 from __future__ import annotations
 
@@ -13,8 +14,20 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.core.model import ModelConfig
-from tasks.core.train import BatchOrder, DivergedError, TrainConfig, TrainSpec, checkpoints, launch, lr_at, train
+from tasks.core.model import GPT, ModelConfig
+from tasks.core.train import (
+    BatchOrder,
+    CheckpointError,
+    DivergedError,
+    TrainConfig,
+    TrainSpec,
+    checkpoints,
+    launch,
+    lr_at,
+    read_checkpoint,
+    save_checkpoint,
+    train,
+)
 
 VOCAB, SEQ = 64, 32
 
@@ -136,3 +149,100 @@ def test_divergence_stops_with_clear_error_and_keeps_checkpoint(tmp_path, monkey
 def test_batch_must_split_across_processes(tmp_path):
     with pytest.raises(ValueError, match="must divide"):
         train(make_spec(tmp_path, "odd", batch_size=7, grad_accum=2))
+
+
+# --- A checkpoint that does not load: set aside, and the one before it resumed --------------------------------
+
+def trained_with_checkpoints(tmp_path: Path, name: str) -> tuple[TrainSpec, bytes]:
+    """A straight 9-step run, which leaves checkpoints at steps 3 and 6 (what a run killed after step 6
+    leaves) and its final weights; the weights are removed for a resumed run to write again."""
+    spec = make_spec(tmp_path, name, max_steps=9, checkpoint_every=3, log_every=3)
+    train(spec)
+    weights = Path(spec.out) / "model.safetensors"
+    straight = weights.read_bytes()
+    weights.unlink()
+    return spec, straight
+
+
+def cut_short(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def warnings_of(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_a_checkpoint_that_does_not_load_is_set_aside_and_the_one_before_it_resumed(tmp_path, caplog, one_thread):
+    spec, straight = trained_with_checkpoints(tmp_path, "a")
+    work = Path(spec.work)
+    cut_short(work / "ckpt-6" / "train_state.pt")  # e.g. a full disk under a copy of the store
+    resumed = train(spec)
+    assert resumed["resumed_from_step"] == 3 and resumed["steps"] == 9
+    assert (Path(spec.out) / "model.safetensors").read_bytes() == straight  # byte-identical to the straight run
+    [warning] = warnings_of(caplog)
+    assert warning.startswith(f"checkpoint {work / 'ckpt-6'} does not load: train_state.pt does not load (")
+    assert "set aside as .bad-ckpt-6-" in warning
+    assert len(list(work.glob(".bad-ckpt-6-*"))) == 1
+    assert [p.name for p in checkpoints(work)] == ["ckpt-3", "ckpt-6"]  # step 6 saved again by the resumed run
+
+
+def test_when_no_checkpoint_loads_training_starts_from_step_0(tmp_path, caplog, one_thread):
+    spec, straight = trained_with_checkpoints(tmp_path, "b")
+    work = Path(spec.work)
+    (work / "ckpt-6" / "state.json").write_text('{"step": 6')  # cut short
+    cut_short(work / "ckpt-3" / "model.safetensors")
+    resumed = train(spec)
+    assert resumed["resumed_from_step"] == 0 and resumed["steps"] == 9
+    # a checkpoint is read whole before anything is restored: the failed ones left the fresh model as it was
+    assert (Path(spec.out) / "model.safetensors").read_bytes() == straight
+    assert [w.split(" does not load: ")[1].split(" (")[0] for w in warnings_of(caplog)] == [
+        "state.json does not load", "model.safetensors does not load"]
+    assert sorted(p.name[: len(".bad-ckpt-3")] for p in work.glob(".bad-*")) == [".bad-ckpt-3", ".bad-ckpt-6"]
+
+
+@pytest.mark.parametrize("damage, why", [
+    (lambda c: (c / "model.safetensors").unlink(), "model.safetensors does not load (No such file"),
+    (lambda c: cut_short(c / "model.safetensors"), "model.safetensors does not load (Error while deserializing"),
+    (lambda c: (c / "config.json").write_text("{"), "config.json does not load (Expecting"),
+    (lambda c: (c / "train_state.pt").write_bytes(b""), "train_state.pt does not load (EOFError)"),
+    (lambda c: (c / "train_state.pt").write_bytes(b"not a checkpoint"), "train_state.pt does not load (Weights only"),
+    (lambda c: torch.save({"optimizer": {}}, c / "train_state.pt"), "train_state.pt lacks the optimizer or RNG"),
+    (lambda c: (c / "state.json").write_text("{}"), "state.json lacks step, history"),
+])
+def test_read_checkpoint_names_the_file_that_does_not_load(tmp_path, damage, why):
+    model = GPT(ModelConfig(vocab_size=VOCAB, depth=1, width=32, max_seq_len=SEQ))
+    save_checkpoint(tmp_path, 5, model, model.configure_optimizer(1e-3, 0.0), [])
+    ckpt = tmp_path / "ckpt-5"
+    assert read_checkpoint(ckpt)[1]["step"] == 5
+    damage(ckpt)
+    with pytest.raises(CheckpointError) as e:
+        read_checkpoint(ckpt)
+    assert str(e.value).startswith(why) and "\n" not in str(e.value)
+
+
+def test_verify_sets_aside_a_checkpoint_that_does_not_load_and_gc_lists_it(project):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from tasks.core.housekeeping import find_garbage
+    from tasks.core.store import Store
+
+    key = "0123456789abcdef"
+    work = project / "models" / "pretrain" / f".work-{key}"
+    work.mkdir(parents=True)
+    model = GPT(ModelConfig(vocab_size=VOCAB, depth=1, width=32, max_seq_len=SEQ))
+    opt = model.configure_optimizer(1e-3, 0.0)
+    save_checkpoint(work, 10, model, opt, [])
+    save_checkpoint(work, 20, model, opt, [])
+    cut_short(work / "ckpt-20" / "train_state.pt")
+    result = CliRunner().invoke(app, ["verify", "-c", str(project / "tiny.yaml")])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1, result.output
+    assert f"damaged: {work / 'ckpt-20'}: train_state.pt does not load (" in text
+    assert "verified 0 outputs (0.0 MB) and 2 checkpoints: 1 damaged" in text
+    assert [p.name for p in checkpoints(work)] == ["ckpt-10"] and len(list(work.glob(".bad-ckpt-20-*"))) == 1
+    again = CliRunner().invoke(app, ["verify", "-c", str(project / "tiny.yaml")])
+    assert again.exit_code == 0 and "and 1 checkpoints: 0 damaged" in again.output
+    # a live work dir (its key still wanted) stays; only the checkpoint set aside in it is garbage
+    [garbage] = find_garbage(Store(project / "models"), {("pretrain", key)})
+    assert garbage.path.name.startswith(".bad-ckpt-20-") and garbage.why == "checkpoint that did not load, set aside"

@@ -2,9 +2,11 @@
 
 - `.tmp-<key>-*` and `.old-<key>-*`: an output a killed run was writing or replacing;
 - `.damaged-<key>-*`: an output `slmflow verify` set aside;
-- `.work-<key>`: checkpoints of a key that finished, or that no given config names;
+- `.work-<key>`: checkpoints of a key that finished, or that no given config names; in any other,
+  the `.bad-ckpt-<step>-*` checkpoints set aside because they did not load;
 - `.lock-<key>`: a lock file a killed run left (never one that is held);
-- `<key>`: a stored output that no given config reaches.
+- `<key>`: a stored output that no kept plan (given configs, recorded runs) names, that no model
+  registry version points at, and that was not made since a given time.
 
 An entry whose key's lock is held belongs to a run in progress and is never listed.
 """
@@ -13,7 +15,9 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 from tasks.core.store import Store
@@ -41,9 +45,25 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def find_garbage(store: Store, reachable: set[tuple[str, str]]) -> list[Garbage]:
+def _made_since(manifest: dict, since: datetime) -> bool:
+    try:
+        made = datetime.fromisoformat(manifest["created"])
+    except KeyError:
+        return False  # no date: as old as can be
+    except (TypeError, ValueError):
+        return True  # a date that does not parse: it may be recent, keep it
+    return (made if made.tzinfo else made.replace(tzinfo=timezone.utc)) >= since
+
+
+def _unreached(stage: str, key: str) -> str:
+    return "output no given config reaches"
+
+
+def find_garbage(store: Store, reachable: set[tuple[str, str]], why_unreached: Callable[[str, str], str] = _unreached,
+                 made_since: datetime | None = None) -> list[Garbage]:
     """Entries of a local store that no longer count; `reachable`: (stage, key) of every output
-    the given configs name (their plans)."""
+    the kept plans name; `why_unreached`: what the listing says of a stored output they don't;
+    `made_since`: stored outputs made since then are kept, reached or not."""
     if not store.local:
         return []
     root = store.local_path
@@ -65,9 +85,18 @@ def find_garbage(store: Store, reachable: set[tuple[str, str]]) -> list[Garbage]
         if why:
             path = root / stage / name
             found.append(Garbage(path, stage, why, _size(path)))
+        elif kind == "work":  # kept for a resume: only the checkpoints set aside in it (tasks/core/train.py) go
+            found += [Garbage(p, stage, "checkpoint that did not load, set aside", _size(p))
+                      for p in sorted((root / stage / name).glob(".bad-ckpt-*"))]
     for stage in store.stages():
         for key in store.keys(stage):
-            if (stage, key) not in reachable and not store.lock(stage, key).held():
-                path = root / stage / key
-                found.append(Garbage(path, stage, "output no given config reaches", _size(path)))
+            if (stage, key) in reachable or store.lock(stage, key).held():
+                continue
+            manifest = store.read_manifest(stage, key) or {}
+            if manifest.get("info", {}).get("registered_version"):
+                continue  # a model version in MLflow's registry points at these files (tasks/rl.py)
+            if made_since and _made_since(manifest, made_since):
+                continue  # a run that has not recorded its plan yet (one in progress) may be reading it
+            path = root / stage / key
+            found.append(Garbage(path, stage, why_unreached(stage, key), _size(path)))
     return found

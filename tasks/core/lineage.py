@@ -107,6 +107,31 @@ def sqlite_file(uri: str) -> Path | None:
 
 _SHARED: dict[tuple[str, str, str], Tracker] = {}  # Tracker.shared
 _SHARED_LOCK = threading.Lock()
+# The runs this process started and has not ended, so an interrupt can end them as KILLED (`kill_open_runs`)
+_OPEN: dict[str, tuple[Tracker, dict[str, str]]] = {}
+_OPEN_LOCK = threading.Lock()
+_KILLED = threading.Event()  # set by `kill_open_runs`: a run started after it is KILLED at once
+
+
+def open_runs() -> dict[str, dict[str, str]]:
+    """run id -> tags of the runs this process has open (the pipeline's parent run, stage runs); after
+    `kill_open_runs`, the ones it ended."""
+    with _OPEN_LOCK:
+        return {run_id: tags for run_id, (_, tags) in _OPEN.items()}
+
+
+def kill_open_runs() -> list[str]:
+    """End every run this process has open as KILLED (an interrupted `slmflow run`: the process exits
+    right after, and stage threads still running end no run after this). Errors are skipped: best effort."""
+    with _OPEN_LOCK:
+        _KILLED.set()
+        runs = list(_OPEN.items())
+    for run_id, (tracker, _) in runs:
+        try:
+            tracker.client.set_terminated(run_id, "KILLED")
+        except Exception as e:  # noqa: BLE001  the others still get their chance
+            log.debug("could not end run %s as KILLED: %s", run_id, e)
+    return [run_id for run_id, _ in runs]
 
 
 class Tracker:
@@ -155,7 +180,17 @@ class Tracker:
             self.client.log_batch(run_id, tags=tags)
 
     def start_parent(self, name: str, tags: dict[str, str]) -> str:
-        return self.client.create_run(self.experiment_id, run_name=name, tags={**tags, **owner()}).info.run_id
+        run_id = self.client.create_run(self.experiment_id, run_name=name, tags={**tags, **owner()}).info.run_id
+        return self._opened(run_id, tags)
+
+    def _opened(self, run_id: str, tags: dict[str, str]) -> str:
+        """Remember an open run for `kill_open_runs`; one started after an interrupt is KILLED at once."""
+        with _OPEN_LOCK:
+            if not _KILLED.is_set():
+                _OPEN[run_id] = (self, tags)
+                return run_id
+        self.client.set_terminated(run_id, "KILLED")
+        return run_id
 
     def close_dead_runs(self) -> list[str]:
         """End as KILLED the runs that a killed slmflow process on this host left RUNNING (SIGKILL gives
@@ -173,7 +208,8 @@ class Tracker:
         all_tags = {"stage": stage, "stage_key": key, "instance": label or stage, **owner(), **(tags or {})}
         if parent_run_id:
             all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
-        return self.client.create_run(self.experiment_id, run_name=label or stage, tags=all_tags).info.run_id
+        run_id = self.client.create_run(self.experiment_id, run_name=label or stage, tags=all_tags).info.run_id
+        return self._opened(run_id, all_tags)
 
     def start_stage(self, parent_run_id, stage, key, cfg, tags=None, label=None) -> str:
         run_id = self._child(parent_run_id, stage, key, {"cached": "false", **(tags or {})}, label)
@@ -204,7 +240,8 @@ class Tracker:
             with warnings.catch_warnings():  # a local path matches two equal source classes
                 warnings.simplefilter("ignore", UserWarning)
                 source = resolve_dataset_source(a.path)
-            ds = MetaDataset(source=source, name=a.stage, digest=a.key)
+            # named by the instance that made it (ref_0, not pretrain): preselect's three models stay apart
+            ds = MetaDataset(source=source, name=a.manifest.get("instance") or a.stage, digest=a.key)
             entries.append(DatasetInput(ds._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, context)]))
         if entries:
             self.client.log_inputs(run_id, datasets=entries)
@@ -244,6 +281,13 @@ class Tracker:
         source = self.client.get_logged_model(model_id).artifact_location
         return str(self.client.create_model_version(name, source=source, run_id=run_id, model_id=model_id).version)
 
+    def has_model_version(self, name: str, version: str, run_id: str | None) -> bool:
+        """This store's registry has that version, registered by that run (not one of another store's)."""
+        try:
+            return self.client.get_model_version(name, version).run_id == run_id
+        except MlflowException:
+            return False
+
     def describe_model_version(self, name: str, version: str, description: str, tags: dict[str, str],
                                model_id: str | None = None, run_id: str | None = None,
                                metrics: dict[str, float] | None = None) -> None:
@@ -273,9 +317,17 @@ class Tracker:
         self.client.log_batch(run_id, tags=[RunTag("store_path", artifact.path)])
         self.end(run_id, "FINISHED")
 
+    def describe(self, run_id: str, text: str) -> None:
+        """The run's description (the note the MLflow UI shows under the run's name)."""
+        self.client.set_tag(run_id, MLFLOW_RUN_NOTE, text)
+
     def log_text(self, run_id: str, text: str, name: str) -> None:
         self.client.log_text(run_id, text, name)
 
     def end(self, run_id: str, status: str) -> None:
+        with _OPEN_LOCK:
+            if _KILLED.is_set():  # interrupted: `kill_open_runs` ended it as KILLED
+                return
+            _OPEN.pop(run_id, None)
         self.client.set_terminated(run_id, status)
 

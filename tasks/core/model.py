@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from tasks.core.configs import ModelConfig
+from tasks.core.faults import on_file
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
@@ -338,7 +339,8 @@ def save_model(model: GPT, directory: str | Path) -> Path:
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.dims.tie_embeddings:
         del state["lm_head.weight"]
-    save_file(state, directory / WEIGHTS, metadata={"format": "pt"})
+    with on_file(directory / WEIGHTS):
+        save_file(state, directory / WEIGHTS, metadata={"format": "pt"})
     (directory / CONFIG).write_text(model.config.model_dump_json(indent=2) + "\n")
     return directory
 
@@ -346,7 +348,8 @@ def save_model(model: GPT, directory: str | Path) -> Path:
 def load_weights(model: GPT, directory: str | Path) -> GPT:
     """Load `model.safetensors` into an existing model (a tied lm_head is not in the file)."""
     path = Path(directory) / WEIGHTS
-    missing, unexpected = model.load_state_dict(load_file(path), strict=False)
+    with on_file(path):
+        missing, unexpected = model.load_state_dict(load_file(path), strict=False)
     if unexpected or set(missing) != ({"lm_head.weight"} if model.dims.tie_embeddings else set()):
         raise ValueError(f"{path} does not match its config: missing {missing}, unexpected {unexpected}")
     return model
@@ -354,5 +357,6 @@ def load_weights(model: GPT, directory: str | Path) -> GPT:
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> GPT:
     directory = Path(directory)
-    model = GPT(ModelConfig.model_validate_json((directory / CONFIG).read_text()))
+    with on_file(directory / CONFIG):
+        model = GPT(ModelConfig.model_validate_json((directory / CONFIG).read_text()))
     return load_weights(model, directory).to(device)

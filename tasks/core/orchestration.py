@@ -21,6 +21,7 @@ from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel
 
+from tasks.core.faults import debugging, explain
 from tasks.core.lineage import Tracker, tracking_uri
 from tasks.core.stage import Outcome, Stage, StageConfig, StageError, log, run_stage
 from tasks.core.store import Artifact, Store
@@ -31,7 +32,7 @@ class _QuietStageErrors(logging.Filter):
     traceback ("NoneType: None"); for a StageError the command prints its one line itself."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "result=StageError(" not in record.getMessage()
+        return re.search(r"result=\w*(StageError|DamagedInput)\(", record.getMessage()) is None
 
 
 logging.getLogger("prefect.task_runs").addFilter(_QuietStageErrors())
@@ -172,6 +173,12 @@ def stage_task(stage: Stage):
             )
         except StageError as e:  # bad input or settings: a one-line Failed state, not a traceback
             return Failed(message=str(e), data=e)
+        except Exception as e:  # an ordinary fault (disk full, a corrupt file): one line too, naming the file
+            if debugging() or (line := explain(e)) is None:
+                raise
+            fault = StageError(f"{label or stage.name}: {line}")
+            fault.__cause__ = e
+            return Failed(message=str(fault), data=fault)
         link_task_run(outcome, label or stage.name, tracker)
         if outcome.cached:
             return Completed(name="Cached", data=outcome, message=f"in the store: {outcome.artifact.path}")

@@ -44,7 +44,8 @@ from tasks.core.grpo import fill_batch, group_advantages, policy_loss, token_log
 from tasks.core.rollout import end_id, is_correct, score_prompts
 from tasks.core.store import write_parquet
 from tasks.core.tokens import PAD, special_ids
-from tasks.core.train import BatchOrder, checkpoint_state, checkpoints, load_checkpoint, save_checkpoint
+# checkpoint_state: the tests read it from here
+from tasks.core.train import BatchOrder, checkpoint_state, resume, save_checkpoint  # noqa: F401
 
 log = logging.getLogger("slmflow")
 
@@ -195,17 +196,17 @@ def grpo(model, tok, rows: list[dict], eval_rows: list[dict], cfg: GRPOConfig, w
     ref = copy.deepcopy(model).eval() if cfg.beta > 0 else None
     opt = model.configure_optimizer(cfg.lr, cfg.weight_decay, (0.9, 0.99), fused=device.type == "cuda")
     state = LoopState()
-    if found := checkpoints(work):
-        state.step, state.history = load_checkpoint(found[-1], model, opt)
-        saved = checkpoint_state(found[-1])
+    if resumed := resume(work, model, opt, fields=("cursor", "generated_samples")):
+        found, saved = resumed
+        state.step, state.history = saved["step"], saved["history"]
         state.cursor, state.generated_samples = saved["cursor"], saved["generated_samples"]
         state.carry = [SampledGroup.from_json(g, rows) for g in saved.get("carry", [])]
         state.resumed_from = state.step
-        log.info("rl: resuming from %s (step %d)", found[-1].name, state.step)
+        log.info("rl: resuming from %s (step %d)", found.name, state.step)
     if state.step == 0:
-        state.history.append({"step": 0, "eval_pass_at_1": greedy_pass_rate(model, tok, eval_rows, cfg)})
+        state.history.append({"step": 0, "check_pass_at_1": greedy_pass_rate(model, tok, eval_rows, cfg)})
         if log_step:
-            log_step(0, {"eval_pass_at_1": state.history[0]["eval_pass_at_1"]})
+            log_step(0, {"check_pass_at_1": state.history[0]["check_pass_at_1"]})
     rollouts = Rollouts(model, tok, rows, cfg, state)
     samples: list[dict] = []
     budget = cfg.max_generated_samples or math.inf
@@ -244,7 +245,7 @@ def grpo(model, tok, rows: list[dict], eval_rows: list[dict], cfg: GRPOConfig, w
         metrics["train_seconds"] = time.perf_counter() - t1
         state.step = step
         if step % cfg.eval_every == 0 or last:
-            metrics["eval_pass_at_1"] = greedy_pass_rate(model, tok, eval_rows, cfg)
+            metrics["check_pass_at_1"] = greedy_pass_rate(model, tok, eval_rows, cfg)
             model.train()
         state.history.append({"step": step, **metrics})
         if log_step:

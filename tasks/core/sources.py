@@ -12,7 +12,7 @@ undecodable bytes is yielded as *bytes* (original bytes kept), a clean one as st
 read twice (a full check, then the yield). Files are local paths or fsspec URLs (`s3://...`,
 `memory://...`; `file://` reads as a local path), every reader streams (Parquet in batches of
 `batch_size` rows, JSONL line by line). Optional `stats` dicts receive counters such as
-skipped_too_large and skipped_null.
+dropped_too_large and dropped_null.
 """
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Annotated, Any, Iterator, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.core.faults import on_file
 
 # Fast (< 0.3 ms/item), deterministic across PYTHONHASHSEED, readable arithmetic/word problems.
 DEFAULT_RG_TASKS = ("basic_arithmetic chain_sum gsm_symbolic leg_counting family_relationships syllogism "
@@ -105,7 +107,7 @@ class StdlibSource(Source):
             dirnames[:] = sorted(d for d in dirnames if d not in skip)
             for path in (os.path.join(dirpath, fn) for fn in sorted(filenames) if fn.endswith(".py")):
                 if os.path.getsize(path) > self.max_bytes:
-                    _bump(stats, "skipped_too_large")
+                    _bump(stats, "dropped_too_large")
                 else:
                     out.append((Path(os.path.relpath(path, root)).as_posix(), path))
                 if self.max_files is not None and len(out) >= self.max_files:
@@ -196,7 +198,7 @@ class PackageTextsSource(Source):
                             continue
                         found += 1
                         if os.path.getsize(path) > self.max_bytes:
-                            _bump(stats, "skipped_too_large")
+                            _bump(stats, "dropped_too_large")
                         else:
                             out.append((ref, path))
             if not found:
@@ -373,11 +375,11 @@ class ParquetSource(_Files):
         for f, size in self.listing().items():
             pf, rel = self.open(f), self.relpath(f)  # one file open at a time, one batch in memory
             rows, row, done = max(1, pf.metadata.num_rows), 0, 0
-            for batch in pf.iter_batches(batch_size=self.batch_size, columns=columns):
+            for batch in _named(f, pf.iter_batches(batch_size=self.batch_size, columns=columns)):
                 ids = batch.column(1).to_pylist() if self.id_column else [None] * batch.num_rows
                 for value, user_id in zip(batch.column(0).to_pylist(), ids):
                     if value is None:
-                        _bump(stats, "skipped_null")
+                        _bump(stats, "dropped_null")
                     else:
                         read = size * (row + 1) // rows  # the file's bytes, shared evenly by its rows
                         yield RawDoc(self.source, f"{rel}:{row}", value, _user_id(user_id, self, f, row), read - done)
@@ -386,6 +388,16 @@ class ParquetSource(_Files):
 
     def estimate(self) -> int | None:
         return sum(self.open(f).metadata.num_rows for f in self.files())
+
+
+def _named(f: str, batches: Iterator) -> Iterator:
+    """The batches of `f`; a corrupt page raises naming the file (the consumer's own errors are not the file's)."""
+    while True:
+        with on_file(f):
+            batch = next(batches, None)
+        if batch is None:
+            return
+        yield batch
 
 
 def _user_id(value, source: _Files, f: str, row: int) -> str | None:
@@ -436,7 +448,7 @@ class JsonlSource(_Files):
         """(line number, text, user id, bytes of the file read so far) per non-blank line; text None for a
         null value; bytes if not valid UTF-8."""
         key, seen = self.text_column, 0
-        with self.stream(f) as (raw, fh):
+        with on_file(f), self.stream(f) as (raw, fh):
             for n, line in enumerate(fh, 1):
                 if n == 1 and line.startswith(b"\xef\xbb\xbf"):
                     line = line[3:]
@@ -471,7 +483,7 @@ class JsonlSource(_Files):
             rel, done = self.relpath(f), 0
             for n, text, user_id, read in self.lines(f):
                 if text is None:
-                    _bump(stats, "skipped_null")
+                    _bump(stats, "dropped_null")
                 else:
                     yield RawDoc(self.source, f"{rel}:{n}", text, user_id, read - done)
                     done = read

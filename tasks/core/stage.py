@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
+from tasks.core.faults import file_of
 from tasks.core.settings import identity, runtime_settings
 from tasks.core.store import Artifact, Store, stage_key
 
@@ -41,6 +42,15 @@ class StageConfig(BaseModel):
 
 class StageError(ValueError):
     """Bad input or settings: one line naming the file, row or setting. Nothing is written."""
+
+
+class DamagedInput(StageError):
+    """A stored input failed to decode and no longer matches its manifest: it was set aside, so
+    computing it again (then this stage) recovers; `input_name` says which input."""
+
+    def __init__(self, message: str, input_name: str):
+        super().__init__(message)
+        self.input_name = input_name
 
 
 @dataclass(frozen=True)
@@ -231,6 +241,7 @@ def _compute(stage: Stage, cfg: StageConfig, inputs: dict[str, Artifact], store:
         manifest = {
             "stage": stage.name,
             "key": key,
+            "instance": label or stage.name,  # the DAG's name for it when it was made (datasets are named by it)
             "version": stage.version,
             "config": identity(cfg),  # what the key hashes
             "runtime": runtime_settings(cfg),  # how this output was computed (not hashed)
@@ -246,13 +257,31 @@ def _compute(stage: Stage, cfg: StageConfig, inputs: dict[str, Artifact], store:
         }
         artifact = store.commit(scratch, stage.name, key, manifest)
         shutil.rmtree(ctx.work, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         store.discard(scratch)
         with contextlib.suppress(OSError):  # keep checkpoints for a resume; drop an empty work dir
             ctx.work.rmdir()
         if tracker and run_id:
             tracker.end(run_id, "FAILED")
+        if isinstance(e, Exception) and (damaged := damaged_input(e, inputs, label or stage.name)):
+            raise damaged from e
         raise
     if tracker and run_id:
         tracker.finish_stage(run_id, artifact)
     return Outcome(artifact=artifact, cached=False, seconds=time.monotonic() - start, run_id=run_id)
+
+
+def damaged_input(e: Exception, inputs: dict[str, Artifact], label: str) -> DamagedInput | None:
+    """When `e` came from reading a file of a stored input whose digests no longer match its manifest:
+    that input set aside, as a DamagedInput naming it (None for any other failure)."""
+    path = file_of(e)
+    for name, art in inputs.items():
+        if not path or not path.startswith(f"{art.path}/"):
+            continue
+        store = Store(art.path.rsplit("/", 2)[0])
+        problems = store.problems(art.stage, art.key, art.manifest, digests=True)
+        if problems:
+            aside = store.set_aside(art.stage, art.key)
+            return DamagedInput(f"{label}: its input {name} ({art.stage} {art.key}) is damaged: {problems[0]}; set "
+                                f"aside as {aside}: it is made again (by this run, when it made it; else by the next)", name)
+    return None

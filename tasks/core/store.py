@@ -9,9 +9,14 @@ fsynced file by file before the manifest is written and the directory renamed, s
 leave a manifest that points at unwritten data; other fsspec filesystems (object stores, which have
 no rename) get the data files first and the manifest last, so the manifest is the commit.
 
+A manifest that does not parse, lacks what `commit` writes (stage, key, files, sizes) or names another
+output vouches for nothing: `manifest_or_damage` says why (`DamagedManifest`), `read_manifest` treats it as
+not committed, and `get` sets the output aside and reports it in one line, so the run recomputes it.
+
 Hidden names in a stage directory (leading dot) are never outputs: `.tmp-<key>-*` (an output being
-written), `.old-<key>-*` (one being replaced), `.damaged-<key>-*` (set aside by `verify`),
-`.work-<key>` (checkpoints that survive a crash) and `.lock-<key>` (whoever computes the key).
+written), `.old-<key>-*` (one being replaced), `.damaged-<key>-*` (set aside by `verify`, or by `get`
+for a bad manifest), `.work-<key>` (checkpoints that survive a crash) and `.lock-<key>` (whoever
+computes the key).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +39,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
 
+from tasks.core.faults import on_file
 from tasks.core.locks import FileLock
 from tasks.core.settings import identity
 
 MANIFEST = "manifest.json"
 KEY_CHARS = 16  # 64 bits of sha256: short enough for paths, far from collisions at our scale
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 log = logging.getLogger("slmflow")
 
 
@@ -52,6 +60,12 @@ def stage_key(name: str, version: int, config: BaseModel | dict, input_keys: dic
     cfg = identity(config) if isinstance(config, BaseModel) else config
     payload = canonical_json({"stage": name, "version": version, "config": cfg, "inputs": input_keys})
     return hashlib.sha256(payload.encode()).hexdigest()[:KEY_CHARS]
+
+
+def error_line(e: BaseException) -> str:
+    """An exception's message as one short line, for a one-line report (some span many lines)."""
+    lines = str(e).strip().splitlines()
+    return lines[0].split(". ")[0][:160] if lines else type(e).__name__
 
 
 def file_digest(path: Path) -> str:
@@ -75,24 +89,26 @@ def _is_local(fs) -> bool:
 def read_table(path: str, columns: list[str] | None = None) -> pa.Table:
     """A Parquet file of a store, by local path or fsspec URI (what every stage reads its inputs with)."""
     fs, fs_path = fsspec.core.url_to_fs(path)
-    return pq.read_table(fs_path if _is_local(fs) else path, columns=columns, filesystem=None if _is_local(fs) else fs)
+    with on_file(path):
+        return pq.read_table(fs_path if _is_local(fs) else path, columns=columns,
+                             filesystem=None if _is_local(fs) else fs)
 
 
 def read_schema(path: str) -> pa.Schema:
     fs, fs_path = fsspec.core.url_to_fs(path)
-    with fs.open(fs_path, "rb") as f:
+    with on_file(path), fs.open(fs_path, "rb") as f:
         return pq.read_schema(f)
 
 
 def parquet_rows(path: str) -> int:
     """Rows of a Parquet file, from its footer (nothing else is read)."""
     fs, fs_path = fsspec.core.url_to_fs(path)
-    with fs.open(fs_path, "rb") as f:
+    with on_file(path), fs.open(fs_path, "rb") as f:
         return pq.read_metadata(f).num_rows
 
 
 def read_text(path: str) -> str:
-    with fsspec.open(path, "r", encoding="utf-8") as f:
+    with on_file(path), fsspec.open(path, "r", encoding="utf-8") as f:
         return f.read()
 
 
@@ -159,6 +175,44 @@ def check_name(value: str, what: str) -> str:
     return value
 
 
+@dataclass(frozen=True)
+class DamagedManifest:
+    """A manifest that vouches for nothing (`why`): its output counts as damaged, never as done."""
+
+    path: str
+    why: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.why}"
+
+
+def _inside(name: object) -> bool:
+    """A file name of a manifest stays inside its output directory (no `..`, no absolute path)."""
+    return isinstance(name, str) and not name.startswith("/") and all(p not in ("", ".", "..") for p in name.split("/"))
+
+
+def manifest_problem(manifest: object, stage: str, key: str) -> str | None:
+    """Why a parsed manifest cannot vouch for output <stage>/<key> (None: it can). Required is what
+    `commit` writes: its own stage and key, `files` (name -> sha256) and `sizes` (name -> bytes)."""
+    if not isinstance(manifest, dict):
+        return "not a JSON object"
+    missing = [f for f in ("stage", "key", "files", "sizes") if f not in manifest]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    if (manifest["stage"], manifest["key"]) != (stage, key):
+        return f"names {manifest['stage']} {manifest['key']}, not the output it is in ({stage} {key})"
+    files, sizes = manifest["files"], manifest["sizes"]
+    if not isinstance(files, dict) or not all(isinstance(d, str) and _SHA256.fullmatch(d) for d in files.values()):
+        return "files is not a map of file name to sha256"
+    if not isinstance(sizes, dict) or not all(type(n) is int and n >= 0 for n in sizes.values()):
+        return "sizes is not a map of file name to byte count"
+    if set(files) != set(sizes):
+        return "files and sizes name different files"
+    if not all(_inside(name) for name in files):
+        return "names a file outside its output directory"
+    return None
+
+
 class Artifact(BaseModel):
     """A finished stage output: what tasks pass to each other (small and JSON-able)."""
 
@@ -200,12 +254,25 @@ class Store:
         return f"{self._root_path}/{check_name(stage, 'stage')}/{check_name(key, 'key')}"
 
     def read_manifest(self, stage: str, key: str) -> dict | None:
-        """The manifest as written, whatever the state of the files (None: not committed)."""
+        """The manifest as written, whatever the state of the files (None: not committed, or a manifest
+        that vouches for nothing: `manifest_or_damage` says why). Never raises on a bad manifest."""
+        manifest = self.manifest_or_damage(stage, key)
+        return manifest if isinstance(manifest, dict) else None
+
+    def manifest_or_damage(self, stage: str, key: str) -> dict | DamagedManifest | None:
+        """The manifest as written (None: not committed), or why it vouches for nothing: it does not
+        parse (cut short, not JSON, binary), lacks what a commit writes, or names another output."""
         mpath = f"{self._fs_path(stage, key)}/{MANIFEST}"
         if not self.fs.exists(mpath):
             return None
-        with self.fs.open(mpath, "r") as f:
-            return json.load(f)
+        where = f"{self.path(stage, key)}/{MANIFEST}"
+        try:
+            with self.fs.open(mpath, "rb") as f:
+                manifest = json.loads(f.read())
+        except (ValueError, RecursionError) as e:  # not JSON, not UTF-8 (binary), or nested absurdly deep
+            return DamagedManifest(where, f"not JSON ({error_line(e)})")
+        problem = manifest_problem(manifest, stage, key)
+        return DamagedManifest(where, problem) if problem else manifest
 
     def problems(self, stage: str, key: str, manifest: dict, digests: bool = False) -> list[str]:
         """How the files of an output differ from its manifest: one line per file (none: intact).
@@ -233,8 +300,13 @@ class Store:
     def get(self, stage: str, key: str) -> Artifact | None:
         """The finished output, or None: only a directory with a manifest whose files are all there,
         at their recorded sizes, counts. A damaged one is reported and treated as missing."""
-        manifest = self.read_manifest(stage, key)
+        manifest = self.manifest_or_damage(stage, key)
         if manifest is None:
+            return None
+        if isinstance(manifest, DamagedManifest):
+            aside = self._set_aside_if_idle(stage, key)
+            log.warning("%s %s is damaged: %s; %sit will be recomputed", stage, key, manifest,
+                        f"set aside as {aside}, " if aside else "")
             return None
         damage = self.problems(stage, key, manifest)
         if damage:
@@ -326,6 +398,7 @@ class Store:
     def commit(self, scratch: Path, stage: str, key: str, manifest: dict) -> Artifact:
         """Write the manifest (file digests and sizes) and move the finished directory into place."""
         files = sorted(p for p in scratch.rglob("*") if p.is_file() and p.name != MANIFEST)
+        manifest["stage"], manifest["key"] = stage, key  # a manifest names its output: a moved copy is caught
         manifest["files"] = {p.relative_to(scratch).as_posix(): file_digest(p) for p in files}
         manifest["sizes"] = {p.relative_to(scratch).as_posix(): p.stat().st_size for p in files}
         make_readable(scratch)
@@ -366,6 +439,19 @@ class Store:
         aside = f"{final}/manifest.damaged-{stamp}.json"  # no rename on object stores: un-commit it
         self.fs.mv(f"{final}/{MANIFEST}", aside)
         return aside
+
+    def _set_aside_if_idle(self, stage: str, key: str) -> str | None:
+        """Set aside an output whose manifest is damaged, unless a run holds its key: that run's commit
+        replaces it, and setting it aside then could take away the output it just committed."""
+        lock = self.lock(stage, key)
+        if not lock.acquire(blocking=False):
+            return None
+        try:
+            if isinstance(self.manifest_or_damage(stage, key), DamagedManifest):  # still, now that we hold the key
+                return self.set_aside(stage, key)
+            return None
+        finally:
+            lock.release()
 
     @staticmethod
     def discard(scratch: Path) -> None:

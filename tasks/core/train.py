@@ -3,7 +3,9 @@
 Everything needed to resume exactly lives in a checkpoint: weights (safetensors), optimizer
 state and RNG states (`torch.save`, loaded with `weights_only=True`), and `state.json` (step,
 history). The data order and the LR are pure functions of (seed, step), so a resumed run sees
-the same batches and learning rates as an uninterrupted one.
+the same batches and learning rates as an uninterrupted one. A checkpoint that does not load (a
+file missing, cut short or unparseable) is set aside as `.bad-ckpt-<step>-<time>` in the work dir
+and the run resumes from the one before it, or from step 0 (`resume`, which RL shares).
 
 Run as `python -m torch.distributed.run ... -m tasks.core.train SPEC.json` for DDP: the stage
 writes the spec and launches it (see `launch`).
@@ -27,14 +29,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from pydantic import BaseModel
+from safetensors import safe_open
 
 from tasks.core.configs import ModelConfig, TrainConfig
 from tasks.core.hardware import autocast, mfu, peak_flops, use_bf16
-from tasks.core.model import GPT, activation_scale, load_model, load_weights, save_model
-from tasks.core.store import fsync_file, fsync_tree
+from tasks.core.model import CONFIG, GPT, WEIGHTS, activation_scale, load_model, load_weights, save_model
+from tasks.core.store import error_line, fsync_file, fsync_tree
 
 log = logging.getLogger("slmflow")
 IGNORE = -100
+TRAIN_STATE, STATE = "train_state.pt", "state.json"
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -124,8 +128,8 @@ def save_checkpoint(work: Path, step: int, model: GPT, opt, history: list[dict],
     save_model(model, tmp)
     torch.save({"optimizer": opt.state_dict(), "cpu_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-               tmp / "train_state.pt")
-    (tmp / "state.json").write_text(json.dumps({**(extra or {}), "step": step, "history": history}))
+               tmp / TRAIN_STATE)
+    (tmp / STATE).write_text(json.dumps({**(extra or {}), "step": step, "history": history}))
     fsync_tree(tmp)  # on disk before it is named a checkpoint: a power cut cannot leave a torn one
     os.replace(tmp, work / f"ckpt-{step}")  # atomic: a checkpoint directory is always complete
     fsync_file(work)
@@ -135,18 +139,79 @@ def save_checkpoint(work: Path, step: int, model: GPT, opt, history: list[dict],
 
 def checkpoint_state(path: Path) -> dict:
     """The JSON state of a checkpoint: step, history and any extra fields."""
-    return json.loads((path / "state.json").read_text())
+    return json.loads((path / STATE).read_text())
 
 
-def load_checkpoint(path: Path, model: GPT, opt) -> tuple[int, list[dict]]:
+class CheckpointError(ValueError):
+    """A checkpoint that does not load: one of its files is missing, cut short or unparseable (one line)."""
+
+
+def _read(path: Path, read):
+    try:
+        return read(path)
+    except Exception as e:  # a pure read, and torch.load of garbage raises nearly anything (IndexError, ...)
+        raise CheckpointError(f"{path.name} does not load ({error_line(e)})") from None
+
+
+def _safetensors_keys(path: Path) -> list[str]:
+    with safe_open(path, "pt") as f:  # parses the header, which must cover the whole file: a cut is caught
+        return list(f.keys())
+
+
+def read_checkpoint(path: Path, fields: tuple[str, ...] = ()) -> tuple[dict, dict]:
+    """(train_state.pt, state.json) of a checkpoint whose every file loads, or CheckpointError; it
+    touches no model. state.json must hold step, history and the caller's `fields`."""
+    _read(path / WEIGHTS, _safetensors_keys)
+    _read(path / CONFIG, lambda p: json.loads(p.read_bytes()))
+    # weights_only: never unpickle arbitrary objects. On the CPU: `slmflow verify` may run where there is no GPU,
+    # and the optimizer's load_state_dict moves its state to its parameters' device
+    state = _read(path / TRAIN_STATE, lambda p: torch.load(p, map_location="cpu", weights_only=True))
+    meta = _read(path / STATE, lambda p: json.loads(p.read_bytes()))
+    if not isinstance(state, dict) or {"optimizer", "cpu_rng", "cuda_rng"} - set(state):
+        raise CheckpointError(f"{TRAIN_STATE} lacks the optimizer or RNG states")
+    meta = meta if isinstance(meta, dict) else {}
+    missing = [f for f, kind in (("step", int), ("history", list)) if not isinstance(meta.get(f), kind)]
+    missing += [f for f in fields if f not in meta]
+    if missing:
+        raise CheckpointError(f"{STATE} lacks {', '.join(missing)}")
+    return state, meta
+
+
+def load_checkpoint(path: Path, model: GPT, opt, fields: tuple[str, ...] = ()) -> dict:
+    """Restore weights, optimizer and RNG states from a checkpoint; returns its state.json. Every file is
+    read before anything is restored, so CheckpointError leaves the model, optimizer and RNG as they were."""
+    state, meta = read_checkpoint(path, fields)
     load_weights(model, path)
-    state = torch.load(path / "train_state.pt", weights_only=True)  # never unpickle arbitrary objects
     opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["cpu_rng"])
     if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    meta = checkpoint_state(path)
-    return meta["step"], meta["history"]
+    return meta
+
+
+def set_aside_checkpoint(path: Path) -> Path | None:
+    """Rename a checkpoint that does not load to `.bad-ckpt-<step>-<time>` in its work dir: no longer a
+    checkpoint, but kept (like a damaged output) so what broke it can be looked at; `slmflow gc` removes
+    it. None when it is gone already (another DDP rank, or `slmflow verify`, moved it first)."""
+    aside = path.with_name(f".bad-{path.name}-{time.strftime('%Y%m%dT%H%M%S')}")
+    try:
+        os.replace(path, aside)
+    except FileNotFoundError:
+        return None
+    return aside
+
+
+def resume(work: Path, model: GPT, opt, fields: tuple[str, ...] = ()) -> tuple[Path, dict] | None:
+    """Load the newest checkpoint in `work` that loads (pretraining, SFT and RL alike): (it, its state.json),
+    or None to start from step 0. Each newer one that does not load is set aside, with one warning line."""
+    for path in reversed(checkpoints(work)):
+        try:
+            return path, load_checkpoint(path, model, opt, fields)
+        except CheckpointError as e:
+            aside = set_aside_checkpoint(path)
+            log.warning("checkpoint %s does not load: %s; set aside as %s, resuming from the one before it "
+                        "(or step 0)", path, e, aside.name if aside else "(moved already)")
+    return None
 
 
 class DivergedError(RuntimeError):
@@ -196,10 +261,11 @@ def train(spec: TrainSpec, mlflow_log=None) -> dict:
     opt = model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), fused=use_cuda)
     work = Path(spec.work)
     step, history = 0, []
-    if found := checkpoints(work):
-        step, history = load_checkpoint(found[-1], model, opt)
+    if resumed := resume(work, model, opt):
+        found, meta = resumed
+        step, history = meta["step"], meta["history"]
         if rank == 0:
-            log.info("resuming from %s (step %d)", found[-1].name, step)
+            log.info("resuming from %s (step %d)", found.name, step)
     resumed_from = step
     net = model
     if ddp:
