@@ -41,7 +41,7 @@ def test_other_tasks_run_through_prompts_sft_eval_and_rl(tiny_run, tmp_path):
         assert m[f"gold_rejected.{task}"] == 0 and m[f"train.{task}"] > 20 and m[f"eval.{task}"] > 3
 
     # rows of the base model's 128 tokens hold every example (up to ~125 at this 512-token vocabulary)
-    tuned = run_stage(sft.STAGE, sft.SFTConfig(max_steps=4, batch_size=4, seq_len=128, eval_every=4),
+    tuned = run_stage(sft.STAGE, sft.SFTConfig(max_steps=4, batch_size=4, seq_len=128, eval_every=4, task_weights={}),
                       {"model": base, "prompts": tasks, "tokenizer": tokenizer}, models).artifact
     sm = tuned.manifest["metrics"]
     assert sm["train_too_long"] == 0 and not [k for k in sm if k.startswith("train_too_long.")]

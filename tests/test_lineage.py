@@ -31,7 +31,7 @@ def test_lineage_lists_each_instance_once(tiny_run):
     plan = make_plan(load_config(cfg))
     result = runner.invoke(app, ["lineage", "rl", "-c", cfg, "--format", "json"])
     assert result.exit_code == 0, result.output
-    graph = json.loads(result.output)
+    graph = json.loads(result.stdout)  # stderr says which plan and stores it read
     names = [n["name"] for n in graph["nodes"]]
     assert sorted(names) == sorted(upstream(plan, "rl"))  # each instance once: ingest once, ref_0 as ref_0
     assert names[0] == "ingest" and names[-1] == "rl"  # upstream first
@@ -48,7 +48,7 @@ def test_lineage_lists_each_instance_once(tiny_run):
     assert len(lines) < 4 * len(names) + 10  # a row per output, not a tree that repeats ingest
     assert sum(plan.stages["ingest"].key in ln for ln in lines) == 1
     mermaid = runner.invoke(app, ["lineage", "rl", "-c", cfg, "--format", "mermaid"])
-    assert mermaid.output.startswith("flowchart TD") and mermaid.output.count("-->") == len(graph["edges"])
+    assert mermaid.stdout.startswith("flowchart TD") and mermaid.stdout.count("-->") == len(graph["edges"])
 
 
 def test_read_commands_follow_the_store(tiny_run, monkeypatch):
