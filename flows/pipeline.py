@@ -257,13 +257,13 @@ def describe_final_model(tracker: Tracker, record: RunRecord, outcomes: dict[str
     run of every upstream output) and its held-out scores, so the registry page says what it is."""
     if "rl" not in outcomes or not outcomes["rl"].artifact.manifest.get("info", {}).get("registered_version"):
         return
-    version = outcomes["rl"].artifact.manifest["info"]["registered_version"]
-    if not tracker.has_model_version(rl.REGISTERED_MODEL, version, outcomes["rl"].artifact.manifest.get("mlflow_run_id")):
-        log.warning("the RL model (a cache hit) is registered as %s version %s in another MLflow store, not in %s: "
-                    "`slmflow run --force rl` registers it here", rl.REGISTERED_MODEL, version, tracker.uri)
-        return
     final = outcomes["rl"].artifact
     info = final.manifest["info"]
+    if not tracker.has_model_version(rl.REGISTERED_MODEL, info["registered_version"], final.manifest.get("mlflow_run_id")):
+        log.warning("the RL model (a cache hit) is registered as %s version %s in another MLflow store, not in %s: "
+                    "`slmflow run --force rl` registers it here", rl.REGISTERED_MODEL, info["registered_version"],
+                    tracker.uri)
+        return
     scores = outcomes["eval_rl"].artifact.manifest.get("metrics", {}) if "eval_rl" in outcomes else {}
     held_out = {k: float(v) for k, v in scores.items() if k.startswith(("pass_at_1", "sampled_pass_at_1", "pass_at_k"))}
     graph = lineage(record, ["rl"])

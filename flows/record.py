@@ -45,14 +45,18 @@ def runs_dir(data_root: str) -> Path:
     return base / "runs"
 
 
-def _write_json(path: Path, value: Any) -> None:
-    """Written beside itself and renamed into place: a killed run leaves no half-written record."""
+def write_atomic(path: Path, text: str) -> None:
+    """Written beside itself and renamed into place: a killed run leaves no half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
     with os.fdopen(fd, "w") as f:
-        json.dump(value, f, indent=2)
+        f.write(text)
     os.chmod(tmp, 0o644 & ~current_umask())  # mkstemp makes 0600
     os.replace(tmp, path)
+
+
+def _write_json(path: Path, value: Any) -> None:
+    write_atomic(path, json.dumps(value, indent=2))
 
 
 @dataclass

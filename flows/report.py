@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
+from flows.record import write_atomic
 from tasks.core.stage import Outcome
-from tasks.core.store import current_umask
 
 
 def fmt(v) -> str:
@@ -139,10 +137,5 @@ def to_markdown(card: list[dict], baseline: dict[str, dict] | None = None) -> st
 def write_report(card: list[dict], run_dir: Path, run_id: str, baseline: dict[str, dict] | None = None) -> Path:
     """`<run_dir>/report.md` (the run's directory, `<data_root>/runs/<UTC time>-<run>/`, local even for remote
     stores), written beside it and renamed into place: a killed run leaves no half-written report."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=run_dir)
-    with os.fdopen(fd, "w") as f:
-        f.write(f"# slmflow report card\n\nMLflow run `{run_id}`\n\n" + to_markdown(card, baseline))
-    os.chmod(tmp, 0o644 & ~current_umask())  # mkstemp makes 0600
-    os.replace(tmp, run_dir / "report.md")
+    write_atomic(run_dir / "report.md", f"# slmflow report card\n\nMLflow run `{run_id}`\n\n" + to_markdown(card, baseline))
     return run_dir / "report.md"
