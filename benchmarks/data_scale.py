@@ -345,7 +345,7 @@ def build_corpus(out: Path, size: int, pool_path: Path, seed: int, shard_bytes: 
     import pyarrow.parquet as pq
 
     sys.path.insert(0, str(ROOT))
-    from tasks.core.minhash import shingle_jaccard, word_shingle_hashes
+    from tasks.dedup.minhash import shingle_jaccard, word_shingle_hashes
 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -811,7 +811,7 @@ def evaluate(clusters_path: str, corpus: Path, seed: int) -> dict:
     import pyarrow.parquet as pq
 
     sys.path.insert(0, str(ROOT))
-    from tasks.core.minhash import collision_probability, shingle_jaccard, word_shingle_hashes
+    from tasks.dedup.minhash import collision_probability, shingle_jaccard, word_shingle_hashes
 
     table = pq.read_table(clusters_path)
     id_col = "doc_id"

@@ -1,4 +1,4 @@
-"""Near-duplicate detection: tasks.core.minhash vs plain datasketch, on the same synthetic corpus.
+"""Near-duplicate detection: tasks.dedup.minhash vs plain datasketch, on the same synthetic corpus.
 
 Prints ONE JSON object on stdout:
   {"ours": {docs_per_s, recall, precision, ...}, "baseline": {...}, "ratio", "docs", "settings"}
@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tasks.core.minhash import (  # noqa: E402
+from tasks.dedup.minhash import (  # noqa: E402
     collision_probability,
     connected_components,
     lsh_candidate_pairs,

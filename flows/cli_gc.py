@@ -16,7 +16,7 @@ from rich.table import Table
 
 from flows.cli_common import err, fail, load_plan, out
 from flows.record import RUN_RECORD, RunRecord, configured_roots, recorded_runs, runs_dir
-from tasks.core.housekeeping import find_garbage
+from flows.housekeeping import find_garbage
 from tasks.core.store import Store
 
 GcConfigOpt = Annotated[Optional[list[Path]], typer.Option(

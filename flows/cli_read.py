@@ -242,7 +242,7 @@ def export(
     key: KeyOpt = None,
 ):
     """Write a model stage's weights in the Hugging Face layout (LlamaForCausalLM, with our chat template)."""
-    from tasks.core.export import export_hf
+    from flows.export import export_hf
     from tasks.core.store import local_dir
 
     art = stored_output(read_plan(config, set_), stage, key)

@@ -30,7 +30,6 @@ import pyarrow as pa
 from pydantic import Field
 
 from tasks.core.filters import Decision, filter_shard
-from tasks.core.orchestration import stage_task
 from tasks.core.outputs import document_shards, load_prompts
 from tasks.core.stage import Stage, StageConfig, StageContext
 from tasks.core.store import read_table, write_parquet
@@ -118,4 +117,3 @@ def decontaminate(cfg: DecontaminateConfig, inputs: dict, ctx: StageContext) -> 
 
 
 STAGE = Stage("decontaminate", VERSION, DecontaminateConfig, decontaminate, report_metrics=("removed", "docs_out"))
-decontaminate_task = stage_task(STAGE)

@@ -19,8 +19,7 @@ import numpy as np
 import polars as pl
 from pydantic import Field
 
-from tasks.core.grpo import in_band
-from tasks.core.orchestration import stage_task
+from tasks.core.rollout import in_band
 from tasks.core.rollout import count_overlong, generation_metrics, prompts_and_policy, score_prompts
 from tasks.core.settings import Band, Device, device_setting
 from tasks.core.stage import Stage, StageConfig, StageContext, new_figure
@@ -93,4 +92,3 @@ def difficulty(cfg: DifficultyConfig, inputs: dict[str, Artifact], ctx: StageCon
 
 STAGE = Stage("difficulty", VERSION, DifficultyConfig, difficulty, family="eval",
               report_metrics=("kept_fraction", "pass_rate", "frac_zero", "frac_one"))
-difficulty_task = stage_task(STAGE)

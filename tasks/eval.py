@@ -21,7 +21,6 @@ import polars as pl
 from pydantic import Field
 
 from tasks.core import chat
-from tasks.core.orchestration import stage_task
 from tasks.core.rollout import count_overlong, generation_metrics, prompts_and_policy, score_prompts
 from tasks.core.settings import Device, device_setting
 from tasks.core.stage import Stage, StageConfig, StageContext, log
@@ -97,4 +96,3 @@ def evaluate(cfg: EvalConfig, inputs: dict[str, Artifact], ctx: StageContext) ->
 
 
 STAGE = Stage("eval", VERSION, EvalConfig, evaluate, family="eval", report_metrics=("pass_at_1", "sampled_pass_at_1", "pass_at_k", "completion_tokens"))
-eval_task = stage_task(STAGE)

@@ -33,7 +33,6 @@ documents' text): bpb = mean_val_loss_nats * val_targets / (val_bytes * ln 2).
 from __future__ import annotations
 
 import functools
-import logging
 import shutil
 import time
 from pathlib import Path
@@ -45,7 +44,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 from tokenizers import Tokenizer
 
-from tasks.core.orchestration import stage_task
+from tasks.core.base import log
 from tasks.core.outputs import TOKEN_SPLITS as SPLITS
 from tasks.core.outputs import document_shards
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError
@@ -53,7 +52,6 @@ from tasks.core.store import parquet_rows, read_table, write_parquet
 from tasks.core.tokens import BOS, PAD, doc_hash, hash_order, load_tokenizer, special_ids
 
 VERSION = 1
-log = logging.getLogger("slmflow")
 _BATCH = 1024  # documents per encode_batch call (each call is multi-threaded)
 _BUCKET_DOCS = 50_000  # documents per hash bucket (about 100-200 MB of tokens for web-length text)
 
@@ -232,4 +230,3 @@ def pack(cfg: PackConfig, inputs: dict, ctx: StageContext) -> dict:
 
 STAGE = Stage("pack", VERSION, PackConfig, pack,
               report_metrics=("train_tokens", "val_tokens", "train_rows", "padding_fraction"))
-pack_task = stage_task(STAGE)

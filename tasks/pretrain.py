@@ -12,7 +12,6 @@ from pydantic import Field
 
 from tasks.core.configs import ModelConfig, TrainConfig
 from tasks.core.fit import run_training, save_array
-from tasks.core.orchestration import stage_task
 from tasks.core.outputs import load_tokens
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError
 from tasks.core.store import Artifact
@@ -63,4 +62,3 @@ def check(cfg: PretrainConfig) -> None:
 
 STAGE = Stage("pretrain", VERSION, PretrainConfig, pretrain, store="models", family="pretrain", check=check,
               report_metrics=("val_loss", "val_bpb", "residual_growth", "max_attention_logit", "tokens_per_s", "params"))
-pretrain_task = stage_task(STAGE)

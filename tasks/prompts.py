@@ -37,7 +37,6 @@ import pyarrow as pa
 from pydantic import Field
 
 from tasks.core.chat import completion_text, jsonable, score
-from tasks.core.orchestration import stage_task
 from tasks.core.outputs import PROMPT_SPLITS as SPLITS
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError, log
 from tasks.core.store import canonical_json, write_parquet
@@ -229,4 +228,3 @@ def make_prompts(cfg: PromptsConfig, inputs: dict, ctx: StageContext) -> dict:
 
 STAGE = Stage("prompts", VERSION, PromptsConfig, make_prompts, check=check,
               report_metrics=("train_rows", "eval_rows", "decontaminated", "duplicates_dropped"))
-prompts_task = stage_task(STAGE)

@@ -49,7 +49,6 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from tasks.core.filters import Decision, filter_shard
-from tasks.core.orchestration import stage_task
 from tasks.core.outputs import document_shards
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError
 from tasks.core.store import Artifact, read_table, write_parquet
@@ -312,4 +311,3 @@ def quality(cfg: QualityConfig, inputs: dict[str, Artifact], ctx: StageContext) 
 
 STAGE = Stage("quality", VERSION, QualityConfig, quality, check=check,
               report_metrics=("docs_kept", "chars_kept", "kept_doc_fraction", "kept_char_fraction"))
-quality_task = stage_task(STAGE)

@@ -51,7 +51,6 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from tasks.core.filters import Decision, write_filtered
-from tasks.core.orchestration import stage_task
 from tasks.core.outputs import document_shards
 from tasks.core.settings import runtime
 from tasks.core.stage import MEMORY_SIZE, Stage, StageConfig, StageContext, StageError
@@ -223,4 +222,3 @@ def select(cfg: SelectConfig, inputs: dict[str, Artifact], ctx: StageContext) ->
 
 
 STAGE = Stage("select", VERSION, SelectConfig, select, report_metrics=("docs_kept", "chars_kept", "kept_char_fraction"))
-select_task = stage_task(STAGE)

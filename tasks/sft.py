@@ -23,7 +23,6 @@ from pydantic import Field
 from tasks.core.chat import completion_text, example_ids
 from tasks.core.configs import ModelConfig, TrainConfig
 from tasks.core.fit import run_training, save_array
-from tasks.core.orchestration import stage_task
 from tasks.core.outputs import load_pass_rates, load_prompts
 from tasks.core.settings import runtime
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError, log
@@ -168,4 +167,3 @@ def sft(cfg: SFTConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
 
 STAGE = Stage("sft", VERSION, SFTConfig, sft, store="models", family="sft",
               report_metrics=("val_loss", "train_examples", "epochs", "tokens_per_s"))
-sft_task = stage_task(STAGE)

@@ -28,7 +28,6 @@ Outputs: `tokenizer.json` (the `tokenizers` serialization) and `special_tokens.j
 from __future__ import annotations
 
 import json
-import logging
 import re
 import time
 from typing import Iterator
@@ -39,7 +38,7 @@ import pyarrow.compute as pc
 from pydantic import Field
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from tasks.core.orchestration import stage_task
+from tasks.core.base import log
 from tasks.core.outputs import document_shards
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError
 from tasks.core.store import read_table
@@ -55,7 +54,6 @@ from tasks.core.tokens import (
 )
 
 VERSION = 1
-log = logging.getLogger("slmflow")
 
 BYTE_ALPHABET = 256
 _BATCH = 512  # documents per batch handed to the trainer / encoder
@@ -212,4 +210,3 @@ def train_tokenizer(cfg: TokenizerConfig, inputs: dict, ctx: StageContext) -> di
 
 STAGE = Stage("tokenizer", VERSION, TokenizerConfig, train_tokenizer, check=check,
               report_metrics=("vocab_size", "train_chars", "chars_per_token", "bytes_per_token"))
-tokenizer_task = stage_task(STAGE)

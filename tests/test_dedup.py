@@ -7,7 +7,7 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-from tasks.core.minhash import (
+from tasks.dedup.minhash import (
     connected_components,
     lsh_candidate_pairs,
     minhash_signatures,

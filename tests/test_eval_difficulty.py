@@ -17,7 +17,7 @@ from tasks import difficulty as D
 from tasks import eval as E
 from tasks import prompts as P
 from tasks.core import chat
-from tasks.core.grpo import in_band
+from tasks.core.rollout import in_band
 from tasks.core.outputs import kept_ids, load_pass_rates, load_prompts
 from tasks.core.model import GPT, ModelConfig, save_model
 from tasks.core.rollout import end_id

@@ -9,7 +9,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from tasks.core.export import export_hf  # noqa: E402
+from flows.export import export_hf  # noqa: E402
 from tasks.core.model import GPT, ModelConfig, save_model  # noqa: E402
 from tasks.core.store import current_umask  # noqa: E402
 

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.core.faults import explain, on_file
-from tasks.core.sources import JsonlSource
+from tasks.ingest.sources import JsonlSource
 
 
 def test_os_errors_name_the_file_and_the_remedy():

@@ -177,7 +177,7 @@ def test_gpu_check_says_no_cuda_in_one_line():
 def test_gpu_config_is_the_dag_sized_for_one_gpu():
     """configs/gpu.yaml loads, and sizes a GPT-2-small class model on CUDA with compile and batched RL."""
     from flows.config import load_config
-    from tasks.core.grpo import kept_counts
+    from tasks.rl.grpo import kept_counts
     from tasks.core.settings import identity
 
     cfg = load_config(ROOT / "configs" / "gpu.yaml")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.core.grpo import (
+from tasks.rl.grpo import (
     DEFAULT_BAND,
     fill_batch,
     group_advantages,

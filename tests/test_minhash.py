@@ -1,4 +1,4 @@
-"""Tests for tasks.core.minhash: S-curve, clusters vs scipy, brute-force LSH, hash stability."""
+"""Tests for tasks.dedup.minhash: S-curve, clusters vs scipy, brute-force LSH, hash stability."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components as scipy_components
 
-from tasks.core import minhash as mh
-from tasks.core.minhash import (
+from tasks.dedup import minhash as mh
+from tasks.dedup.minhash import (
     Components,
     collision_probability,
     connected_components,

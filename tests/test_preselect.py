@@ -17,7 +17,7 @@ from tokenizers import pre_tokenizers, trainers
 
 from tasks import preselect as S
 from tasks.core.model import GPT, ModelConfig, save_model
-from tasks.core.preselect import (
+from tasks.preselect.scoring import (
     auc,
     bits_per_char,
     comparable_pairs,

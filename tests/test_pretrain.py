@@ -267,7 +267,7 @@ def test_rl_resumes_after_a_kill_exactly_like_a_straight_run(trained, tmp_path):
     script = (
         "import time, json\n"
         "import tasks.rl as rl\n"
-        "import tasks.core.rl_loop as loop\n"
+        "import tasks.rl.loop as loop\n"
         "orig = loop.save_checkpoint\n"
         "def slow(*a, **k):\n"
         "    orig(*a, **k); time.sleep(60)\n"

@@ -14,11 +14,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-import tasks.core.rl_loop as loop
+import tasks.rl.loop as loop
 from conftest import ONE_DIGIT_ARITHMETIC, chat_tokenizer
-from tasks.core.grpo import group_advantages, group_pass_rates, keep_groups
+from tasks.rl.grpo import group_advantages, group_pass_rates, keep_groups
 from tasks.core.model import GPT, ModelConfig
-from tasks.core.rl_loop import GRPOConfig, LoopState, Rollouts, SampledGroup, advantages, grpo, history_table
+from tasks.rl.loop import GRPOConfig, LoopState, Rollouts, SampledGroup, advantages, grpo, history_table
 from tasks.core.rollout import Scored
 from tasks.prompts import generate
 

@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
-from tasks.core.sources import (
+from tasks.ingest.sources import (
     JsonlSource, PackageTextsSource, ParquetSource, PydocSource, RawDoc, ReasoningGymSource,
     SourceConfig, SourceError, StdlibSource, _chunks,
 )
@@ -180,7 +180,7 @@ def test_a_new_kind_is_one_class(tmp_path):
     """A Source subclass with its own `kind` is a source kind (the config union is built from `_kinds`)."""
     from typing import Iterator, Literal
 
-    from tasks.core import sources
+    from tasks.ingest import sources
 
     class LinesSource(sources.Source):
         kind: Literal["lines"] = "lines"

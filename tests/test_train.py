@@ -224,7 +224,7 @@ def test_verify_sets_aside_a_checkpoint_that_does_not_load_and_gc_lists_it(proje
     from typer.testing import CliRunner
 
     from flows.cli import app
-    from tasks.core.housekeeping import find_garbage
+    from flows.housekeeping import find_garbage
     from tasks.core.store import Store
 
     key = "0123456789abcdef"

@@ -1,4 +1,6 @@
-"""What the stages share: store, stage contract, orchestration, and the methods' building blocks."""
+"""The stage contract (stage, store, settings, locks), the runner (orchestration, lineage) and what two or
+more stages share (the model and its training loop, rollouts, chat format, tokens, filters, outputs).
+A stage's private helpers live in its own package (tasks/dedup/, tasks/ingest/, tasks/preselect/, tasks/rl/)."""
 
 import os
 

@@ -44,7 +44,7 @@ from typing import Any, Callable
 
 from tokenizers import Tokenizer
 
-from tasks.core.stage import StageError
+from tasks.core.base import StageError
 from tasks.core.tokens import ASSISTANT, BOS, END, USER, special_ids
 
 ANSWER_PREFIX = "Answer:"

@@ -16,7 +16,6 @@ beside its pipeline, never meet `database is locked`, nor race to create the tab
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import threading
@@ -32,11 +31,11 @@ from mlflow.entities import DatasetInput, InputTag, LoggedModelInput, LoggedMode
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 
+from tasks.core.base import log
 from tasks.core.locks import FileLock
 from tasks.core.settings import identity, runtime_settings
 from tasks.core.store import Artifact
 
-log = logging.getLogger("slmflow")
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 # MLflow 3's UI opens an experiment without this tag in its GenAI (traces) view
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")

@@ -2,7 +2,7 @@
 
 Layout = Hugging Face `LlamaForCausalLM` (pre-RMSNorm, rotary positions, SwiGLU MLP, no biases,
 optional grouped-query attention), and the parameter names are HF's minus the "model." prefix,
-so `tasks.core.export` is a rename. Size is one dial, `depth` (nanochat): width = 64 * depth.
+so `flows.export` is a rename. Size is one dial, `depth` (nanochat): width = 64 * depth.
 
 Init: normal(0, 0.02) for every matrix, out projections (o_proj, down_proj) scaled by
 1/sqrt(2 * depth) (GPT-2), RMSNorm weights ones. Not nanochat's zero-init: with zero out

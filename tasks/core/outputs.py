@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from tasks.core.stage import StageError
+from tasks.core.base import StageError
 from tasks.core.store import Artifact, read_table
 
 PROMPT_SPLITS = ("train", "eval")

@@ -14,7 +14,6 @@ depends on the other prompts in a batch, which can move logits by float rounding
 
 from __future__ import annotations
 
-import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -23,22 +22,29 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import polars as pl
 
+from tasks.core.base import log
 from tasks.core import chat
 from tasks.core.outputs import load_prompts
-from tasks.core.stage import StageError
+from tasks.core.base import StageError
 from tasks.core.store import local_dir
 from tasks.core.tokens import END, load_tokenizer, special_ids
 
 if TYPE_CHECKING:  # torch is imported where a model runs: the stage configs and the report's baseline need none
     import torch
 
-log = logging.getLogger("slmflow")
 CORRECT = 1.0  # a sample counts as correct when its verifier reward is at least this (full credit)
 
 
 def is_correct(reward: float) -> bool:
     """Full credit only: reasoning-gym gives partial rewards (e.g. the answer inside extra text)."""
     return reward >= CORRECT
+
+
+def in_band(pass_rate, band: tuple[float, float]):
+    """The difficulty band's rule (offline difficulty and RL's online filter): low < pass_rate < high, both ends excluded; a float gives a bool, an array (numpy,
+    polars Series or expression) gives an elementwise mask."""
+    low, high = band
+    return (pass_rate > low) & (pass_rate < high)
 
 
 def end_id(tok) -> int:

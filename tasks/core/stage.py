@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
+from tasks.core.base import StageError, log  # noqa: F401  (re-exported: the contract names them)
 from tasks.core.faults import file_of
 from tasks.core.settings import identity, runtime_settings
 from tasks.core.store import Artifact, Store, stage_key
@@ -26,8 +27,6 @@ from tasks.core.store import Artifact, Store, stage_key
 if TYPE_CHECKING:  # mlflow is imported by whoever makes a Tracker, not by every stage module
     from tasks.core.lineage import Tracker
 
-log = logging.getLogger("slmflow")
-log.setLevel(logging.INFO)  # progress lines; Prefect forwards this logger (PREFECT_LOGGING_EXTRA_LOGGERS)
 T = TypeVar("T")
 R = TypeVar("R")
 MB = 1e6  # progress lines count input in megabytes
@@ -38,10 +37,6 @@ class StageConfig(BaseModel):
     """Base of every stage's config: unknown fields are errors, so a typo never passes silently."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class StageError(ValueError):
-    """Bad input or settings: one line naming the file, row or setting. Nothing is written."""
 
 
 class DamagedInput(StageError):

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import re
 import shutil
@@ -39,6 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
 
+from tasks.core.base import log
 from tasks.core.faults import on_file
 from tasks.core.locks import FileLock
 from tasks.core.settings import identity
@@ -47,7 +47,6 @@ MANIFEST = "manifest.json"
 KEY_CHARS = 16  # 64 bits of sha256: short enough for paths, far from collisions at our scale
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-log = logging.getLogger("slmflow")
 
 
 def canonical_json(value: Any) -> str:

@@ -31,12 +31,12 @@ import torch.distributed as dist
 from pydantic import BaseModel
 from safetensors import safe_open
 
+from tasks.core.base import log
 from tasks.core.configs import ModelConfig, TrainConfig
 from tasks.core.hardware import autocast, mfu, peak_flops, use_bf16
 from tasks.core.model import CONFIG, GPT, WEIGHTS, activation_scale, load_model, load_weights, save_model
 from tasks.core.store import error_line, fsync_file, fsync_tree
 
-log = logging.getLogger("slmflow")
 IGNORE = -100
 TRAIN_STATE, STATE = "train_state.pt", "state.json"
 

@@ -2,9 +2,9 @@
 log-probs, and the online difficulty filter (DeepSeekMath's GRPO, with DAPO's and Dr. GRPO's variants and "Online
 Difficulty Filtering for Reasoning Oriented RL").
 
-Pure torch / numpy: no Prefect, no MLflow. `in_band` is also the offline difficulty stage's rule. torch is
-imported by the functions that use it: the filter half serves the RL and difficulty configs, which
-import without torch (a data-only run never loads it).
+Pure torch / numpy: no Prefect, no MLflow. The band's rule, `in_band`, lives in `tasks.core.rollout`
+(the offline difficulty stage uses it too). torch is imported by the functions that use it: the
+filter half serves the RL config, which imports without torch (a data-only run never loads it).
 
 Names follow TRL's GRPOConfig / verl where they exist:
   G (num_generations)      samples per prompt; rewards come as [n_groups, G].
@@ -40,6 +40,8 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, NamedTuple, Sequence
 import math
 
 import numpy as np
+
+from tasks.core.rollout import in_band
 
 if TYPE_CHECKING:
     import torch
@@ -175,13 +177,6 @@ def token_logprobs(model: Callable[..., torch.Tensor], input_ids: torch.Tensor,
 
 
 # ---------------------------------------------------------------- online difficulty filter
-
-
-def in_band(pass_rate, band: tuple[float, float]):
-    """low < pass_rate < high, both ends excluded; a float gives a bool, an array (numpy,
-    polars Series or expression) gives an elementwise mask."""
-    low, high = band
-    return (pass_rate > low) & (pass_rate < high)
 
 
 def kept_counts(band: tuple[float, float], G: int) -> list[int]:

@@ -1,7 +1,7 @@
 """Dedup: exact duplicates (normalized text), then MinHash-LSH near-duplicates (Broder's MinHash with LSH banding,
 as datatrove and text-dedup run it).
 
-Out of core, in steps that each hold one shard or one partition (tasks.core.dedup_disk has the
+Out of core, in steps that each hold one shard or one partition (tasks.dedup.disk has the
 layout): per shard, a digest of each document's normalized text and the LSH band keys of its MinHash
 signature of word n-gram shingles (of datatrove's simplified text with `simplify`), written to disk
 by key partition; exact groups (a duckdb query over the digests); per key partition, the candidate
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import logging
 import shutil
 from pathlib import Path
 from typing import Annotated, Literal
@@ -41,7 +40,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 from pydantic import Field
 
-from tasks.core.dedup_disk import (
+from tasks.core.base import log
+from tasks.dedup.disk import (
     candidate_mask,
     components,
     connect,
@@ -52,8 +52,7 @@ from tasks.core.dedup_disk import (
     write_shingle_sets,
 )
 from tasks.core.filters import Decision, write_filtered
-from tasks.core.minhash import band_keys, collision_probability, minhash_signatures, shingle_jaccard, word_shingle_hashes
-from tasks.core.orchestration import stage_task
+from tasks.dedup.minhash import band_keys, collision_probability, minhash_signatures, shingle_jaccard, word_shingle_hashes
 from tasks.core.outputs import document_shards
 from tasks.core.settings import runtime
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError, new_figure
@@ -61,7 +60,6 @@ from tasks.core.store import parquet_rows, read_table, write_parquet
 from tasks.core.tokens import normalize
 
 VERSION = 2  # 2: a dropped table (tasks.core.filters); kept shards keep their input names
-log = logging.getLogger("slmflow")
 
 
 class DedupConfig(StageConfig):
@@ -334,4 +332,3 @@ def dedup(cfg: DedupConfig, inputs: dict, ctx: StageContext) -> dict:
 STAGE = Stage("dedup", VERSION, DedupConfig, dedup,
               report_metrics=("exact_duplicates", "near_duplicates", "duplicate_rate", "clusters", "lsh_threshold",
                               "audit_precision"))
-dedup_task = stage_task(STAGE)

@@ -94,7 +94,7 @@ def find_garbage(store: Store, reachable: set[tuple[str, str]], why_unreached: C
                 continue
             manifest = store.read_manifest(stage, key) or {}
             if manifest.get("info", {}).get("registered_version"):
-                continue  # a model version in MLflow's registry points at these files (tasks/rl.py)
+                continue  # a model version in MLflow's registry points at these files (tasks.rl)
             if made_since and _made_since(manifest, made_since):
                 continue  # a run that has not recorded its plan yet (one in progress) may be reading it
             path = root / stage / key

@@ -1,5 +1,5 @@
 """PreSelect's math ("The Data That Predicts Is the Data That Teaches"): normalized losses, predictive
-strength, labels and the classifier's AUC. No I/O; the stage is tasks/preselect.py.
+strength, labels and the classifier's AUC. No I/O; the stage is `tasks.preselect`.
 
 - bits_per_char: a document's total NLL under a model in bits per character, comparable
   across tokenizers (the paper's normalization).

@@ -22,7 +22,7 @@
 
 Steps: sample `sample_docs` non-empty documents (the lowest doc_hash(seed, id): independent of
 sharding); bits per character of each one's first `max_chars` characters under each
-reference (tasks.core.preselect); predictive strength per document = the fraction of
+reference (tasks.preselect.scoring); predictive strength per document = the fraction of
 comparable reference pairs whose loss order agrees with the benchmark order
 (`concordance`, the public code), Spearman(-bpc, score) (`spearman`) or Pearson(-bpc, score)
 (`pearson`: continuous, so K = 3-4 references still rank documents without mass ties); positives = the
@@ -49,7 +49,6 @@ lr 0.1 for paper-scale label sets.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import re
 import subprocess
@@ -66,9 +65,9 @@ import pyarrow.compute as pc
 from pydantic import Field
 from tokenizers import Tokenizer
 
-from tasks.core.orchestration import stage_task
+from tasks.core.base import log
 from tasks.core.outputs import document_shards
-from tasks.core.preselect import (
+from tasks.preselect.scoring import (
     auc,
     bits_per_char,
     comparable_pairs,
@@ -87,7 +86,6 @@ if TYPE_CHECKING:  # torch comes with the reference models (load_reference): the
     import torch
 
 VERSION = 1
-log = logging.getLogger("slmflow")
 POS, NEG = "__label__pos", "__label__neg"
 _REF = re.compile(r"(eval_)?ref_(\d+)$")
 _SPACE = re.compile(r"\s+")
@@ -406,4 +404,3 @@ def preselect(cfg: PreselectConfig, inputs: dict[str, Artifact], ctx: StageConte
 
 STAGE = Stage("preselect", VERSION, PreselectConfig, preselect,
               report_metrics=("heldout_auc", "positives", "label_gap", "benchmark_range", "docs_scored"))
-preselect_task = stage_task(STAGE)

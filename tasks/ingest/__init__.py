@@ -22,9 +22,8 @@ import duckdb
 import pyarrow as pa
 from pydantic import Field
 
-from tasks.core.orchestration import stage_task
 from tasks.core.settings import runtime
-from tasks.core.sources import (
+from tasks.ingest.sources import (
     PackageTextsSource,
     PydocSource,
     ReasoningGymSource,
@@ -212,4 +211,3 @@ def write_documents(cfg: IngestConfig, ctx: StageContext, writer: ShardWriter, r
 
 STAGE = Stage("ingest", VERSION, IngestConfig, ingest, check=check,
               report_metrics=("chars", *DROPPED, "invalid_utf8", "shards"))
-ingest_task = stage_task(STAGE)

@@ -27,7 +27,6 @@ history rows written first, so a resumed run redoes identical steps.
 from __future__ import annotations
 
 import copy
-import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -38,16 +37,16 @@ import numpy as np
 import polars as pl
 import torch
 
+from tasks.core.base import log
 from tasks.core import chat
-from tasks.core.configs import GRPOConfig
-from tasks.core.grpo import fill_batch, group_advantages, policy_loss, token_logprobs
+from tasks.rl.config import GRPOConfig
+from tasks.rl.grpo import fill_batch, group_advantages, policy_loss, token_logprobs
 from tasks.core.rollout import end_id, is_correct, score_prompts
 from tasks.core.store import write_parquet
 from tasks.core.tokens import PAD, special_ids
 # checkpoint_state: the tests read it from here
 from tasks.core.train import BatchOrder, checkpoint_state, resume, save_checkpoint  # noqa: F401
 
-log = logging.getLogger("slmflow")
 
 
 @dataclass

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from tasks.core.minhash import Components, bucket_pairs, shingle_jaccard, unique_pairs
+from tasks.dedup.minhash import Components, bucket_pairs, shingle_jaccard, unique_pairs
 from tasks.core.store import write_parquet
 
 BAND_ROWS_PER_PARTITION = 1_000_000  # 17 MB of (band, key, idx) plus the sort's temporaries

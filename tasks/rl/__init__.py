@@ -7,7 +7,7 @@ keeps GRPO's std scaling of the advantages (scale_rewards group, which Dr. GRPO 
 DAPO's soft overlong punishment. Unlike verl's dynamic sampling, passing groups beyond a full batch
 are trained by the next step instead of being thrown away (at most one step stale).
 
-The loop lives in `tasks.core.rl_loop`; this stage reads the SFT model and the prompts (optionally
+The loop lives in `tasks.rl.loop`; this stage reads the SFT model and the prompts (optionally
 only those a difficulty table kept), runs it, and writes the model, the `history` table (every
 drawn group: the step that trains it, the step that drew it, prompt, verifier pass rate, kept,
 sample completions) and the `steps` table (metrics per step, the same step numbers), then logs and
@@ -20,8 +20,7 @@ import numpy as np
 import polars as pl
 from pydantic import Field
 
-from tasks.core.configs import GRPOConfig
-from tasks.core.orchestration import stage_task
+from tasks.rl.config import GRPOConfig
 from tasks.core.outputs import kept_ids, load_prompts
 from tasks.core.rollout import count_overlong, load_policy, resolve_device, take_per_task
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError, new_figure
@@ -56,7 +55,7 @@ def rl(cfg: RLConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
     import torch  # here, not at the top: the pipeline imports every stage's config, data-only runs included
 
     from tasks.core.model import save_model
-    from tasks.core.rl_loop import grpo, history_table
+    from tasks.rl.loop import grpo, history_table
 
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -106,4 +105,3 @@ def rl(cfg: RLConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
 
 STAGE = Stage("rl", VERSION, RLConfig, rl, store="models", family="rl",
               report_metrics=("reward_first", "reward_last", "kept_fraction"))  # held-out pass@1: eval_rl's row
-rl_task = stage_task(STAGE)
