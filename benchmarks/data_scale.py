@@ -603,7 +603,7 @@ def run_slmflow(corpus: Path, run_dir: Path, cores: int, workdir: Path, mb: floa
                             "computed": {s: round(float(m["seconds"]), 2) for s, m in computed.items()}}
             if name.startswith("dedup"):
                 m = computed["dedup"]
-                keep = ("docs_in", "docs_out", "exact_duplicates", "near_duplicates", "clusters", "largest_cluster",
+                keep = ("docs_in", "docs_kept", "dropped.exact_duplicate", "dropped.near_duplicate", "clusters", "largest_cluster",
                         "candidate_pairs", "verified_pairs", "audit_precision", "audit_jaccard_mean")
                 stages[name]["metrics"] = {k: m["metrics"][k] for k in keep if k in m["metrics"]}
                 stages[name]["clusters_path"] = str(data_root / "dedup" / m["key"] / "clusters")
@@ -631,7 +631,7 @@ def run_slmflow(corpus: Path, run_dir: Path, cores: int, workdir: Path, mb: floa
     }}
     if dask_workers:
         dask = {f"workers_{n}": {**{k: stages[f"dedup_dask_{n}"][k] for k in ("stage_s", "wall_s", "peak_rss_tree_mb")},
-                                 "docs_out": stages[f"dedup_dask_{n}"]["metrics"]["docs_out"]}
+                                 "docs_kept": stages[f"dedup_dask_{n}"]["metrics"]["docs_kept"]}
                 for n in dask_workers}
         base = dask[f"workers_{dask_workers[0]}"]["stage_s"]
         for n in dask_workers:

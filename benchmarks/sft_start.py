@@ -38,7 +38,7 @@ from tasks.core.chat import completion_text, example_ids  # noqa: E402
 from tasks.core.configs import TrainConfig  # noqa: E402
 from tasks.core.model import GPT, activation_scale, load_model, save_model  # noqa: E402
 from tasks.core.outputs import load_prompts  # noqa: E402
-from tasks.core.rollout import score_prompts  # noqa: E402
+from tasks.core.rollout import Sampling, score_prompts  # noqa: E402
 from tasks.core.stage import run_stage  # noqa: E402
 from tasks.core.store import Store  # noqa: E402
 from tasks.core.tokens import BOS, PAD, load_tokenizer, special_ids  # noqa: E402
@@ -50,7 +50,7 @@ ADDITION = {"basic_arithmetic": {"min_terms": 2, "max_terms": 2, "min_digits": 2
 
 
 def pass_at_1(model, tok, rows) -> float:
-    scored = score_prompts(model, tok, rows, 1, 0.0, None, 8, 128, 0, None)
+    scored = score_prompts(model, tok, rows, 1, Sampling(max_completion_length=8), greedy=True)
     return float(np.mean([c == 1 for c in scored.correct]))
 
 

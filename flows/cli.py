@@ -67,7 +67,8 @@ def _check_tracking(configured: str | None) -> None:
              f"--port 5000) or point run.mlflow_uri / MLFLOW_TRACKING_URI at one (unset: sqlite:///mlflow.db here)")
 
 
-def _run(api: PrefectAPI, stop: Interrupts, config: Path, only: list[str], force: list[str], sets: list[str]) -> dict:
+def _run(api: PrefectAPI, stop: Interrupts, config: Path, only: list[str], force: list[str], sets: list[str],
+         rerun_stale: bool = False) -> dict:
     """Plan and check the run, set MLflow up, then wait for Prefect's API and run the flow (off the main
     thread, which stays free for Ctrl-C: flows/interrupt.py)."""
     from flows.config import ConfigError
@@ -80,10 +81,7 @@ def _run(api: PrefectAPI, stop: Interrupts, config: Path, only: list[str], force
     _check_tracking(cfg.run.mlflow_uri)
     try:
         plan.check_names(force, "--force")
-        for name in plan.needed(only):  # bad paths and settings fail here, before anything runs
-            planned = plan.stages[name]
-            if planned.stage.check:
-                planned.stage.check(planned.cfg)
+        plan.check(plan.needed(only))  # bad paths and settings fail here, before a server starts
     except (ConfigError, StageError) as e:
         fail(str(e))
     if cfg.run.execution == "deployments":
@@ -96,7 +94,7 @@ def _run(api: PrefectAPI, stop: Interrupts, config: Path, only: list[str], force
         Tracker.shared(uri, cfg.run.experiment)  # the flow's parent run and stages reuse it
     try:
         api.url()
-        return in_thread(pipeline, str(config), only or None, force or None, sets)
+        return in_thread(pipeline, str(config), only or None, force or None, sets, None, rerun_stale)
     except (ConfigError, StageError, ServerError) as e:
         fail(str(e))
 
@@ -107,6 +105,8 @@ def run(
     only: Annotated[Optional[list[str]], typer.Option(help="run only these stages (and what they need)")] = None,
     force: Annotated[Optional[list[str]], typer.Option(help="recompute these stages even if cached")] = None,
     set_: SetOpt = None,
+    rerun_stale: Annotated[bool, typer.Option("--rerun-stale", help="also recompute stored outputs made by other code "
+                                              "than the current (stale), and what is downstream of them")] = False,
 ):
     """Run the pipeline (cached stages are skipped) and print the report card."""
     # Prefect's temporary server starts first and is waited for last: its seconds of start-up overlap
@@ -114,20 +114,22 @@ def run(
     # from here on ends the open MLflow runs as KILLED, stops the server last and exits (130 / 143).
     with Interrupts() as stop, PrefectAPI(log=lambda line: err.print(line, highlight=False, soft_wrap=True)) as api:
         stop.steps = [kill_open_runs, cancel_flow_run, stop_children, api.stop]
-        result = _run(api, stop, config, _names(only), _names(force), list(set_ or []))
+        result = _run(api, stop, config, _names(only), _names(force), list(set_ or []), rerun_stale)
+    from flows.report import ACCURACY_TITLE, accuracy_table, cached_cell, stale_notes
+
     table = Table(title="slmflow report card")
     for col in ("stage", "key", "cached", "rows", "metrics", "time (s)"):
         table.add_column(col)
     for r in result["report"]:
         table.add_row(
-            r["stage"], r["key"], "yes" if r["cached"] else "no",
+            r["stage"], r["key"], cached_cell(r),
             "\n".join(f"{k}: {v:,}" for k, v in r["rows"].items()),
             "\n".join(f"{k}: {fmt(v)}" for k, v in r["metrics"].items()),
             f"{r['seconds']:.1f}",
         )
     out.print(table)
-    from flows.report import ACCURACY_TITLE, accuracy_table
-
+    for note in stale_notes(result["report"]):
+        out.print(note, highlight=False, soft_wrap=True)
     header, acc = accuracy_table(result["report"], result.get("baseline"))
     if acc:
         grid = Table(title=ACCURACY_TITLE)

@@ -24,15 +24,18 @@ from flows.cli_common import (
 )
 from flows.record import Graph
 from flows.record import lineage as lineage_graph
+from tasks.core.fingerprint import current_code, describe, stale_modules, stale_note
 from tasks.core.store import DamagedManifest, Store, check_name
 
 
 def status(config: ReadConfigOpt = None, set_: SetOpt = None):
-    """Each stage of the pipeline: its key, whether the store has it, rows, created."""
+    """Each stage of the pipeline: its key, whether the store has it (and whether the code that made it is
+    still the current: `yes (stale)` when not), rows, created."""
     record = read_plan(config, set_)
     table = Table(title=f"stages of {record.describe()}")
     for col in ("stage", "key", "cached", "rows", "created"):
         table.add_column(col)
+    notes = []
     for name, inst in record.stages.items():
         store = record.store(inst.store)
         manifest = store.manifest_or_damage(inst.stage, inst.key)
@@ -41,8 +44,16 @@ def status(config: ReadConfigOpt = None, set_: SetOpt = None):
             continue
         hit = store.get(inst.stage, inst.key)
         rows = ", ".join(f"{k} {v:,}" for k, v in hit.rows.items()) if hit else ""
-        table.add_row(name, inst.key, "yes" if hit else "no", rows, hit.manifest.get("created", "") if hit else "")
+        recorded = hit.manifest.get("code") if hit else None  # the code that made it, its module named
+        current = current_code(recorded.get("module")) if isinstance(recorded, dict) else None  # read, not imported
+        stale = stale_modules(recorded, current)
+        if stale:
+            notes.append(stale_note(f"{name} ({inst.key})", describe(recorded, current)))
+        cached = ("yes (stale)" if stale else "yes") if hit else "no"
+        table.add_row(name, inst.key, cached, rows, hit.manifest.get("created", "") if hit else "")
     out.print(table)
+    for note in notes:
+        out.print(note, highlight=False, soft_wrap=True)
 
 
 def show(
@@ -243,19 +254,21 @@ def export(
 ):
     """Write a model stage's weights in the Hugging Face layout (LlamaForCausalLM, with our chat template)."""
     from flows.export import export_hf
-    from tasks.core.store import local_dir
+    from tasks.core.model import WEIGHTS
+    from tasks.core.outputs import MODEL_DIR, local_model_dir
+    from tasks.core.tokens import TOKENIZER_FILE
 
     art = stored_output(read_plan(config, set_), stage, key)
 
-    if "model/model.safetensors" not in art.manifest["files"]:
+    if f"{MODEL_DIR}/{WEIGHTS}" not in art.manifest["files"]:
         fail(f"{stage} has no model to export (not a training stage)")
     from tasks.core.chat import HF_CHAT_TEMPLATE
     from tasks.core.tokens import BOS, END, PAD
 
     special = {"bos_token": BOS, "eos_token": END, "pad_token": PAD}
     try:
-        model_dir = local_dir(f"{art.path}/model")
-        out_dir = export_hf(model_dir, directory, tokenizer_json=model_dir / "tokenizer.json", special_tokens=special,
+        model_dir = local_model_dir(art)
+        out_dir = export_hf(model_dir, directory, tokenizer_json=model_dir / TOKENIZER_FILE, special_tokens=special,
                             chat_template=HF_CHAT_TEMPLATE)
     except ValueError as e:
         fail(f"export {stage}: {e}")

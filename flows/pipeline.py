@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 import yaml
 from prefect import flow
@@ -36,10 +36,11 @@ from tasks import (
     sft,
     tokenizer,
 )
+from tasks.core.fingerprint import stale_modules
 from tasks.core.lineage import Tracker, tracking_uri
 from tasks.core.orchestration import RunContext, dask_scheduler, stage_task
-from tasks.core.stage import DamagedInput, Outcome, Stage, StageConfig, StageError, log
-from tasks.core.store import Artifact, stage_key
+from tasks.core.stage import DamagedInput, Outcome, Stage, StageConfig, StageError, code_of, log
+from tasks.core.store import Artifact, Store, stage_key
 
 
 class StageCall(Protocol):
@@ -115,6 +116,15 @@ class Plan:
             if name not in self.stages:
                 raise ConfigError(f"{option} {name}: no such stage (stages: {', '.join(self.stages)})")
 
+    def check(self, names: list[str]) -> None:
+        """Every named stage's `check` (StageError on bad settings or paths), before any of them runs: a
+        bad RL setting fails the run before pretraining starts. The CLI, the pipeline flow and the stage
+        flow (deployments, serve) all call this; `run_stage` checks again just before it computes."""
+        for name in names:
+            planned = self.stages[name]
+            if planned.stage.check:
+                planned.stage.check(planned.cfg)
+
     def needed(self, only: list[str] | None) -> list[str]:
         """`--only X`: X and everything upstream of it (cache hits where the store has them)."""
         if not only:
@@ -127,6 +137,37 @@ class Plan:
                 seen.add(name)
                 todo.extend(self.stages[name].inputs.values())
         return [n for n in self.stages if n in seen]
+
+    def downstream(self, names: Iterable[str]) -> list[str]:
+        """`names` and every stage whose inputs reach one of them, transitively, in plan order."""
+        reached = set(names)
+        for name, planned in self.stages.items():  # the DAG adds a stage after its inputs
+            if any(up in reached for up in planned.inputs.values()):
+                reached.add(name)
+        return [n for n in self.stages if n in reached]
+
+    def stale(self, names: list[str], store_of: Callable[[Stage], Store]) -> dict[str, list[str]]:
+        """The named stages whose stored output was made by other code than the current (its manifest's
+        fingerprint differs): name -> the modules that changed. Missing outputs and outputs from before
+        fingerprints are not stale."""
+        found = {}
+        for name in names:
+            planned = self.stages[name]
+            manifest = store_of(planned.stage).read_manifest(planned.stage.name, planned.key)
+            if changed := stale_modules(manifest.get("code") if manifest else None, code_of(planned.stage)):
+                found[name] = changed
+        return found
+
+    def rerun_stale(self, needed: list[str], store_of: Callable[[Stage], Store]) -> list[str]:
+        """`--rerun-stale`: the needed stages to force, each stale one and what is downstream of it (logged)."""
+        stale = self.stale(needed, store_of)
+        if not stale:
+            log.info("--rerun-stale: no stored output of this run is stale")
+            return []
+        rerun = [n for n in self.downstream(stale) if n in needed]
+        log.info("--rerun-stale: %s stale; recomputing %s", "; ".join(f"{n} ({', '.join(m)})" for n, m in stale.items()),
+                 ", ".join(rerun))
+        return rerun
 
 
 def make_plan(cfg: PipelineConfig) -> Plan:
@@ -219,7 +260,9 @@ class PrefectRunner:
                              f"{planned.stage.name} {planned.key}: do the pipeline and the worker share run.data_root "
                              f"and run.models_root?")
         ran = art.manifest.get("prefect", {}).get("prefect.flow_run_id") == str(remote.id)
-        return Outcome(artifact=art, cached=not ran, seconds=float(art.manifest.get("seconds", 0.0)) if ran else 0.0)
+        stale = [] if ran else stale_modules(art.manifest.get("code"), code_of(planned.stage))  # as run_stage's hit
+        return Outcome(artifact=art, cached=not ran, seconds=float(art.manifest.get("seconds", 0.0)) if ran else 0.0,
+                       stale=stale)
 
 
 @contextlib.contextmanager
@@ -283,25 +326,29 @@ def describe_final_model(tracker: Tracker, record: RunRecord, outcomes: dict[str
 
 @flow(name=PIPELINE_FLOW)
 def pipeline(config: str | dict = "configs/default.yaml", only: list[str] | None = None, force: list[str] | None = None,
-             overrides: list[str] | None = None, config_file: str | None = None) -> dict:
+             overrides: list[str] | None = None, config_file: str | None = None, rerun_stale: bool = False) -> dict:
     """The whole DAG (or `only` some stages and what they need), like `slmflow run`.
-    config_file: where a config given as a dict came from (recorded for `slmflow ls` and the read commands)."""
+    config_file: where a config given as a dict came from (recorded for `slmflow ls` and the read commands).
+    rerun_stale: also recompute every needed stage whose stored output was made by other code, and what is
+    downstream of it (`slmflow run --rerun-stale`)."""
     if isinstance(config, str):
         config_file = config_file or config
     try:
-        return _pipeline(config, only, force, overrides, config_file)
+        return _pipeline(config, only, force, overrides, config_file, rerun_stale)
     except (ConfigError, StageError) as e:  # bad input or settings: a one-line Failed state, not a traceback
         return Failed(message=str(e), data=e)
 
 
 def _pipeline(config: str | dict, only: list[str] | None, force: list[str] | None, overrides: list[str] | None,
-              config_file: str | None) -> dict:
+              config_file: str | None, rerun_stale: bool = False) -> dict:
     cfg = resolve_config(config, overrides)
     if cfg.run.execution == "deployments":  # remote stages must find the same store and tracking server
         cfg = cfg.model_copy(update={"run": cfg.run.shared()})
     plan = make_plan(cfg)
     plan.check_names(force or [], "--force")
     needed = plan.needed(only)
+    plan.check(needed)
+    stale = plan.rerun_stale(needed, run_context(cfg, "", None).store) if rerun_stale else []
     tags = {"prefect.flow_run_id": str(flow_run.id or ""), "only": ",".join(only or []), "force": ",".join(force or [])}
     remote = set(cfg.run.remote_families) if cfg.run.execution == "deployments" else set()
     with (parent_run(cfg, f"pipeline-{flow_run.name or 'local'}", tags, overrides=overrides) as (tracker, parent),
@@ -310,7 +357,7 @@ def _pipeline(config: str | dict, only: list[str] | None, force: list[str] | Non
         record = RunRecord.from_plan(cfg, plan, config_file, overrides, parent)
         record.save()
         runner = PrefectRunner(plan, run_context(cfg, parent, dask_address, config_file), tracker, needed,
-                               set(force or []), cfg.model_dump(mode="json"), remote)
+                               set(force or []) | set(stale), cfg.model_dump(mode="json"), remote)
         dag(cfg, runner)
         card = report_card(runner.outcomes, plan)
         baseline = baseline_of(runner.outcomes, plan)

@@ -1,4 +1,5 @@
-"""The report card: one row per stage (key, cached?, rows, headline metrics, time)."""
+"""The report card: one row per stage (key, cached?, rows, headline metrics, time); a cache hit made by
+other code than the current reads `yes (stale)`, with a line below the table naming what changed."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import math
 from pathlib import Path
 
 from flows.record import write_atomic
+from tasks.core.fingerprint import stale_note
 from tasks.core.stage import Outcome
 
 
@@ -39,8 +41,9 @@ def headline(card: list[dict], baseline: dict[str, dict] | None = None) -> str:
               for r in card if r["accuracy"]]
     if baseline:
         scores.append(f"constant answer {sum(b['pass_at_1'] for b in baseline.values()) / len(baseline):.3f}")
-    computed = sum(not r["cached"] for r in card)
-    ran = f"{computed} of {len(card)} stages computed ({len(card) - computed} cached), {sum(r['seconds'] for r in card) / 60:.1f} min"
+    computed, stale = sum(not r["cached"] for r in card), sum(bool(r.get("stale")) for r in card)
+    cached = f"{len(card) - computed} cached" + (f", {stale} stale" if stale else "")
+    ran = f"{computed} of {len(card)} stages computed ({cached}), {sum(r['seconds'] for r in card) / 60:.1f} min"
     return f"Held-out mean greedy pass@1: {', '.join(scores)}. {ran}." if scores else f"{ran[0].upper()}{ran[1:]}."
 
 
@@ -53,6 +56,7 @@ def report_card(outcomes: list[tuple[str, Outcome]], plan) -> list[dict]:
             "stage": name,
             "key": o.artifact.key,
             "cached": o.cached,
+            "stale": list(o.stale),  # a hit made by other code: the modules changed since (tasks.core.fingerprint)
             "rows": dict(o.artifact.rows),
             # a stage's report metrics, and any per-task count of examples that did not fit (nothing dropped silently)
             "metrics": {**{m: metrics[m] for m in stage.report_metrics if m in metrics},
@@ -64,6 +68,16 @@ def report_card(outcomes: list[tuple[str, Outcome]], plan) -> list[dict]:
             "prompts": {k.split(".", 1)[1]: v for k, v in metrics.items() if k.startswith("prompts.")},
         })
     return rows
+
+
+def cached_cell(r: dict) -> str:
+    """The cached column: yes, yes (stale) or no."""
+    return ("yes (stale)" if r.get("stale") else "yes") if r["cached"] else "no"
+
+
+def stale_notes(card: list[dict]) -> list[str]:
+    """One line per stale hit, for below the table: what changed and how to recompute it."""
+    return [stale_note(f"{r['stage']} ({r['key']})", ", ".join(r["stale"])) for r in card if r.get("stale")]
 
 
 def baseline_of(outcomes: list[tuple[str, Outcome]], plan) -> dict[str, dict] | None:
@@ -125,7 +139,9 @@ def to_markdown(card: list[dict], baseline: dict[str, dict] | None = None) -> st
     for r in card:
         rows = ", ".join(f"{k} {fmt(v)}" for k, v in r["rows"].items())
         metrics = ", ".join(f"{k} {fmt(v)}" for k, v in r["metrics"].items())
-        lines.append(f"| {r['stage']} | `{r['key']}` | {'yes' if r['cached'] else 'no'} | {rows} | {metrics} | {r['seconds']} |")
+        lines.append(f"| {r['stage']} | `{r['key']}` | {cached_cell(r)} | {rows} | {metrics} | {r['seconds']} |")
+    if notes := stale_notes(card):
+        lines += ["", *(f"- {n}" for n in notes)]
     header, acc = accuracy_table(card, baseline)
     if acc:
         lines += ["", ACCURACY_TITLE[0].upper() + ACCURACY_TITLE[1:] + ":", "", "| " + " | ".join(header) + " |",

@@ -43,6 +43,7 @@ def _stages(family: str, config: str | dict, overrides: list[str] | None, names:
         if name not in members:  # e.g. a training stage sent to the cpu pool
             other = plan.stages[name].stage.family
             raise ConfigError(f"names: {name} is a stage of family {other}, not {family} (deployment {STAGES_FLOW}/{other})")
+    plan.check(names)
     tags = {"prefect.flow_run_id": str(flow_run.id or ""), "family": family, "only": ",".join(names)}
     with (parent_run(cfg, f"{family}-{flow_run.name or 'local'}", tags, parent_run_id) as (tracker, parent),
           dask_scheduler(cfg.run.runner, cfg.run.dask_address, cfg.run.dask_workers) as dask_address):

@@ -16,23 +16,21 @@ document is found too (no dependence on how the document was rendered).
 
 Outputs: `documents` (the kept rows, same schema, one shard per input shard with the same
 names, possibly empty), `dropped` (`doc_id`, `source`, reason `eval_question`) and `removed` (`doc_id`, `prompt_id`, `task`: one row per matching
-(document, eval prompt) pair, sorted). Metrics: `docs_in`, `docs_out`, `removed`
-(documents), `removed.<source>` for each checked source, `matches` (pairs).
+(document, eval prompt) pair, sorted). Metrics: a filter's (tasks.core.filters: `docs_dropped` are the
+removed documents, `docs_in.<source>` minus `docs_kept.<source>` per source), `matches` (pairs) and
+`eval_questions` (distinct normalized questions).
 """
 
 from __future__ import annotations
-
-from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from tasks.core.filters import Decision, filter_shard
+from tasks.core.filters import Decision, filter_documents
 from tasks.core.outputs import document_shards, load_prompts
 from tasks.core.stage import Stage, StageConfig, StageContext
-from tasks.core.store import read_table, write_parquet
+from tasks.core.store import write_parquet
 from tasks.core.tokens import normalize
 
 VERSION = 2  # 2: a dropped table (tasks.core.filters)
@@ -73,47 +71,30 @@ class QuestionIndex:
         return found
 
 
-def shard_matches(path: str, prompts: list[dict], sources: list[str], out: Path) -> dict:
-    """One shard (mapped over workers): its kept and dropped documents written into `out`; returns
-    the counts and the (doc_id, prompt_id, task) matches, so the stage never holds the corpus.
+def find_eval_questions(path: str, table: pa.Table, prompts: list[dict], sources: list[str]) -> Decision:
+    """One shard's decision (on a worker): drop each checked document that holds an eval question; its
+    (doc_id, prompt_id, task) matches go back to the stage as the decision's extra.
 
     `prompts` are plain {"id", "task", "question"} dicts (cheap to ship to a worker); the
     index is rebuilt per shard, which costs O(questions)."""
-    index = QuestionIndex(prompts)
-    table = read_table(path)
-    checked = set(sources)
-    keep, matches, removed = [], [], Counter()
+    index, checked = QuestionIndex(prompts), set(sources)
+    keep, matches = [], []
     for doc, text, source in zip(table["id"].to_pylist(), table["text"].to_pylist(), table["source"].to_pylist()):
         found = index.find(normalize(text)) if source in checked else set()
         keep.append(not found)
-        if found:
-            removed[source] += 1
-            matches.extend((doc, pid, task) for pid, task in sorted(found))
-    counts = filter_shard(path, Decision(np.array(keep, bool), "eval_question"), out, table)
-    return {"counts": dict(counts), "matches": matches, "removed": dict(removed)}
+        matches.extend((doc, pid, task) for pid, task in sorted(found))
+    return Decision(np.array(keep, bool), "eval_question", extra=matches)
 
 
 def decontaminate(cfg: DecontaminateConfig, inputs: dict, ctx: StageContext) -> dict:
     files = document_shards(inputs["documents"], "decontaminate")
     evals = [{"id": p["id"], "task": p["task"], "question": p["question"]} for p in load_prompts(inputs["prompts"], "eval")]
-    counts, removed, matches = Counter(), Counter({s: 0 for s in cfg.sources}), []
-    for part in ctx.map_bounded(shard_matches, files, prompts=evals, sources=list(cfg.sources), out=ctx.out):
-        counts.update(part["counts"])
-        removed.update(part["removed"])
-        matches += part["matches"]  # only contaminated documents: a few, not the corpus
-    matches.sort()
+    done = filter_documents(ctx, files, find_eval_questions, ["eval_question"], prompts=evals, sources=list(cfg.sources))
+    matches = sorted(m for part in done.extras for m in part)  # only contaminated documents: a few, not the corpus
     write_parquet(pa.table({c: [m[i] for m in matches] for i, c in enumerate(REMOVED_SCHEMA.names)}, schema=REMOVED_SCHEMA),
                   ctx.out / "removed" / "part-00000.parquet")
-    docs_in, docs_out = counts["docs_in"], counts["docs_out"]
-    metrics = {
-        "docs_in": docs_in,
-        "docs_out": docs_out,
-        "removed": docs_in - docs_out,
-        "matches": len(matches),
-        "eval_questions": len(QuestionIndex(evals).questions),
-        **{f"removed.{s}": n for s, n in sorted(removed.items())},
-    }
-    return {"rows": {"documents": docs_out, "removed": len(matches)}, "metrics": metrics}
+    metrics = {**done.metrics, "matches": len(matches), "eval_questions": len(QuestionIndex(evals).questions)}
+    return {"rows": {"documents": metrics["docs_kept"], "removed": len(matches)}, "metrics": metrics}
 
 
-STAGE = Stage("decontaminate", VERSION, DecontaminateConfig, decontaminate, report_metrics=("removed", "docs_out"))
+STAGE = Stage("decontaminate", VERSION, DecontaminateConfig, decontaminate, report_metrics=("docs_dropped", "docs_kept"))

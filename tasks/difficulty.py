@@ -19,8 +19,7 @@ import numpy as np
 import polars as pl
 from pydantic import Field
 
-from tasks.core.rollout import in_band
-from tasks.core.rollout import count_overlong, generation_metrics, prompts_and_policy, score_prompts
+from tasks.core.rollout import Sampling, count_overlong, generation_metrics, in_band, prompts_and_policy, score_prompts
 from tasks.core.settings import Band, Device, device_setting
 from tasks.core.stage import Stage, StageConfig, StageContext, new_figure
 from tasks.core.store import Artifact, write_parquet
@@ -28,17 +27,11 @@ from tasks.core.store import Artifact, write_parquet
 VERSION = 1
 
 
-class DifficultyConfig(StageConfig):
+class DifficultyConfig(StageConfig, Sampling):
     split: str = Field("train", description="which prompts table to score")
     k: int = Field(4, ge=1, description="samples per prompt")
-    temperature: float = Field(1.0, gt=0, description="sampling temperature")
-    top_k: int | None = Field(None, ge=1, description="sample from the top_k tokens only (None: all)")
-    max_completion_length: int = Field(20, ge=1, description="tokens generated per completion at most (a "
-                                       "three-word reversal needs up to 18)")
     band: Band = Field((0.1, 0.9), description="keep prompts with low < pass_rate < high (strict)")
     max_prompts_per_task: int | None = Field(100, ge=1, description="first N prompts of each task (None: all)")
-    batch_size: int = Field(128, ge=1, description="sequences per generate call (decides each sample's random draws)")
-    seed: int = Field(0, description="seed of the sampling generator")
     device: Device = device_setting()
 
 
@@ -60,8 +53,7 @@ def pass_rate_figure(table: pl.DataFrame, k: int, band: tuple[float, float]):
 def difficulty(cfg: DifficultyConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
     rows, model, tok = prompts_and_policy("difficulty", inputs, cfg.split, cfg.max_prompts_per_task, cfg.device)
     overlong = count_overlong(model, tok, rows, cfg.max_completion_length, ctx.instance)
-    scored = score_prompts(model, tok, rows, cfg.k, cfg.temperature, cfg.top_k, cfg.max_completion_length, cfg.batch_size,
-                           cfg.seed, ctx.progress)
+    scored = score_prompts(model, tok, rows, cfg.k, cfg.sampling(), progress=ctx.progress)
     table = scored.table().with_columns(kept=in_band(pl.col("pass_rate"), cfg.band))
     write_parquet(table.to_arrow(), ctx.out / "pass_rates" / "part-00000.parquet")
     samples = scored.samples()

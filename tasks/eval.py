@@ -21,7 +21,7 @@ import polars as pl
 from pydantic import Field
 
 from tasks.core import chat
-from tasks.core.rollout import count_overlong, generation_metrics, prompts_and_policy, score_prompts
+from tasks.core.rollout import Sampling, count_overlong, generation_metrics, prompts_and_policy, score_prompts
 from tasks.core.settings import Device, device_setting
 from tasks.core.stage import Stage, StageConfig, StageContext, log
 from tasks.core.store import Artifact, write_parquet
@@ -30,16 +30,11 @@ VERSION = 1
 MEASURES = ("pass_at_1", "pass_at_k", "sampled_pass_at_1", "completion_tokens")
 
 
-class EvalConfig(StageConfig):
+class EvalConfig(StageConfig, Sampling):
     split: str = Field("eval", description="which prompts table to evaluate on")
     max_prompts_per_task: int | None = Field(100, ge=1, description="first N prompts of each task (None: all)")
-    max_completion_length: int = Field(20, ge=1, description="tokens generated per completion at most (a "
-                                       "three-word reversal needs up to 18)")
     k: int = Field(4, ge=1, description="samples per prompt for pass@k")
     temperature: float = Field(0.8, gt=0, description="sampling temperature of the k samples (greedy is separate)")
-    top_k: int | None = Field(None, ge=1, description="sample from the top_k tokens only (None: all)")
-    batch_size: int = Field(128, ge=1, description="sequences per generate call (decides each sample's random draws)")
-    seed: int = Field(0, description="seed of the sampling generator")
     device: Device = device_setting()
 
 
@@ -71,9 +66,9 @@ def evaluate(cfg: EvalConfig, inputs: dict[str, Artifact], ctx: StageContext) ->
     rows, model, tok = prompts_and_policy("eval", inputs, cfg.split, cfg.max_prompts_per_task, cfg.device)
     overlong = count_overlong(model, tok, rows, cfg.max_completion_length, ctx.instance)
 
-    greedy = score_prompts(model, tok, rows, 1, 0.0, None, cfg.max_completion_length, cfg.batch_size, cfg.seed, ctx.progress)
-    samples = score_prompts(model, tok, rows, cfg.k, cfg.temperature, cfg.top_k, cfg.max_completion_length, cfg.batch_size,
-                            cfg.seed, ctx.progress)
+    sampling = cfg.sampling()
+    greedy = score_prompts(model, tok, rows, 1, sampling, greedy=True, progress=ctx.progress)
+    samples = score_prompts(model, tok, rows, cfg.k, sampling, progress=ctx.progress)
     texts = [t[0] for t in greedy.texts]
     results = pl.DataFrame({
         "prompt_id": [r["id"] for r in rows],

@@ -25,17 +25,15 @@ lists, other non-JSON values strings). Verifiers come from the task library by `
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
-import re
 from collections import Counter
 from typing import Any, Iterator
 
 import pyarrow as pa
 from pydantic import Field
 
+from tasks.core import gym
 from tasks.core.chat import completion_text, jsonable, score
 from tasks.core.outputs import PROMPT_SPLITS as SPLITS
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError, log
@@ -56,7 +54,6 @@ DEFAULT_TASKS: dict[str, dict[str, Any]] = {
     "word_sequence_reversal": {"min_words": 2, "max_words": 3},
     "aiw": {"task_type_weights": [0.5, 0.5, 0.0], "max_entities": 9},
 }
-_COT_RESULT = re.compile(r"(?:^|\n)#### [^\n]*\s*$")
 
 
 class PromptsConfig(StageConfig):
@@ -79,59 +76,23 @@ def prompt_id(task: str, split: str, seed: int, index: int) -> str:
     return hashlib.sha256(f"{task}\0{split}\0{seed}\0{index}".encode()).hexdigest()[:20]
 
 
-def solution_of(metadata: dict) -> str | None:
-    """A worked solution from the generator's metadata (gsm_symbolic's answer_cot), or None."""
-    cot = metadata.get("answer_cot") if isinstance(metadata, dict) else None
-    if not isinstance(cot, str):
-        return None
-    cot = _COT_RESULT.sub("", cot.strip()).strip()
-    return cot or None
-
-
 def check(cfg: PromptsConfig) -> None:
-    from reasoning_gym.factory import DATASETS
-
     if cfg.train_seed == cfg.eval_seed:
         raise StageError(f"prompts.eval_seed: must differ from prompts.train_seed (both {cfg.train_seed})")
     if not cfg.tasks:
         raise StageError("prompts.tasks: name at least one reasoning-gym task")
     for task, kwargs in cfg.tasks.items():
-        if task not in DATASETS:
-            known = ", ".join(sorted(DATASETS)[:8])
-            raise StageError(f"prompts.tasks: unknown task {task!r} (known: {known}, ... {len(DATASETS)} in all)")
-        if {"size", "seed"} & set(kwargs):
-            raise StageError(f"prompts.tasks.{task}: may not set size/seed (use train_size/eval_size and the seeds)")
-        try:
-            conf = DATASETS[task][1](size=1, seed=0, **kwargs)
-            getattr(conf, "validate", lambda: None)()
-            # one item too (milliseconds): some settings pass the config class and break the generator,
-            # e.g. aiw's task_types from YAML are strings where it wants its TaskType enum
-            with contextlib.redirect_stdout(io.StringIO()):
-                DATASETS[task][0](conf)[0]
-        except Exception as e:  # noqa: BLE001 - any constructor/validate/generation failure is a bad setting
-            msg = " ".join(f"{type(e).__name__}: {e}".splitlines())
-            raise StageError(f"prompts.tasks.{task}: bad generator settings ({msg})") from None
+        gym.check_task(task, kwargs, "prompts.tasks")
 
 
 def generate(task: str, kwargs: dict, split: str, seed: int, size: int, ctx: StageContext | None = None) -> list[dict]:
     """`size` rows of one task and split, in generator index order."""
-    import reasoning_gym
-
-    quiet = contextlib.redirect_stdout(io.StringIO())  # some generators print
     difficulty = canonical_json(kwargs)
-    try:
-        with quiet:
-            ds = reasoning_gym.create_dataset(task, size=size, seed=generator_seed(task, seed), **kwargs)
-    except Exception as e:  # noqa: BLE001
-        raise StageError(f"prompts.tasks.{task}: generator failed ({type(e).__name__}: {e})") from None
-    indices = range(size) if ctx is None else ctx.progress(range(size), size, f"{task} {split} prompts")
+    generated = gym.items(task, kwargs, size, generator_seed(task, seed), f"prompts.tasks ({split})")
+    if ctx is not None:
+        generated = ctx.progress(generated, size, f"{task} {split} prompts")
     rows = []
-    for i in indices:
-        try:
-            with quiet:
-                item = ds[i]
-        except Exception as e:  # noqa: BLE001
-            raise StageError(f"prompts.tasks.{task}: generator failed on {split} item {i} ({type(e).__name__}: {e})") from None
+    for i, item in enumerate(generated):
         metadata = jsonable(item.get("metadata") or {})
         answer = item.get("answer")
         rows.append({
@@ -140,7 +101,7 @@ def generate(task: str, kwargs: dict, split: str, seed: int, size: int, ctx: Sta
             "difficulty": difficulty,
             "question": str(item["question"]),
             "answer": None if answer is None else str(answer),
-            "solution": solution_of(metadata),
+            "solution": gym.solution_of(metadata),
             "metadata": json.dumps(metadata, sort_keys=True, ensure_ascii=False),
         })
     return rows
@@ -188,7 +149,6 @@ def _write(rows: list[dict], split: str, shard_rows: int, ctx: StageContext) -> 
 
 
 def make_prompts(cfg: PromptsConfig, inputs: dict, ctx: StageContext) -> dict:
-    check(cfg)
     tasks = sorted(cfg.tasks)
     counts: Counter = Counter()
 

@@ -30,16 +30,15 @@ Unknown sources get `thresholds`.
 Outputs: `documents` (kept rows, input schema + the score columns + `quality_kept`, one
 shard per input shard with the same name), `dropped` (reason: the first failing rule) and `scores` (`doc_id`, `source`, `chars`, the
 score columns, `quality_kept`, `quality_drop_reason` for every input document), so what a
-rule removed is one query away. Metrics: docs_in, docs_kept, chars_in, chars_kept,
-dropped.<rule> for every rule. Each mapped shard writes its own outputs and returns counts; the
-scores table is then assembled from per-shard files, so memory is bounded by the shards in flight.
+rule removed is one query away. Metrics: a filter's (tasks.core.filters), with dropped.<rule> for
+every rule. Each shard's decision is made on a worker that writes its outputs and scores; the scores
+table is then assembled from per-shard files, so memory is bounded by the shards in flight.
 """
 
 from __future__ import annotations
 
 import shutil
 import tempfile
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -48,10 +47,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from tasks.core.filters import Decision, filter_shard
+from tasks.core.filters import Decision, filter_documents
 from tasks.core.outputs import document_shards
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError
-from tasks.core.store import Artifact, read_table, write_parquet
+from tasks.core.store import Artifact, write_parquet
 
 VERSION = 2  # 2: a dropped table (tasks.core.filters)
 SCORES = ("word_count", "mean_word_length", "symbol_to_word_ratio", "ellipsis_line_fraction", "bullet_line_fraction",
@@ -253,18 +252,13 @@ def shard_quality(table: pa.Table, cfg: QualityConfig) -> pl.DataFrame:
     ], how="horizontal")
 
 
-def filter_quality(path: str, cfg: QualityConfig, out: Path, scores_dir: Path) -> dict:
-    """One shard (mapped over workers): its kept and dropped documents into `out`, its scores into
-    `scores_dir` under the shard's name; only counts go back, so the stage never holds the corpus."""
-    table = read_table(path)
+def decide_quality(path: str, table: pa.Table, cfg: QualityConfig, scores_dir: Path) -> Decision:
+    """One shard's decision (on a worker): the first failing rule per document. Its scores table goes to
+    `scores_dir` under the shard's name, assembled into `scores` afterwards."""
     part = shard_quality(table, cfg)
     write_parquet(part.to_arrow(), scores_dir / path.rsplit("/", 1)[-1])
-    counts = filter_shard(path, Decision(part["quality_kept"].to_numpy(), part["quality_drop_reason"].to_list(),
-                                         {c: part[c].to_arrow() for c in (*SCORES, "quality_kept")}), out, table)
-    per_source = part.group_by("source").agg(docs=pl.len(), kept=pl.col("quality_kept").sum())
-    for source, docs, kept in per_source.iter_rows():
-        counts.update({f"docs.{source}": int(docs), f"kept.{source}": int(kept)})
-    return dict(counts)
+    return Decision(part["quality_kept"].to_numpy(), part["quality_drop_reason"].to_list(),
+                    {c: part[c].to_arrow() for c in (*SCORES, "quality_kept")})
 
 
 def concat_parquet(files: list[Path], path: Path, rows: int = 1 << 16) -> None:
@@ -286,26 +280,13 @@ def concat_parquet(files: list[Path], path: Path, rows: int = 1 << 16) -> None:
 
 
 def quality(cfg: QualityConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
-    check(cfg)
     files = document_shards(inputs["documents"], "quality")
     scores_dir = Path(tempfile.mkdtemp(prefix="scores-", dir=ctx.work_dir()))
     try:
-        counts: Counter = Counter()
-        for part in ctx.map_bounded(filter_quality, files, cfg=cfg, out=ctx.out, scores_dir=scores_dir):
-            counts.update(part)
+        metrics = filter_documents(ctx, files, decide_quality, Thresholds.model_fields, cfg=cfg, scores_dir=scores_dir).metrics
         concat_parquet([scores_dir / f.rsplit("/", 1)[-1] for f in files], ctx.out / "scores" / "part-00000.parquet")
     finally:
         shutil.rmtree(scores_dir, ignore_errors=True)
-
-    metrics = {
-        "docs_in": counts["docs_in"], "docs_kept": counts["docs_out"],
-        "chars_in": counts["chars_in"], "chars_kept": counts["chars_out"],
-        **{f"dropped.{r}": counts[f"dropped.{r}"] for r in Thresholds.model_fields},
-    }
-    metrics["kept_doc_fraction"] = metrics["docs_kept"] / max(1, metrics["docs_in"])
-    metrics["kept_char_fraction"] = metrics["chars_kept"] / max(1, metrics["chars_in"])
-    sources = sorted(k.split(".", 1)[1] for k in counts if k.startswith("docs."))
-    metrics.update({f"kept_doc_fraction.{s}": counts[f"kept.{s}"] / counts[f"docs.{s}"] for s in sources})
     return {"rows": {"documents": metrics["docs_kept"], "scores": metrics["docs_in"]}, "metrics": metrics}
 
 

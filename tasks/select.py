@@ -33,8 +33,9 @@ table that spills to disk past `memory_limit`; the ranking is a query on it, and
 decision is read back when that shard is written, so no step holds the corpus.
 
 Output `documents` (the kept rows, same schema, one shard per input shard with the same
-names, possibly empty) and `dropped` (reason `dropped_source`, `quality_filter` or `over_budget`). Metrics: docs_in, docs_kept, chars_in, chars_kept,
-kept_char_fraction, and units_in/units_kept/budget in the chosen unit.
+names, possibly empty) and `dropped` (reason `dropped_source`, `quality_filter` or `over_budget`). Metrics: a
+filter's (tasks.core.filters; `dropped.dropped_source` counts what `drop_sources` removed), and
+units_in/units_kept/budget in the chosen unit.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from tasks.core.filters import Decision, write_filtered
+from tasks.core.filters import Decision, filter_documents
 from tasks.core.outputs import document_shards
 from tasks.core.settings import runtime
 from tasks.core.stage import MEMORY_SIZE, Stage, StageConfig, StageContext, StageError
@@ -82,13 +83,12 @@ def budget_prefix(sizes: np.ndarray, fraction: float) -> int:
 
 def shard_view(path: str, tokenizer: str | None, seed: int | None, drop_sources: list[str]) -> dict:
     """One shard (mapped over workers): per document a few numbers for the global ranking (row, id,
-    characters, size in the unit, eligible, quality flag, random rank key when a `seed` is given), and
+    size in the unit, eligible, quality flag, random rank key when a `seed` is given), and
     which optional columns the shard has."""
     schema = read_schema(path)
     optional = [c for c in ("quality_kept", "source") if c in schema.names]
     table = read_table(path, columns=["id", "text", *optional])
-    chars = pc.utf8_length(table["text"]).cast(pa.int64())
-    sizes = chars
+    sizes = pc.utf8_length(table["text"]).cast(pa.int64())
     if tokenizer is not None:
         tok = load_tokenizer(tokenizer)
         tok.encode_special_tokens = True  # as pack encodes documents
@@ -97,7 +97,7 @@ def shard_view(path: str, tokenizer: str | None, seed: int | None, drop_sources:
     eligible = (pc.invert(pc.is_in(table["source"], pa.array(drop_sources, pa.string())))
                 if drop_sources and "source" in optional else pa.repeat(True, len(table)))
     view = pa.table({
-        "row": pa.array(np.arange(len(table), dtype=np.int64)), "id": table["id"], "chars": chars, "size": sizes,
+        "row": pa.array(np.arange(len(table), dtype=np.int64)), "id": table["id"], "size": sizes,
         "eligible": eligible,
         "quality_kept": table["quality_kept"] if "quality_kept" in optional else pa.nulls(len(table), pa.bool_()),
         # the random method's order: the hash tokenizer and pack split by, independent of sharding
@@ -115,7 +115,7 @@ class Ranking:
         self.con = duckdb.connect()
         self.con.execute(f"SET memory_limit = '{memory_limit}'")
         self.con.execute(f"SET temp_directory = '{work / 'duckdb'}'")
-        self.con.execute("CREATE TABLE docs (shard INTEGER, row BIGINT, id VARCHAR, chars BIGINT, size BIGINT, "
+        self.con.execute("CREATE TABLE docs (shard INTEGER, row BIGINT, id VARCHAR, size BIGINT, "
                          "eligible BOOLEAN, quality_kept BOOLEAN, rank_key UBIGINT)")
 
     def add(self, shard: int, view: pa.Table) -> None:
@@ -146,7 +146,7 @@ class Ranking:
                              f"({missing} documents without one)")
 
     def decide(self, cfg: SelectConfig) -> float | None:
-        """Table `decided` (shard, row, chars, size, eligible, keep); returns the budget when the method has one."""
+        """Table `decided` (shard, row, size, eligible, keep); returns the budget when the method has one."""
         budget, keep, params = None, "eligible", []
         if cfg.method == "quality":
             keep = "eligible AND coalesce(quality_kept, false)"
@@ -159,12 +159,12 @@ class Ranking:
                     "ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) < CAST(? AS DOUBLE)")
             params = [budget]
         scores = "LEFT JOIN scores ON id = doc_id" if cfg.method == "preselect" else ""
-        self.con.execute(f"CREATE TABLE decided AS SELECT shard, row, chars, size, eligible, {keep} AS keep "
+        self.con.execute(f"CREATE TABLE decided AS SELECT shard, row, size, eligible, {keep} AS keep "
                          f"FROM docs {scores} ORDER BY shard, row", params)
         return budget
 
     def decisions(self, shards: int, dropped: str) -> Iterator[Decision]:
-        """Each shard's decision in shard order, read when `write_filtered` asks for it."""
+        """Each shard's decision in shard order, read when `filter_documents` asks for it."""
         for shard in range(shards):
             got = self.con.execute("SELECT keep, eligible FROM decided WHERE shard = ? ORDER BY row", [shard]).fetchnumpy()
             keep = got["keep"].astype(bool)
@@ -202,20 +202,13 @@ def select(cfg: SelectConfig, inputs: dict[str, Artifact], ctx: StageContext) ->
             ranking.add_scores(inputs["scores"])
         budget = ranking.decide(cfg)
         # why each dropped document went: its source, the quality filter, or the budget
-        write_filtered(files, ranking.decisions(len(files), "quality_filter" if cfg.method == "quality" else "over_budget"),
-                       ctx.out)
-        totals = ranking.one("SELECT count(*), count(*) FILTER (keep), count(*) FILTER (NOT eligible), "
-                             "coalesce(sum(chars), 0), coalesce(sum(chars) FILTER (keep), 0), "
-                             "coalesce(sum(size), 0), coalesce(sum(size) FILTER (keep), 0) FROM decided")
+        dropped = "quality_filter" if cfg.method == "quality" else "over_budget"
+        metrics = filter_documents(ctx, files, ranking.decisions(len(files), dropped), ["dropped_source", dropped]).metrics
+        units = ranking.one("SELECT coalesce(sum(size), 0), coalesce(sum(size) FILTER (keep), 0) FROM decided")
     finally:
         ranking.con.close()
         shutil.rmtree(work, ignore_errors=True)
-    docs_in, docs_kept, by_source, chars_in, chars_kept, units_in, units_kept = map(int, totals)
-    metrics = {
-        "docs_in": docs_in, "docs_kept": docs_kept, "docs_dropped_by_source": by_source,
-        "chars_in": chars_in, "chars_kept": chars_kept, "kept_char_fraction": float(chars_kept / max(1, chars_in)),
-        "units_in": units_in, "units_kept": units_kept,
-    }
+    metrics.update(units_in=int(units[0]), units_kept=int(units[1]))
     if budget is not None:
         metrics["budget"] = budget
     return {"rows": {"documents": metrics["docs_kept"]}, "metrics": metrics}

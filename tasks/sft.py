@@ -21,12 +21,12 @@ import numpy as np
 from pydantic import Field
 
 from tasks.core.chat import completion_text, example_ids
-from tasks.core.configs import ModelConfig, TrainConfig
+from tasks.core.configs import TrainConfig
 from tasks.core.fit import run_training, save_array
-from tasks.core.outputs import load_pass_rates, load_prompts
+from tasks.core.outputs import load_pass_rates, load_prompts, model_config
 from tasks.core.settings import runtime
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError, log
-from tasks.core.store import Artifact, read_text
+from tasks.core.store import Artifact
 from tasks.core.tokens import BOS, PAD, below_fraction, doc_hash, load_tokenizer, special_ids, tokenizer_path
 
 VERSION = 2  # 2: packed examples kept apart (block-diagonal mask, positions per example), best-fit packing
@@ -126,7 +126,7 @@ def sft(cfg: SFTConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
     tok = load_tokenizer(tok_art)
     specials = special_ids(tok)
     pad_id = specials[PAD]
-    model_cfg = ModelConfig.model_validate_json(read_text(f"{base.path}/model/config.json"))
+    model_cfg = model_config(base)
     seq_len = cfg.seq_len or model_cfg.max_seq_len
     if seq_len > model_cfg.max_seq_len:
         raise StageError(f"sft.seq_len {seq_len} exceeds the base model's max_seq_len {model_cfg.max_seq_len}")

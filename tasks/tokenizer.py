@@ -124,7 +124,6 @@ def _batches(texts: Iterator[str], size: int = _BATCH) -> Iterator[list[str]]:
 
 
 def train_tokenizer(cfg: TokenizerConfig, inputs: dict, ctx: StageContext) -> dict:
-    check(cfg)
     files = document_shards(inputs["documents"], "tokenizer")
     parts = ctx.map(_shard_index, files, seed=cfg.seed)
     ids = [i for p in parts for i in p["id"]]

@@ -60,7 +60,7 @@ def test_exact_dedup_equals_polars_unique_oracle(tmp_path):
               .sort("id").unique("norm", keep="first", maintain_order=True))
     kept = read(out, "documents")
     assert sorted(kept["id"]) == sorted(oracle["id"])
-    assert out.manifest["metrics"]["exact_duplicates"] == len(texts) - len(oracle)
+    assert out.manifest["metrics"]["dropped.exact_duplicate"] == len(texts) - len(oracle)
     clusters = read(out, "clusters")
     assert set(clusters["kind"]) == {"exact"}
     assert clusters.filter(pl.col("kept"))["doc_id"].to_list() == sorted(clusters.filter(pl.col("kept"))["doc_id"])
@@ -97,7 +97,7 @@ def test_near_duplicate_clusters_and_representatives(tmp_path):
     assert len(kept) == 100 + 30 and "dup_cluster" in kept.columns
     assert kept["dup_cluster"].drop_nulls().n_unique() == 30
     m = out.manifest["metrics"]
-    assert m["near_duplicates"] == len(texts) - 130 and m["exact_duplicates"] == 0
+    assert m["dropped.near_duplicate"] == len(texts) - 130 and m["dropped.exact_duplicate"] == 0
 
 
 def test_verification_drops_false_candidates(tmp_path):
@@ -109,8 +109,8 @@ def test_verification_drops_false_candidates(tmp_path):
     loose = DedupConfig(bands=50, rows=1)  # collides at almost any overlap
     unverified = run_stage(STAGE, loose, {"documents": docs}, Store(tmp_path / "a")).artifact
     verified = run_stage(STAGE, loose.model_copy(update={"verify": True}), {"documents": docs}, Store(tmp_path / "b")).artifact
-    assert unverified.manifest["metrics"]["near_duplicates"] == 1
-    assert verified.manifest["metrics"]["near_duplicates"] == 0
+    assert unverified.manifest["metrics"]["dropped.near_duplicate"] == 1
+    assert verified.manifest["metrics"]["dropped.near_duplicate"] == 0
     assert verified.manifest["metrics"]["verified_pairs"] == 0
 
 
@@ -125,8 +125,8 @@ def test_simplify_matches_copies_that_differ_in_numbers(tmp_path):
     docs, _, _ = make_documents(tmp_path, texts)
     plain = run_stage(STAGE, DedupConfig(), {"documents": docs}, Store(tmp_path / "a")).artifact
     simple = run_stage(STAGE, DedupConfig(simplify=True, verify=True), {"documents": docs}, Store(tmp_path / "b")).artifact
-    assert plain.manifest["metrics"]["near_duplicates"] == 0         # every 5-shingle holds a number
-    assert simple.manifest["metrics"]["near_duplicates"] == 10
+    assert plain.manifest["metrics"]["dropped.near_duplicate"] == 0         # every 5-shingle holds a number
+    assert simple.manifest["metrics"]["dropped.near_duplicate"] == 10
     assert simple.manifest["metrics"]["audit_precision"] == 1.0     # Jaccard of simplified shingles: 1
     assert plain.key != simple.key
 
@@ -188,7 +188,7 @@ def test_out_of_core_steps_equal_the_in_memory_reference(tmp_path, verify):
         outputs.append(out)
     assert outputs[0].key == outputs[1].key and outputs[0].manifest["files"] == outputs[1].manifest["files"]
     m = outputs[0].manifest["metrics"]
-    assert m["candidate_pairs"] > 0 and m["exact_duplicates"] == 20
+    assert m["candidate_pairs"] > 0 and m["dropped.exact_duplicate"] == 20
     assert ("verified_pairs" in m) == verify and (not verify or m["verified_pairs"] < m["candidate_pairs"])
 
 

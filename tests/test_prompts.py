@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks import decontaminate, prompts
+from tasks.core import gym
 from tasks.core.chat import completion_text, score
 from tasks.core.stage import StageError, run_stage
 from tasks.core.store import Artifact, Store, canonical_json, write_parquet
@@ -122,8 +123,8 @@ def test_worked_solution():
     cot = json.loads(row["metadata"])["answer_cot"]
     assert cot.rstrip().endswith(f"#### {row['answer']}")
     assert row["solution"] and "####" not in row["solution"] and cot.startswith(row["solution"])
-    assert prompts.solution_of({"answer_cot": "#### 5"}) is None
-    assert prompts.solution_of({"answer_cot": "a\nb\n#### 5\n"}) == "a\nb"
+    assert gym.solution_of({"answer_cot": "#### 5"}) is None
+    assert gym.solution_of({"answer_cot": "a\nb\n#### 5\n"}) == "a\nb"
 
 
 @pytest.mark.parametrize("update, setting", [
@@ -197,13 +198,14 @@ def test_decontaminate(small, tmp_path):
                               {"doc_id": "rg-5", "prompt_id": e3["id"], "task": e3["task"]}],
                              key=lambda r: (r["doc_id"], r["prompt_id"]))
     m = out.manifest["metrics"]
-    assert (m["docs_in"], m["docs_out"], m["removed"], m["removed.reasoning_gym"], m["matches"]) == (6, 3, 3, 3, 3)
+    assert (m["docs_in"], m["docs_kept"], m["docs_dropped"], m["dropped.eval_question"], m["matches"]) == (6, 3, 3, 3, 3)
+    assert (m["docs_in.reasoning_gym"], m["docs_kept.reasoning_gym"], m["docs_in.stdlib"], m["docs_kept.stdlib"]) == (5, 2, 1, 1)
     assert out.rows == {"documents": 3, "removed": 3}
 
     both = decontaminate.DecontaminateConfig(sources=["reasoning_gym", "stdlib"])
     out2 = run_stage(decontaminate.STAGE, both, {"documents": docs, "prompts": small}, Store(tmp_path / "out")).artifact
     m2 = out2.manifest["metrics"]
-    assert (m2["removed.stdlib"], m2["removed.reasoning_gym"], m2["docs_out"]) == (1, 3, 2)
+    assert (m2["docs_kept.stdlib"], m2["docs_kept.reasoning_gym"], m2["docs_kept"], m2["docs_dropped"]) == (0, 2, 2, 4)
 
 
 def test_question_index_finds_every_occurrence():

@@ -8,7 +8,7 @@ import torch
 from conftest import ONE_DIGIT_ARITHMETIC, chat_tokenizer
 from tasks.core import chat
 from tasks.core.model import GPT, ModelConfig
-from tasks.core.rollout import end_id, is_correct, sample_completions, score_completions, take_per_task
+from tasks.core.rollout import Sampling, end_id, is_correct, sample_completions, score_completions, take_per_task
 from tasks.prompts import generate
 
 TASK = "basic_arithmetic"
@@ -44,7 +44,8 @@ def reference(model, tok, rows, n, temperature, max_new_tokens, batch_size, seed
 
 
 def test_layout_shapes_and_reference(model, tok, rows):
-    got = sample_completions(model, tok, rows, 3, 1.0, None, 12, 4, 7)  # batches of 4 split rows' copies
+    # batches of 4 split the rows' copies
+    got = sample_completions(model, tok, rows, 3, Sampling(temperature=1.0, max_completion_length=12, batch_size=4, seed=7))
     assert len(got) == len(rows) and all(len(c) == 3 for c in got)
     end = end_id(tok)
     for per_row in got:
@@ -54,19 +55,19 @@ def test_layout_shapes_and_reference(model, tok, rows):
 
 
 def test_same_seed_same_completions(model, tok, rows):
-    a = sample_completions(model, tok, rows, 4, 1.0, None, 10, 8, 3)
-    b = sample_completions(model, tok, rows, 4, 1.0, None, 10, 8, 3)
-    c = sample_completions(model, tok, rows, 4, 1.0, None, 10, 8, 4)
+    a = sample_completions(model, tok, rows, 4, Sampling(temperature=1.0, max_completion_length=10, batch_size=8, seed=3))
+    b = sample_completions(model, tok, rows, 4, Sampling(temperature=1.0, max_completion_length=10, batch_size=8, seed=3))
+    c = sample_completions(model, tok, rows, 4, Sampling(temperature=1.0, max_completion_length=10, batch_size=8, seed=4))
     assert a == b and a != c
     # top_k=1 is greedy: every copy equals the greedy completion, whatever the seed
-    greedy = sample_completions(model, tok, rows, 1, 0.0, None, 10, 8, 0)
-    top1 = sample_completions(model, tok, rows, 2, 1.0, 1, 10, 5, 99)
+    greedy = sample_completions(model, tok, rows, 1, Sampling(max_completion_length=10, batch_size=8, seed=0), greedy=True)
+    top1 = sample_completions(model, tok, rows, 2, Sampling(temperature=1.0, top_k=1, max_completion_length=10, batch_size=5, seed=99))
     assert all(t == [g[0], g[0]] for t, g in zip(top1, greedy))
 
 
 def test_greedy_does_not_depend_on_seed_or_batch_size(model, tok, rows):
-    a = sample_completions(model, tok, rows, 1, 0.0, None, 10, 64, 0)
-    b = sample_completions(model, tok, rows, 1, 0.0, None, 10, 2, 123)
+    a = sample_completions(model, tok, rows, 1, Sampling(max_completion_length=10, batch_size=64, seed=0), greedy=True)
+    b = sample_completions(model, tok, rows, 1, Sampling(max_completion_length=10, batch_size=2, seed=123), greedy=True)
     assert a == b
 
 
@@ -78,7 +79,7 @@ def test_progress_wraps_the_batches(model, tok, rows):
             seen.append((x, total, what))
             yield x
 
-    sample_completions(model, tok, rows, 2, 1.0, None, 4, 5, 0, progress)
+    sample_completions(model, tok, rows, 2, Sampling(temperature=1.0, max_completion_length=4, batch_size=5, seed=0), progress=progress)
     assert [s[0] for s in seen] == [0, 5, 10] and seen[0][1] == 3  # 12 sequences in batches of 5
 
 

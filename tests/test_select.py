@@ -152,7 +152,7 @@ def test_drop_sources_removes_a_source_before_selecting(tmp_path, method):
     cfg = SelectConfig(method=method, fraction=0.5, drop_sources=["b"])
     art = run_stage(STAGE, cfg, {"documents": docs, "scores": sc}, Store(tmp_path / "s")).artifact
     out = kept(art)
-    assert "b" not in set(out["source"]) and art.manifest["metrics"]["docs_dropped_by_source"] == 20
+    assert "b" not in set(out["source"]) and art.manifest["metrics"]["dropped.dropped_source"] == 20
     rest = df.filter(pl.col("source") != "b")
     if method == "none":
         assert out["id"].to_list() == rest["id"].to_list()

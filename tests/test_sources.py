@@ -172,7 +172,7 @@ def test_reasoning_gym_deterministic_by_seed():
 
 def test_reasoning_gym_bad_inputs():
     raises(ReasoningGymSource(tasks=["foo"]), "unknown task 'foo' (known: ab, ")
-    raises(ReasoningGymSource(tasks=["gcd"], task_args={"gcd": {"bogus": 1}}), "task_args for 'gcd'", "bogus")
+    raises(ReasoningGymSource(tasks=["gcd"], task_args={"gcd": {"bogus": 1}}), "task_args.gcd: bad generator settings", "bogus")
     raises(ReasoningGymSource(tasks=["gcd"], task_args={"lcm": {}}), "'lcm'", "not in tasks")
 
 

@@ -35,16 +35,14 @@ a longer reply scores len(gold) / len(reply)).
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import io
 import json
 import math
-from typing import Any, Callable
+from typing import Any
 
 from tokenizers import Tokenizer
 
 from tasks.core.base import StageError
+from tasks.core.gym import verifier
 from tasks.core.tokens import ASSISTANT, BOS, END, USER, special_ids
 
 ANSWER_PREFIX = "Answer:"
@@ -90,13 +88,25 @@ def prompt_ids(tok: Tokenizer, question: str) -> list[int]:
     return [s[BOS], s[USER], *encode_plain(tok, question), s[END], s[ASSISTANT]]
 
 
-def completion_text(answer: str, solution: str | None = None) -> str:
-    """`Answer: {answer}`, or `{solution}\\nAnswer: {answer}` when there is a worked solution.
+def answer_line(answer: str) -> str:
+    """The one rendering of an answer, in prompts, completions and documents alike: `Answer: {answer}`
+    (stripped; `extract_answer` reads it back, a multi-line answer included)."""
+    return f"{ANSWER_PREFIX} {str(answer).strip()}"
 
-    Both parts are stripped; an empty or blank solution counts as none."""
-    answer = str(answer).strip()
+
+def completion_text(answer: str, solution: str | None = None) -> str:
+    """`Answer: {answer}`, or `{solution}\\nAnswer: {answer}` when there is a worked solution: what SFT
+    teaches and RL rewards. Both parts are stripped; an empty or blank solution counts as none."""
     solution = solution.strip() if solution else ""
-    return f"{solution}\n{ANSWER_PREFIX} {answer}" if solution else f"{ANSWER_PREFIX} {answer}"
+    return f"{solution}\n{answer_line(answer)}" if solution else answer_line(answer)
+
+
+def document_text(question: str, answer: str | None, solution: str | None = None) -> str:
+    """A worked problem as a pretraining document: question, worked solution, answer, a blank line apart."""
+    parts = [str(question).strip(), *([solution.strip()] if solution and solution.strip() else [])]
+    if answer is not None:
+        parts.append(answer_line(answer))
+    return "\n\n".join(parts) + "\n"
 
 
 def example_ids(tok: Tokenizer, question: str, completion: str) -> tuple[list[int], list[int]]:
@@ -121,17 +131,6 @@ def extract_answer(completion: str) -> str:
     """The stripped text after the last "Answer:"; the stripped completion when there is none."""
     head, sep, tail = completion.rpartition(ANSWER_PREFIX)
     return (tail if sep else completion).strip()
-
-
-@functools.lru_cache(maxsize=None)
-def verifier(task: str) -> Callable[[str, dict], float]:
-    """reasoning-gym's score function for `task`: (answer, entry) -> score in [0, 1].
-
-    An unknown task raises ValueError (the prompts stage validates task names up front)."""
-    import reasoning_gym
-
-    with contextlib.redirect_stdout(io.StringIO()):  # some generators print when built
-        return reasoning_gym.get_score_answer_fn(task)
 
 
 def entry_of(row: dict) -> dict:

@@ -16,7 +16,9 @@ import polars as pl
 
 from tasks.core.configs import ModelConfig, TrainConfig
 from tasks.core.stage import StageContext, StageError, new_figure
-from tasks.core.store import Artifact, copy_file, fsync_file, local_dir, write_parquet
+from tasks.core.outputs import local_model_dir, model_out
+from tasks.core.store import Artifact, copy_file, fsync_file, write_parquet
+from tasks.core.tokens import TOKENIZER_FILE
 
 
 def save_array(path: Path, array: np.ndarray) -> None:
@@ -52,11 +54,11 @@ def run_training(cfg: TrainConfig, ctx: StageContext, model_cfg: ModelConfig, ar
 
     spec = TrainSpec(
         cfg=TrainConfig.model_validate(cfg.model_dump(include=set(TrainConfig.model_fields))),
-        model=model_cfg, init_from=str(local_dir(f"{init_from.path}/model")) if init_from else None,
+        model=model_cfg, init_from=str(local_model_dir(init_from)) if init_from else None,
         train_path=str(arrays["train"]), val_path=str(arrays["val"]),
         train_mask_path=str(arrays["train_mask"]) if "train_mask" in arrays else None,
         val_mask_path=str(arrays["val_mask"]) if "val_mask" in arrays else None,
-        pad_id=pad_id, segment_bos_id=segment_bos_id, tokens_per_byte=tokens_per_byte, out=str(ctx.out / "model"),
+        pad_id=pad_id, segment_bos_id=segment_bos_id, tokens_per_byte=tokens_per_byte, out=str(model_out(ctx.out)),
         work=str(ctx.work_dir()),
         mlflow_uri=ctx.tracker.uri if ctx.tracker else None,
         mlflow_experiment=ctx.tracker.experiment if ctx.tracker else None, mlflow_run_id=ctx.run_id,
@@ -65,7 +67,7 @@ def run_training(cfg: TrainConfig, ctx: StageContext, model_cfg: ModelConfig, ar
         result = launch(spec)
     except (DivergedError, RuntimeError, ValueError) as e:
         raise StageError(f"{ctx.stage}: {e}") from None
-    copy_file(tokenizer_json, ctx.out / "model" / "tokenizer.json")
+    copy_file(tokenizer_json, model_out(ctx.out) / TOKENIZER_FILE)
     history = result.pop("history")
     # Timings stay out of the stored table (they go to MLflow and the manifest's metrics), so the
     # same config gives the same bytes on CPU.
@@ -77,7 +79,7 @@ def run_training(cfg: TrainConfig, ctx: StageContext, model_cfg: ModelConfig, ar
         if init_from and init_from.manifest.get("info", {}).get("mlflow_model_id"):
             ctx.tracker.log_model_input(ctx.run_id, init_from.manifest["info"]["mlflow_model_id"])
         info["mlflow_model_id"] = ctx.tracker.log_model(
-            ctx.run_id, ctx.out / "model", ctx.instance, step=result["steps"],
+            ctx.run_id, model_out(ctx.out), ctx.instance, step=result["steps"],
             params={"params": result["params"], **model_cfg.model_dump()})
     metrics = {k: v for k, v in result.items() if v is not None}
     return {"rows": {"history": len(history)}, "metrics": metrics, "info": info}

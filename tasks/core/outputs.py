@@ -1,4 +1,5 @@
-"""Readers of stage outputs that other stages consume: documents shards, prompts, pass rates, packed tokens.
+"""Readers of stage outputs that other stages consume: documents shards, prompts, pass rates, packed tokens,
+and the layout of a training stage's model (`model/`: weights, config and tokenizer).
 
 A stage reads another stage's output only through these (or `Artifact.files`), so the producing
 stage module is never imported by a consumer: the table layout is the contract between them.
@@ -9,11 +10,35 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
+from pathlib import Path
+
 from tasks.core.base import StageError
-from tasks.core.store import Artifact, read_table
+from tasks.core.configs import ModelConfig
+from tasks.core.store import Artifact, local_dir, read_table, read_text
 
 PROMPT_SPLITS = ("train", "eval")
 TOKEN_SPLITS = ("train", "val")
+MODEL_DIR = "model"  # in a training stage's output: model.safetensors, config.json, tokenizer.json
+
+
+def model_dir(artifact: Artifact) -> str:
+    """Where a training-stage output keeps its model (a URI for a remote store)."""
+    return f"{artifact.path.rstrip('/')}/{MODEL_DIR}"
+
+
+def local_model_dir(artifact: Artifact) -> Path:
+    """A training-stage output's model as a local directory (a remote store's is copied here once)."""
+    return local_dir(model_dir(artifact))
+
+
+def model_config(artifact: Artifact) -> ModelConfig:
+    """The shape of a training-stage output's model, read without loading its weights."""
+    return ModelConfig.model_validate_json(read_text(f"{model_dir(artifact)}/config.json"))
+
+
+def model_out(out: Path) -> Path:
+    """Where a training stage writes its model inside its output directory `out`."""
+    return out / MODEL_DIR
 
 
 def document_shards(artifact: Artifact, stage: str) -> list[str]:

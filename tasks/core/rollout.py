@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import polars as pl
 
-from tasks.core.base import log
 from tasks.core import chat
-from tasks.core.outputs import load_prompts
-from tasks.core.base import StageError
-from tasks.core.store import local_dir
+from tasks.core.base import StageError, log
+from tasks.core.outputs import load_prompts, local_model_dir
 from tasks.core.tokens import END, load_tokenizer, special_ids
+
+from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:  # torch is imported where a model runs: the stage configs and the report's baseline need none
     import torch
@@ -54,6 +54,25 @@ def end_id(tok) -> int:
     return ids[END]
 
 
+class Sampling(BaseModel):
+    """How completions are sampled, under TRL's generation names: one declaration for eval, difficulty and
+    GRPO (their configs extend it, so each stage's settings and key keep these names), passed as one object
+    to `score_prompts`. Greedy decoding is `score_prompts(..., greedy=True)`, not a temperature of 0."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    temperature: float = Field(1.0, gt=0, description="sampling temperature (GRPO's loss takes its log-probs at it "
+                               "too, as TRL)")
+    top_k: int | None = Field(None, ge=1, description="sample from the top_k tokens only (None: all)")
+    max_completion_length: int = Field(20, ge=1, description="tokens generated per completion at most (a three-word "
+                                       "reversal needs up to 18)")
+    batch_size: int = Field(128, ge=1, description="sequences per generation batch (decides each sample's random draws)")
+    seed: int = Field(0, description="seed of the sampling generator")
+
+    def sampling(self) -> Sampling:
+        """Just the sampling settings of a config that extends this one."""
+        return Sampling(**{name: getattr(self, name) for name in Sampling.model_fields})
+
+
 def _device(model) -> torch.device:
     import torch
 
@@ -63,20 +82,22 @@ def _device(model) -> torch.device:
         return torch.device("cpu")
 
 
-def sample_completions(model, tok, rows: Sequence[dict], n: int, temperature: float, top_k: int | None,
-                       max_new_tokens: int, batch_size: int, seed: int,
-                       progress: Callable[[Iterable, int, str], Iterator] | None = None) -> list[list[list[int]]]:
+def sample_completions(model, tok, rows: Sequence[dict], n: int, sampling: Sampling, *, greedy: bool = False,
+                       seed: int | None = None, progress: Callable[[Iterable, int, str], Iterator] | None = None
+                       ) -> list[list[list[int]]]:
     """For each row, n completions (generated token ids, `<|end|>` included when reached).
 
-    Sequences are the rows' prompts, each repeated n times in place, in batches of `batch_size`
-    sequences; one generator seeded with `seed` serves every batch (see the module docstring for
-    what the draws depend on). temperature 0 is greedy: the n copies are then identical, so use n=1.
-    `progress(iterable, total, what)` (e.g. `ctx.progress`) wraps the loop over batches.
+    Sequences are the rows' prompts, each repeated n times in place, in batches of `sampling.batch_size`
+    sequences; one generator seeded with `seed` (default `sampling.seed`) serves every batch (see the
+    module docstring for what the draws depend on). greedy: argmax decoding (the n copies are then
+    identical, so use n=1). `progress(iterable, total, what)` (e.g. `ctx.progress`) wraps the loop over batches.
     """
     import torch
 
-    if n < 1 or batch_size < 1:
-        raise ValueError(f"need n >= 1 and batch_size >= 1 (got n={n}, batch_size={batch_size})")
+    batch_size, max_new_tokens = sampling.batch_size, sampling.max_completion_length
+    temperature, top_k = (0.0, None) if greedy else (sampling.temperature, sampling.top_k)
+    if n < 1:
+        raise ValueError(f"need n >= 1 (got n={n})")
     eos = end_id(tok)
     prompts = [chat.prompt_ids(tok, row["question"]) for row in rows]
     limit = getattr(getattr(model, "dims", None), "max_seq_len", None)
@@ -85,7 +106,7 @@ def sample_completions(model, tok, rows: Sequence[dict], n: int, temperature: fl
         log.warning("rollout: prompt + completion up to %d tokens, beyond the model's max_seq_len %d "
                     "(positions it never trained on)", longest, limit)
     seqs = [p for p in prompts for _ in range(n)]
-    generator = torch.Generator(device=_device(model)).manual_seed(seed)
+    generator = torch.Generator(device=_device(model)).manual_seed(sampling.seed if seed is None else seed)
     starts = range(0, len(seqs), batch_size)
     if progress is not None:
         starts = progress(starts, len(starts), "batches generated")
@@ -146,13 +167,13 @@ class Scored:
         }, schema_overrides={"sample": pl.Int32, "reward": pl.Float64})
 
 
-def score_prompts(model, tok, rows: Sequence[dict], n: int, temperature: float, top_k: int | None,
-                  max_new_tokens: int, batch_size: int, seed: int,
-                  progress: Callable[[Iterable, int, str], Iterator] | None = None) -> Scored:
-    """Sample n completions per prompt (temperature 0: greedy, use n=1) and score each with its
-    task's verifier: what eval, offline difficulty and RL's held-out check all measure."""
+def score_prompts(model, tok, rows: Sequence[dict], n: int, sampling: Sampling, *, greedy: bool = False,
+                  seed: int | None = None, progress: Callable[[Iterable, int, str], Iterator] | None = None) -> Scored:
+    """Sample n completions per prompt (greedy: argmax, use n=1) and score each with its task's
+    verifier: what eval, offline difficulty and RL's held-out check all measure. Arguments as
+    `sample_completions`'s."""
     start = time.monotonic()
-    completions = sample_completions(model, tok, rows, n, temperature, top_k, max_new_tokens, batch_size, seed, progress)
+    completions = sample_completions(model, tok, rows, n, sampling, greedy=greedy, seed=seed, progress=progress)
     seconds = time.monotonic() - start
     texts, rewards = score_completions(tok, rows, completions)
     return Scored(list(rows), completions, texts, rewards, seconds)
@@ -255,5 +276,5 @@ def load_policy(artifact, device: str | torch.device = "cpu"):
     """(model in eval mode, tokenizer) from a training-stage output: `<artifact.path>/model/`."""
     from tasks.core.model import load_model
 
-    directory = local_dir(f"{artifact.path.rstrip('/')}/model")  # a remote store's model is copied here once
+    directory = local_model_dir(artifact)
     return load_model(directory, device).eval(), load_tokenizer(directory)

@@ -1,7 +1,9 @@
 """A stage: (name, VERSION, config, inputs) -> output directory in the store.
 
-`run_stage` is the whole contract without Prefect (tests call it directly); `stage_task`
-wraps it as a Prefect task whose cache key is the stage key.
+`run_stage` is the whole contract without Prefect (tests call it directly): it asks the store
+for the stage key, checks the settings on a miss, computes under the key's lock and commits the
+output with its manifest. `tasks.core.orchestration.stage_task` runs it as a Prefect task that
+always runs and reports a hit as a `Cached` state: the store, not Prefect's cache, decides.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pydantic import BaseModel, ConfigDict
 
 from tasks.core.base import StageError, log  # noqa: F401  (re-exported: the contract names them)
 from tasks.core.faults import file_of
+from tasks.core.fingerprint import Code, current_code, stale_line, stale_modules
 from tasks.core.settings import identity, runtime_settings
 from tasks.core.store import Artifact, Store, stage_key
 
@@ -58,7 +61,10 @@ class Stage:
     store: str = "data"  # which store root: "data" (Parquet) or "models" (weights)
     # which deployment runs it (deployments/prefect.yaml): data | pretrain | sft | rl | eval
     family: str = "data"
-    check: Callable[[Any], None] | None = None  # cheap up-front validation of settings/paths
+    # cheap validation of settings and paths that pydantic cannot see (files, cross-field rules); the runner
+    # calls it (run_stage before computing, and the flows for every needed stage before the first one runs),
+    # never the stage function itself
+    check: Callable[[Any], None] | None = None
     report_metrics: tuple[str, ...] = ()  # metrics shown on the report card
 
 
@@ -69,6 +75,7 @@ class Outcome(BaseModel):
     cached: bool
     seconds: float
     run_id: str | None = None  # this task's MLflow stage run (on a hit, the run that records the hit)
+    stale: list[str] = []  # a hit made by other code: the modules that changed since (tasks.core.fingerprint)
 
 
 def _map_threads(fn: Callable[..., R], items: list[T], **common: Any) -> list[R]:
@@ -197,13 +204,20 @@ def run_stage(
     start = time.monotonic()
 
     def cached(hit: Artifact) -> Outcome:
-        log.info("%s: cache hit %s", label or stage.name, key)
+        recorded, current = hit.manifest.get("code"), code_of(stage)
+        stale = stale_modules(recorded, current)
+        if stale:  # the same key, made by other code: said, never recomputed unless asked (--rerun-stale)
+            log.warning("%s", stale_line(label or stage.name, key, recorded, current))
+        else:
+            log.info("%s: cache hit %s", label or stage.name, key)
         store.tidy(stage.name, key)
         run_id = tracker.log_cached(parent_run_id, hit, inputs, tags, label=label) if tracker else None
-        return Outcome(artifact=hit, cached=True, seconds=time.monotonic() - start, run_id=run_id)
+        return Outcome(artifact=hit, cached=True, seconds=time.monotonic() - start, run_id=run_id, stale=stale)
 
     if not force and (hit := store.get(stage.name, key)) is not None:
         return cached(hit)
+    if stage.check:  # the one validation path: bad settings and paths fail here, before anything is written
+        stage.check(cfg)
     lock = store.lock(stage.name, key)
 
     def waiting(owner: dict, waited: float) -> None:
@@ -225,6 +239,7 @@ def _compute(stage: Stage, cfg: StageConfig, inputs: dict[str, Artifact], store:
              tracker: Tracker | None, parent_run_id: str | None, map_fn: Callable[..., list] | None,
              tags: dict[str, str] | None, label: str | None, config_file: str | None) -> Outcome:
     scratch = store.scratch(stage.name, key)
+    code = code_of(stage)  # the code that runs now, read before it runs
     run_id = tracker.start_stage(parent_run_id, stage.name, key, cfg, tags, label=label) if tracker else None
     ctx = StageContext(stage.name, scratch, tracker, run_id, map_fn or _map_threads, store.work_dir(stage.name, key),
                        label or stage.name)
@@ -244,6 +259,7 @@ def _compute(stage: Stage, cfg: StageConfig, inputs: dict[str, Artifact], store:
             "rows": result.get("rows", {}),
             "metrics": result.get("metrics", {}),
             "info": result.get("info", {}),  # non-numeric facts, e.g. the MLflow logged model id
+            "code": code.manifest() if code else None,  # the code that made it (not hashed): a later hit compares
             "mlflow_run_id": run_id,
             "prefect": tags or {},
             "config_file": config_file,
@@ -264,6 +280,12 @@ def _compute(stage: Stage, cfg: StageConfig, inputs: dict[str, Artifact], store:
     if tracker and run_id:
         tracker.finish_stage(run_id, artifact)
     return Outcome(artifact=artifact, cached=False, seconds=time.monotonic() - start, run_id=run_id)
+
+
+def code_of(stage: Stage) -> Code | None:
+    """The fingerprint of the code `stage` runs (its function's module and the project modules it imports),
+    or None when it cannot be read."""
+    return current_code(getattr(stage.fn, "__module__", None))
 
 
 def damaged_input(e: Exception, inputs: dict[str, Artifact], label: str) -> DamagedInput | None:

@@ -11,7 +11,9 @@ duckdb query; then the filter pass, shard by shard. Every per-shard and per-part
 map, so on a Dask cluster (`run.runner: dask`) adding workers speeds up all of them. Each cluster
 keeps one document: the smallest id (a rule that does not depend on shard order or partitioning). Outputs: kept `documents` (+ `dup_cluster`), `dropped` (reason
 `exact_duplicate` or `near_duplicate`) and `clusters` (`doc_id`, `cluster_id`, `kind` exact/near,
-`kept`) for every member of a cluster of size > 1.
+`kept`) for every member of a cluster of size > 1. Metrics: a filter's (tasks.core.filters:
+`dropped.exact_duplicate`, `dropped.near_duplicate`, ...), `duplicate_rate`, the clusters and the
+guard rails' numbers below.
 
 Guard rails (the "source wipeout" that fuzzy dedup inflicts on templated text: worked problems that
 share a question template chain into clusters of dozens of documents): the stage reports the LSH
@@ -51,7 +53,7 @@ from tasks.dedup.disk import (
     write_band_keys,
     write_shingle_sets,
 )
-from tasks.core.filters import Decision, write_filtered
+from tasks.core.filters import Decision, filter_documents
 from tasks.dedup.minhash import band_keys, collision_probability, minhash_signatures, shingle_jaccard, word_shingle_hashes
 from tasks.core.outputs import document_shards
 from tasks.core.settings import runtime
@@ -228,7 +230,7 @@ def find_clusters(items: list[tuple[str, int]], n: int, cfg: DedupConfig, ctx: S
 
 
 class Decisions:
-    """Each shard's decision, read from final.parquet when `write_filtered` asks for it (one at a time)."""
+    """Each shard's decision, read from final.parquet when `filter_documents` asks for it (one at a time)."""
 
     def __init__(self, final: Path, items: list[tuple[str, int]], n: int):
         self.final, self.bases = final, [base for _, base in items] + [n]
@@ -300,21 +302,15 @@ def dedup(cfg: DedupConfig, inputs: dict, ctx: StageContext) -> dict:
     threshold = (1 / cfg.bands) ** (1 / cfg.rows)  # the S-curve's knee: P(candidate) ~ 0.5 there
     log.info("dedup: LSH %d bands x %d rows: pairs above Jaccard ~%.2f become candidates", cfg.bands, cfg.rows, threshold)
 
-    write_filtered(files, Decisions(final, items, sum(sizes)), ctx.out)  # kept documents in the input's layout
+    done = filter_documents(ctx, files, Decisions(final, items, sum(sizes)), ["exact_duplicate", "near_duplicate"])
     clustered = (docs.filter(pl.col("cluster_size") > 1).select("id", "cluster_id", "kind", "kept", "cluster_size")
                  .sort("cluster_id", "id").collect(engine="streaming"))
     write_parquet(clustered.select(doc_id="id", cluster_id="cluster_id", kind="kind", kept="kept").to_arrow(),
                   ctx.out / "clusters" / "part-00000.parquet")
 
-    counts = docs.select(docs_in=pl.len(), exact=((~pl.col("kept")) & (pl.col("kind") == "exact")).sum(),
-                         near=((~pl.col("kept")) & (pl.col("kind") == "near")).sum()).collect().row(0, named=True)
-    removed = counts["exact"] + counts["near"]
     metrics = {
-        "docs_in": counts["docs_in"],
-        "docs_out": counts["docs_in"] - removed,
-        "exact_duplicates": counts["exact"],
-        "near_duplicates": counts["near"],
-        "duplicate_rate": removed / max(1, counts["docs_in"]),
+        **done.metrics,
+        "duplicate_rate": done.metrics["docs_dropped"] / max(1, done.metrics["docs_in"]),
         "clusters": clustered["cluster_id"].n_unique(),
         "largest_cluster": int(clustered["cluster_size"].max() or 0),
         **stats,
@@ -326,9 +322,9 @@ def dedup(cfg: DedupConfig, inputs: dict, ctx: StageContext) -> dict:
     if len(clustered):
         sizes = clustered.unique("cluster_id")["cluster_size"].to_numpy()
         ctx.log_figure(cluster_size_figure(sizes), "cluster_sizes")
-    return {"rows": {"documents": metrics["docs_out"], "clusters": len(clustered)}, "metrics": metrics}
+    return {"rows": {"documents": metrics["docs_kept"], "clusters": len(clustered)}, "metrics": metrics}
 
 
 STAGE = Stage("dedup", VERSION, DedupConfig, dedup,
-              report_metrics=("exact_duplicates", "near_duplicates", "duplicate_rate", "clusters", "lsh_threshold",
-                              "audit_precision"))
+              report_metrics=("dropped.exact_duplicate", "dropped.near_duplicate", "duplicate_rate", "clusters",
+                              "lsh_threshold", "audit_precision"))

@@ -130,7 +130,6 @@ def read(src, stats: dict, ctx: StageContext):
 
 
 def ingest(cfg: IngestConfig, inputs: dict, ctx: StageContext) -> dict:
-    check(cfg)
     counts: Counter = Counter()
     writer = ShardWriter(ctx.out / "documents", cfg.shard_rows)
     refs = ctx.work_dir() / "refs"

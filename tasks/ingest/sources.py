@@ -32,6 +32,8 @@ from typing import Annotated, Any, Iterator, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tasks.core import chat, gym
+from tasks.core.base import StageError
 from tasks.core.faults import on_file
 
 # Fast (< 0.3 ms/item), deterministic across PYTHONHASHSEED, readable arithmetic/word problems.
@@ -222,18 +224,6 @@ class PackageTextsSource(Source):
         return len(self.files()) if self.chunk_chars is None else None
 
 
-def _render(item: dict) -> str:
-    parts = [str(item["question"]).strip()]
-    cot = (item.get("metadata") or {}).get("answer_cot")  # worked solution (gsm_symbolic)
-    if isinstance(cot, str) and cot.strip():
-        parts.append(re.sub(r"\n#### .*$", "", cot.strip()))
-    answer = item.get("answer")
-    if answer is not None:
-        answer = str(answer).strip()
-        parts.append(f"Answer:\n{answer}" if "\n" in answer else f"Answer: {answer}")
-    return "\n\n".join(parts) + "\n"
-
-
 class ReasoningGymSource(Source):
     """Worked problems from reasoning-gym's generators, rendered as text."""
 
@@ -244,34 +234,21 @@ class ReasoningGymSource(Source):
     task_args: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     def check(self, full: bool = False) -> None:
-        from reasoning_gym.factory import DATASETS
-
-        for task in self.tasks:
-            if task not in DATASETS:
-                known = ", ".join(sorted(DATASETS)[:8])
-                raise SourceError(f"reasoning_gym source: unknown task {task!r} (known: {known}, ... {len(DATASETS)} in all)")
-        for task, args in self.task_args.items():
+        for task in self.task_args:
             if task not in self.tasks:
                 raise SourceError(f"reasoning_gym source: task_args names {task!r}, which is not in tasks")
-            if {"size", "seed"} & set(args):
-                raise SourceError(f"reasoning_gym source: task_args for {task!r} may not set size/seed")
+        for task in self.tasks:
             try:
-                conf = DATASETS[task][1](size=self.size, seed=self.seed, **args)  # cheap: builds no dataset
-                getattr(conf, "validate", lambda: None)()
-            except Exception as e:
-                raise SourceError(f"reasoning_gym source: bad task_args for {task!r} ({type(e).__name__}: {e})") from None
+                gym.check_task(task, self.task_args.get(task, {}), "reasoning_gym source: task_args")
+            except StageError as e:
+                raise SourceError(str(e)) from None
 
     def documents(self, stats: dict | None = None) -> Iterator[RawDoc]:
-        import reasoning_gym
-
         for task in self.tasks:
-            quiet = contextlib.redirect_stdout(io.StringIO())  # some generators print (e.g. bf)
-            with quiet:
-                ds = reasoning_gym.create_dataset(task, size=self.size, seed=self.seed, **self.task_args.get(task, {}))
-            for i in range(self.size):
-                with quiet:
-                    item = ds[i]
-                yield RawDoc(self.source, f"{task}:{self.seed}:{i}", _render(item))
+            generated = gym.items(task, self.task_args.get(task, {}), self.size, self.seed, "reasoning_gym source")
+            for i, item in enumerate(generated):
+                text = chat.document_text(item["question"], item.get("answer"), gym.solution_of(item.get("metadata")))
+                yield RawDoc(self.source, f"{task}:{self.seed}:{i}", text)
 
     def estimate(self) -> int | None:
         return self.size * len(self.tasks)

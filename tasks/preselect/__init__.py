@@ -66,7 +66,8 @@ from pydantic import Field
 from tokenizers import Tokenizer
 
 from tasks.core.base import log
-from tasks.core.outputs import document_shards
+from tasks.core.chat import answer_line
+from tasks.core.outputs import document_shards, local_model_dir, model_dir
 from tasks.preselect.scoring import (
     auc,
     bits_per_char,
@@ -79,8 +80,8 @@ from tasks.preselect.scoring import (
 from tasks.core.rollout import load_policy, resolve_device
 from tasks.core.settings import Device, device_setting
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError
-from tasks.core.store import Artifact, local_dir, read_table, write_parquet
-from tasks.core.tokens import BOS, doc_hash, hash_order, load_tokenizer, special_ids
+from tasks.core.store import Artifact, read_table, write_parquet
+from tasks.core.tokens import BOS, TOKENIZER_FILE, doc_hash, hash_order, load_tokenizer, special_ids
 
 if TYPE_CHECKING:  # torch comes with the reference models (load_reference): the config imports without it
     import torch
@@ -172,7 +173,7 @@ def distinct_scores(cfg: PreselectConfig, scores: np.ndarray) -> np.ndarray:
 
 def target_text(row: dict) -> str:
     """A target prompt as text: the question and its answer, as a document would state them."""
-    return f"{row['question']}\nAnswer: {row['answer']}"
+    return f"{row['question']}\n{answer_line(row['answer'])}"
 
 
 def target_texts(cfg: PreselectConfig, inputs: dict[str, Artifact], split: str = "train") -> list[str]:
@@ -198,14 +199,14 @@ def load_reference(art: Artifact, tokenizer: Artifact | None, device, name: str)
     """(model in eval mode, its tokenizer encoding special-token strings as plain text)."""
     from tasks.core.model import CONFIG, load_model
 
-    directory = f"{art.path.rstrip('/')}/model"
+    directory = model_dir(art)
     fs, path = fsspec.core.url_to_fs(directory)
     if not fs.exists(f"{path}/{CONFIG}"):
         raise StageError(f"preselect: input {name!r} has no model/{CONFIG} ({directory})")
-    if fs.exists(f"{path}/tokenizer.json"):
+    if fs.exists(f"{path}/{TOKENIZER_FILE}"):
         model, tok = load_policy(art, device)
     elif tokenizer is not None:
-        model, tok = load_model(local_dir(directory), device).eval(), load_tokenizer(tokenizer)
+        model, tok = load_model(local_model_dir(art), device).eval(), load_tokenizer(tokenizer)
     else:
         raise StageError(f"preselect: {name} has no model/tokenizer.json; give a 'tokenizer' input")
     tok.encode_special_tokens = True  # documents are plain text (pack does the same)

@@ -20,11 +20,12 @@ import numpy as np
 import polars as pl
 from pydantic import Field
 
-from tasks.rl.config import GRPOConfig
-from tasks.core.outputs import kept_ids, load_prompts
+from tasks.core.outputs import kept_ids, load_prompts, model_dir, model_out
 from tasks.core.rollout import count_overlong, load_policy, resolve_device, take_per_task
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError, new_figure
 from tasks.core.store import Artifact, copy_file, write_parquet
+from tasks.core.tokens import TOKENIZER_FILE
+from tasks.rl.config import GRPOConfig
 
 VERSION = 4  # 2: TRL's setting names, 1-based steps in the history table; 3: band (0.2, 0.8), overflow groups;
 # 4: the loop's own held-out check is `check_pass_at_1` (eval_rl's `pass_at_1` is the card's number)
@@ -80,15 +81,15 @@ def rl(cfg: RLConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
     steps = pl.DataFrame(history, infer_schema_length=None)
     write_parquet(steps.drop(["generation_seconds", "train_seconds", "generated_tokens_per_s"], strict=False).to_arrow(),
                   ctx.out / "steps" / "part-00000.parquet")
-    save_model(model, ctx.out / "model")
+    save_model(model, model_out(ctx.out))
     ctx.log_figure(rl_curve_figure(history, ctx.instance), "rl_curve")
-    copy_file(f"{inputs['model'].path}/model/tokenizer.json", ctx.out / "model" / "tokenizer.json")
+    copy_file(f"{model_dir(inputs['model'])}/{TOKENIZER_FILE}", model_out(ctx.out) / TOKENIZER_FILE)
     info = {}
     if ctx.tracker and ctx.run_id:
         model_info = inputs["model"].manifest.get("info", {})
         if model_info.get("mlflow_model_id"):
             ctx.tracker.log_model_input(ctx.run_id, model_info["mlflow_model_id"])
-        info["mlflow_model_id"] = ctx.tracker.log_model(ctx.run_id, ctx.out / "model", ctx.instance, step=state.step)
+        info["mlflow_model_id"] = ctx.tracker.log_model(ctx.run_id, model_out(ctx.out), ctx.instance, step=state.step)
         info["registered_version"] = ctx.tracker.register_model(info["mlflow_model_id"], ctx.run_id, REGISTERED_MODEL)
     rewards = [h["reward_mean"] for h in history if "reward_mean" in h]
     evals = [h["check_pass_at_1"] for h in history if "check_pass_at_1" in h]

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
+from tasks.core.rollout import Sampling
 from tasks.core.settings import Band, Device, device_setting, runtime
 from tasks.rl.grpo import DEFAULT_BAND, kept_counts
 
 
-class GRPOConfig(BaseModel):
-    """GRPO settings under TRL's GRPOConfig names where TRL has the concept (the RL stage extends this)."""
+class GRPOConfig(Sampling):
+    """GRPO settings under TRL's GRPOConfig names where TRL has the concept (the RL stage extends this); the
+    rollouts' sampling settings (temperature, top_k, max_completion_length, batch_size, seed) are `Sampling`'s."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     max_steps: int = Field(16, gt=0, description="optimizer steps, one batch of groups each")
@@ -19,11 +21,6 @@ class GRPOConfig(BaseModel):
                                               "completions were sampled (compare filters at equal cost)")
     batch_prompts: int = Field(16, gt=0, description="groups (prompts) per optimizer step")
     num_generations: int = Field(8, ge=2, description="G, completions per prompt (TRL default 8; DAPO uses 16)")
-    temperature: float = Field(1.0, gt=0, description="sampling temperature of the rollouts; the loss's log-probs "
-                               "use it too (softmax(logits / temperature), as TRL)")
-    top_k: int | None = Field(None, ge=1, description="sample from the top_k tokens only (None: all)")
-    max_completion_length: int = Field(20, gt=0, description="tokens generated per completion at most (a "
-                                       "three-word reversal needs up to 18)")
     lr: float = Field(2e-5, gt=0, description="AdamW learning rate (5e-4 collapsed a model that had learned its "
                       "tasks within 20 steps; from the default SFT model, 16 steps at 5e-5 cost 0.07 held-out, "
                       "at 2e-5 0.03)")
@@ -64,9 +61,7 @@ class GRPOConfig(BaseModel):
     eval_every: int = runtime(10, "steps between held-out greedy pass@1 checks", gt=0)
     checkpoint_every: int = runtime(10, "steps between checkpoints (what a rerun resumes from)", gt=0)
     history_samples: int = Field(2, ge=0, description="completions per group stored in the history table")
-    batch_size: int = Field(128, gt=0, description="sequences per generation batch (decides each sample's draws)")
     device: Device = device_setting()
-    seed: int = 0
 
     @model_validator(mode="after")
     def _band_is_intermediate(self) -> GRPOConfig:

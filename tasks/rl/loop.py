@@ -82,7 +82,7 @@ class SampledGroup:
 
 def training_rewards(rewards: np.ndarray, texts: list[list[str]], format_reward: float) -> np.ndarray:
     """[n, G] verifier rewards plus `format_reward` for each completion that contains 'Answer:'."""
-    bonus = np.array([["Answer:" in t for t in ts] for ts in texts], dtype=np.float64).reshape(rewards.shape)
+    bonus = np.array([[chat.ANSWER_PREFIX in t for t in ts] for ts in texts], dtype=np.float64).reshape(rewards.shape)
     return rewards + format_reward * bonus
 
 
@@ -112,8 +112,8 @@ class Rollouts:
         indices = [int(i) for i in self.order.take(self.state.cursor, n)]
         batch = [self.rows[i] for i in indices]
         self.state.cursor += len(batch)
-        scored = score_prompts(self.model, self.tok, batch, cfg.num_generations, cfg.temperature, cfg.top_k,
-                               cfg.max_completion_length, cfg.batch_size, seed=cfg.seed * 1_000_003 + step * 101 + round_index)
+        scored = score_prompts(self.model, self.tok, batch, cfg.num_generations, cfg.sampling(),
+                               seed=cfg.seed * 1_000_003 + step * 101 + round_index)
         rewards = np.array(scored.rewards, dtype=np.float64).reshape(len(batch), cfg.num_generations)
         train = training_rewards(rewards, scored.texts, cfg.format_reward)
         groups = [SampledGroup(f"{step + 1}:{round_index}:{i}", index, row, c, t, r, tr, step + 1)
@@ -169,8 +169,7 @@ def update_policy(model, ref, opt, tok, groups: list[SampledGroup], cfg: GRPOCon
 
 def greedy_pass_rate(model, tok, rows: list[dict], cfg: GRPOConfig) -> float:
     """Held-out greedy pass@1 of the current policy (its own generator: the training draws are untouched)."""
-    return score_prompts(model.eval(), tok, rows, 1, 0.0, None, cfg.max_completion_length, cfg.batch_size,
-                         cfg.seed).pass_rate
+    return score_prompts(model.eval(), tok, rows, 1, cfg.sampling(), greedy=True).pass_rate
 
 
 def history_rows(step: int, groups: dict[str, SampledGroup], kept: set[str], carried: set[str],
