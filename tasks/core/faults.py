@@ -66,9 +66,10 @@ def file_of(exc: BaseException) -> str | None:
                 None)
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """An exception's message as one short line: its first sentence (some messages span many lines)."""
     text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
+    return text[0].split(". ")[0][:200] if text else type(exc).__name__
 
 
 def explain(exc: BaseException) -> str | None:
@@ -78,22 +79,22 @@ def explain(exc: BaseException) -> str | None:
     for e in _chain(exc):
         name = type(e).__name__
         if isinstance(e, OSError) and e.errno in ACTIONS:
-            return f"{e.filename or path or 'a file'}: {e.strerror or _first_line(e)}: {ACTIONS[e.errno]}"
+            return f"{e.filename or path or 'a file'}: {e.strerror or first_line(e)}: {ACTIONS[e.errno]}"
         if (code := _OS_ERROR.search(str(e))) and int(code[1]) in ACTIONS:  # Rust libraries (safetensors, polars)
             return f"{path or 'a file'}: {os.strerror(int(code[1]))}: {ACTIONS[int(code[1])]}"
         if isinstance(e, EOFError) or name in ("BadGzipFile", "ZstdError", "LZ4FrameError") or (
                 name == "error" and type(e).__module__ == "zlib") or (
                 isinstance(e, OSError) and e.errno is None and _COMPRESSED.search(str(e))):  # pyarrow's streams
-            return f"{where}corrupt or truncated compressed data ({_first_line(e)}): {_CORRUPT}"
+            return f"{where}corrupt or truncated compressed data ({first_line(e)}): {_CORRUPT}"
         if (name in ("ArrowInvalid", "ArrowIOError") and ("arquet" in str(e) or "thrift" in str(e))) or (
                 str(path).endswith(".parquet") and (name.startswith("Arrow") or isinstance(e, OSError))) or (
                 type(e).__module__.startswith("duckdb") and "arquet" in str(e)):
-            return f"{where}not readable as Parquet ({_first_line(e)}): {_CORRUPT}"
+            return f"{where}not readable as Parquet ({first_line(e)}): {_CORRUPT}"
         if name == "SafetensorError":
-            return f"{where}weights that do not load ({_first_line(e)}): {_CORRUPT}"
+            return f"{where}weights that do not load ({first_line(e)}): {_CORRUPT}"
         if isinstance(e, json.JSONDecodeError) or (name == "ValidationError" and "Invalid JSON" in str(e)):
-            return f"{where}not valid JSON ({_first_line(e)}): {_CORRUPT}"
+            return f"{where}not valid JSON ({first_line(e)}): {_CORRUPT}"
         if name == "DatabaseError" and "not a database" in str(e):
-            return (f"{where}the MLflow store is not an SQLite database ({_first_line(e)}): move it aside or set "
+            return (f"{where}the MLflow store is not an SQLite database ({first_line(e)}): move it aside or set "
                     f"run.mlflow_uri to another one (e.g. sqlite:///mlflow-new.db)")
     return None

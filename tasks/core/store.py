@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
 
 from tasks.core.base import log
-from tasks.core.faults import on_file
+from tasks.core.faults import first_line, on_file
 from tasks.core.locks import FileLock
 from tasks.core.settings import identity
 
@@ -59,12 +59,6 @@ def stage_key(name: str, version: int, config: BaseModel | dict, input_keys: dic
     cfg = identity(config) if isinstance(config, BaseModel) else config
     payload = canonical_json({"stage": name, "version": version, "config": cfg, "inputs": input_keys})
     return hashlib.sha256(payload.encode()).hexdigest()[:KEY_CHARS]
-
-
-def error_line(e: BaseException) -> str:
-    """An exception's message as one short line, for a one-line report (some span many lines)."""
-    lines = str(e).strip().splitlines()
-    return lines[0].split(". ")[0][:160] if lines else type(e).__name__
 
 
 def file_digest(path: Path) -> str:
@@ -269,7 +263,7 @@ class Store:
             with self.fs.open(mpath, "rb") as f:
                 manifest = json.loads(f.read())
         except (ValueError, RecursionError) as e:  # not JSON, not UTF-8 (binary), or nested absurdly deep
-            return DamagedManifest(where, f"not JSON ({error_line(e)})")
+            return DamagedManifest(where, f"not JSON ({first_line(e)})")
         problem = manifest_problem(manifest, stage, key)
         return DamagedManifest(where, problem) if problem else manifest
 

@@ -33,9 +33,10 @@ from safetensors import safe_open
 
 from tasks.core.base import log
 from tasks.core.configs import ModelConfig, TrainConfig
+from tasks.core.faults import first_line
 from tasks.core.hardware import autocast, mfu, peak_flops, use_bf16
 from tasks.core.model import CONFIG, GPT, WEIGHTS, activation_scale, load_model, load_weights, save_model
-from tasks.core.store import error_line, fsync_file, fsync_tree
+from tasks.core.store import fsync_file, fsync_tree
 
 IGNORE = -100
 TRAIN_STATE, STATE = "train_state.pt", "state.json"
@@ -150,7 +151,7 @@ def _read(path: Path, read):
     try:
         return read(path)
     except Exception as e:  # a pure read, and torch.load of garbage raises nearly anything (IndexError, ...)
-        raise CheckpointError(f"{path.name} does not load ({error_line(e)})") from None
+        raise CheckpointError(f"{path.name} does not load ({first_line(e)})") from None
 
 
 def _safetensors_keys(path: Path) -> list[str]:
