@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import os
-from pathlib import Path
+import subprocess
+import sys
+import threading
 
-import pytest
-import yaml
+# One torch (OpenMP) thread for the whole session, in-process and in every subprocess it starts (`slmflow
+# run`, Prefect workers and their flow runs, the benchmarks): on a 2-core machine a second thread only
+# spin-waits whenever anything else wants a core (the Prefect server, a second run, a worker): beside one
+# busy process, 60 tiny training steps took 6-16 s on two threads and 2.5 s on one, and `slmflow run` of
+# tiny.yaml beside other work 9.5 min instead of 1.8. Its 26 outputs are the same bytes either way;
+# one setting everywhere keeps the byte-for-byte comparisons between processes like for like. Set before
+# torch is imported; a value from the environment wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
 
 from flows.prefect_server import apply_defaults  # noqa: E402
 
@@ -66,11 +80,26 @@ def chat_tokenizer(rows: list[dict]):
     return t
 
 
-def tiny_config(root: Path, **run) -> Path:
-    """configs/tiny.yaml with its store and MLflow SQLite file under `root` (and `run` settings)."""
+# tiny.yaml's training, shortened, for the tests of mechanics rather than of learning (byte-identical
+# outputs across stores and execution modes, one computation per key under concurrent runs, kills and
+# resumes): every stage still runs, pretrain and rl still checkpoint before they end (so a kill after the
+# first checkpoint resumes), and the data stages keep tiny.yaml's keys. SFT keeps 100 of its 300 steps:
+# from that model RL's balanced filter keeps 31-37% of the groups at every step, so every RL step updates
+# the policy (after 20 SFT steps it kept none, and RL's weights would have been SFT's). The learning checks
+# (test_pretrain, test_plasticity, ...) read `tiny_run`, trained to tiny.yaml's full length.
+QUICK = {"pretrain": {"max_steps": 60, "eval_every": 60, "checkpoint_every": 20},
+         "sft": {"max_steps": 100, "eval_every": 100, "checkpoint_every": 50},
+         "rl": {"max_steps": 4, "eval_every": 4, "checkpoint_every": 2}}
+
+
+def tiny_config(root: Path, *, training: dict | None = None, **run) -> Path:
+    """configs/tiny.yaml with its store and MLflow SQLite file under `root` (and `run` settings; `training`:
+    settings per section over tiny.yaml's, e.g. QUICK)."""
     raw = yaml.safe_load(TINY.read_text())
     raw["run"].update({"data_root": str(root / "data"), "models_root": str(root / "models"),
                        "mlflow_uri": f"sqlite:///{root / 'mlflow.db'}", **run})
+    for section, settings in (training or {}).items():
+        raw[section].update(settings)
     root.mkdir(parents=True, exist_ok=True)
     (root / "tiny.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     return root / "tiny.yaml"
@@ -85,6 +114,160 @@ def project(tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
+TESTS = Path(__file__).resolve().parent
+
+
+class Early:
+    """A test's subprocesses, run in the background from the start of the session (see `early`); the test
+    waits for them. Each one's stdout goes to a file (and its stderr too, or to a file of its own:
+    `stderr_apart`)."""
+
+    def __init__(self, root: Path, args: list[str], env: dict[str, str], cwd: Path, count: int = 1,
+                 stderr_apart: bool = False):
+        self.root, self.args, self.env, self.cwd, self.stderr_apart = root, args, env, cwd, stderr_apart
+        self.files = [(root / f"stdout-{i}.txt", root / f"stderr-{i}.txt") for i in range(count)]
+        self.procs: list[subprocess.Popen] = []
+        self.ended, self.lock, self.stopped, self.error = threading.Event(), threading.Lock(), False, None
+
+    def run(self) -> None:
+        """Start the processes and wait for them all (on the background thread)."""
+        if self.error:  # it could not even be set up
+            self.ended.set()
+            return
+        try:
+            for out, err in self.files:
+                with self.lock, open(out, "w") as o, open(err, "w") as e:
+                    if self.stopped:
+                        return
+                    self.procs.append(subprocess.Popen(self.args, cwd=self.cwd, env=self.env, stdout=o,
+                                                       stderr=e if self.stderr_apart else subprocess.STDOUT))
+            for p in self.procs:
+                p.wait()
+        except BaseException as e:  # noqa: BLE001 - the test that waits for this job reports it
+            self.error = e
+        finally:
+            self.ended.set()
+
+    def wait(self, timeout: float) -> list[tuple[int, str, str]]:
+        """(exit code, stdout, stderr) per process, once each has ended."""
+        if not self.ended.wait(timeout):
+            self.stop()
+            raise TimeoutError(f"{self.args} did not end within {timeout} s")
+        if self.error:
+            raise self.error
+        return [(p.returncode, out.read_text(), err.read_text()) for p, (out, err) in zip(self.procs, self.files)]
+
+    def result(self, timeout: float):
+        """What a `python_job` function wrote (JSON), once it has ended; its stderr's end if it failed."""
+        [(code, _, stderr)] = self.wait(timeout)
+        assert code == 0, stderr[-3000:]
+        return json.loads((self.root / "result.json").read_text())
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopped = True
+            for p in self.procs:
+                if p.poll() is None:
+                    p.kill()
+
+
+def python_job(root: Path, module: str, function: str, **kwargs) -> Early:
+    """`module.function(out=<root>/result.json, **kwargs)` of tests/ in a Python process of its own, with
+    this session's environment (its Prefect server included)."""
+    kwargs = {"out": str(root / "result.json"), **kwargs}
+    code = f"import sys; sys.path.insert(0, {str(TESTS)!r}); import {module}; {module}.{function}(**{kwargs!r})"
+    return Early(root, [sys.executable, "-c", code], dict(os.environ), ROOT, stderr_apart=True)
+
+
+def write_json(out: str, value) -> None:
+    Path(out).write_text(json.dumps(value, default=str))
+
+
+def run_pipeline(out: str, config: str) -> None:
+    """The pipeline on `config`, in this process; its result to `out` (for `quick_run`)."""
+    from flows.pipeline import pipeline
+
+    write_json(out, pipeline(config))
+
+
+# benchmarks/faults.py's cases that tests/test_faults.py runs
+FAULTS_CASES = ("cached_parquet_flipped", "source_gzip_truncated")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def early(request, tmp_path_factory) -> dict[str, Early]:
+    """Slow work that is only subprocesses and needs nothing from the tests before it: `quick_run`'s
+    pipeline, the faults benchmark's cases, two concurrent runs, the S3 run and the chaos run. These run
+    one after another on a background thread from the start of the session, and each test then waits
+    for its own and checks what it checked before. A session's tests keep about one core of this 2-core
+    machine busy (one torch thread, above): this work runs on the other one instead of after everything
+    else. Only for tests that will run; each subprocess sees this session's environment (its Prefect
+    server, as the tests' own runs did)."""
+    items = request.session.items
+    names = {item.nodeid for item in items}
+    jobs: dict[str, Early] = {}
+
+    def add(name: str, make) -> None:
+        """jobs[name] = make(); where that fails, the test that waits for it fails with the error, not the session."""
+        try:
+            jobs[name] = make()
+        except Exception as e:  # noqa: BLE001
+            jobs[name] = Early(TESTS, [], {}, TESTS, count=0)
+            jobs[name].error = e
+
+    def quick_job():
+        request.getfixturevalue("prefect_server")
+        root = tmp_path_factory.mktemp("quick_run")
+        return python_job(root, "conftest", "run_pipeline", config=str(quick_config(root)))
+
+    def faults_job():
+        request.getfixturevalue("prefect_server")
+        root = tmp_path_factory.mktemp("faults_benchmark")
+        return Early(root, [sys.executable, str(ROOT / "benchmarks" / "faults.py"), "--workdir", str(root),
+                            "--cases", *FAULTS_CASES], dict(os.environ), Path.cwd(), stderr_apart=True)
+
+    def two_runs_job():
+        root = tmp_path_factory.mktemp("two_concurrent_runs")
+        env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
+        env["PREFECT_HOME"] = str(root / "prefect-home")
+        return Early(root, [str(Path(sys.executable).with_name("slmflow")), "run", "-c", str(quick_config(root))],
+                     env, root, count=2)
+
+    def s3_job():
+        request.getfixturevalue("prefect_server")
+        root = tmp_path_factory.mktemp("s3")
+        return python_job(root, "test_object_store", "run_on_s3", config=str(
+            quick_config(root, data_root="s3://slmflow/data", models_root="s3://slmflow/models")))
+
+    def chaos_job():
+        request.getfixturevalue("prefect_server")
+        root = tmp_path_factory.mktemp("chaos")
+        return python_job(root, "test_reliability", "chaos_run", workdir=str(root / "chaos"),
+                          config=str(quick_config(root / "chaos", experiment="slmflow-chaos")))
+
+    if any("quick_run" in item.fixturenames for item in items):
+        add("quick_run", quick_job)
+    if "tests/test_faults.py::test_faults_benchmark_fast_cases" in names:
+        add("faults", faults_job)
+    if "tests/test_reliability.py::test_two_concurrent_runs_compute_each_stage_once" in names:
+        add("two_runs", two_runs_job)
+    if "tests/test_object_store.py::test_tiny_pipeline_on_s3_matches_the_local_run" in names:
+        add("s3", s3_job)
+    if "tests/test_reliability.py::test_chaos_kills_at_four_moments_then_matches_a_clean_run" in names:
+        add("chaos", chaos_job)
+
+    def lane():
+        for job in jobs.values():
+            job.run()
+
+    threading.Thread(target=lane, name="early-tests", daemon=True).start()
+    try:
+        yield jobs
+    finally:
+        for job in jobs.values():
+            job.stop()
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, prefect_server) -> tuple[Path, dict]:
     """The whole tiny pipeline, run once per session into its own store: (root, pipeline result).
@@ -93,3 +276,34 @@ def tiny_run(tmp_path_factory, prefect_server) -> tuple[Path, dict]:
 
     root = tmp_path_factory.mktemp("tiny_run")
     return root, pipeline(str(tiny_config(root)))
+
+
+def quick_config(root: Path, **run) -> Path:
+    """tiny_config with QUICK's shorter training."""
+    return tiny_config(root, training=QUICK, **run)
+
+
+def copy_outputs(source: Path, config: Path, upto: list[str]) -> None:
+    """Copy `upto` and everything upstream of it from the store under `source` (tiny_config's layout)
+    into the stores `config` names: those stages are then cache hits there, under the same keys."""
+    import shutil
+
+    from flows.config import load_config
+    from flows.pipeline import make_plan
+
+    cfg = load_config(config)
+    plan = make_plan(cfg)
+    for name in plan.needed(upto):
+        p = plan.stages[name]
+        target = Path(cfg.run.models_root if p.stage.store == "models" else cfg.run.data_root) / p.stage.name / p.key
+        if not target.exists():
+            shutil.copytree(source / p.stage.store / p.stage.name / p.key, target)
+
+
+@pytest.fixture(scope="session")
+def quick_run(early) -> tuple[Path, dict]:
+    """The whole pipeline on quick_config, once per session, into its own store: (root, pipeline result).
+    Computed by `early` from the start of the session (`run_pipeline` in a process of its own). Shared
+    read-only, as tiny_run is."""
+    job = early["quick_run"]
+    return job.root, job.result(timeout=3600)

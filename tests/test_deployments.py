@@ -9,7 +9,6 @@ subprocesses, and their outputs must equal a local run's byte for byte.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import tiny_config
+from conftest import copy_outputs, quick_config, tiny_config
 from mlflow import MlflowClient
 
 from flows.config import load_config
@@ -138,22 +137,19 @@ class Deployed:
 
 
 @pytest.fixture(scope="module")
-def deployed(server, tiny_run, tmp_path_factory):
-    """The session's local tiny run; then the same config through slmflow-pipeline/pipeline on the
+def deployed(server, quick_run, tmp_path_factory):
+    """The session's local run of tiny.yaml with conftest's QUICK training (`quick_run`: the bytes are
+    compared, not how far training got); then the same config through slmflow-pipeline/pipeline on the
     cpu pool (execution: deployments), whose pretrain, sft and rl stages go to the gpu pool."""
     base = tmp_path_factory.mktemp("deployed")
-    local, remote = tiny_run[0] / "tiny.yaml", tiny_config(base / "remote")
+    local, remote = quick_run[0] / "tiny.yaml", quick_config(base / "remote")
     server.run(str(BIN / "slmflow"), "deploy")  # from the project root: the workers' directory
     workers = [server.start(f"worker_{pool}", str(BIN / "prefect"), "worker", "start", "--pool", pool, cwd=base)
                for pool in ("cpu", "gpu")]
     try:
         # everything upstream of the main pack (data stages, PreSelect's references): the remote run
         # computes pretrain, sft and rl on the gpu pool, and the difficulty and eval stages here
-        plan = make_plan(load_config(local))
-        for name in plan.needed(["pack"]):
-            p = plan.stages[name]
-            where = f"{p.stage.store}/{p.stage.name}/{p.key}"
-            shutil.copytree(tiny_run[0] / where, base / "remote" / where)
+        copy_outputs(quick_run[0], remote, ["pack"])
         start = time.monotonic()
         out = server.run(str(BIN / "prefect"), "deployment", "run", "slmflow-pipeline/pipeline",
                          "--param", f"config={remote}", "--watch", cwd=base)

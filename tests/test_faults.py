@@ -110,18 +110,13 @@ def test_a_rust_librarys_os_error_is_read_from_its_message(tmp_path):
                                      "stages are kept")
 
 
-def test_faults_benchmark_fast_cases(tmp_path):
+def test_faults_benchmark_fast_cases(early):
     """benchmarks/faults.py on two of its cases, end to end: a run that recovers by itself from a corrupt
-    cached file, and a corrupt source that stops the run with one line; both then rerun identically."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "faults.py"
-    done = subprocess.run([sys.executable, str(bench), "--workdir", str(tmp_path), "--cases", "cached_parquet_flipped",
-                           "source_gzip_truncated"], capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout)
+    cached file, and a corrupt source that stops the run with one line; both then rerun identically.
+    (`python benchmarks/faults.py --workdir DIR --cases ...`, started with the session by conftest's `early`.)"""
+    [(code, stdout, stderr)] = early["faults"].wait(timeout=900)
+    assert code == 0, stderr[-3000:]
+    report = json.loads(stdout)
     assert report["summary"] == {"cases": 2, "skipped": [], "ok": 2, "failed": []}, report
     flipped, truncated = report["cases"]["cached_parquet_flipped"], report["cases"]["source_gzip_truncated"]
     assert (flipped["exit"], flipped["lines"], truncated["exit"], truncated["lines"]) == (0, 1, 1, 2)

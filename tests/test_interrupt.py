@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, tiny_config
+from conftest import ROOT, copy_outputs, tiny_config
 from mlflow import MlflowClient
 
 from flows.config import load_config
@@ -129,9 +129,11 @@ def mlflow_runs(root: Path) -> list:
     return client.search_runs([client.get_experiment_by_name("slmflow-tiny").experiment_id], max_results=500)
 
 
-def test_ctrl_c_mid_pretrain_stops_at_once_and_the_rerun_resumes(tmp_path, prefect_home):
-    """Ctrl-C in a terminal (SIGINT to the whole process group) once pretrain has checkpointed step 200."""
+def test_ctrl_c_mid_pretrain_stops_at_once_and_the_rerun_resumes(tmp_path, prefect_home, tiny_run):
+    """Ctrl-C in a terminal (SIGINT to the whole process group) once pretrain has checkpointed step 200.
+    The store starts with the session's outputs upstream of pretrain (cache hits: the run computes pretrain)."""
     cfg = tiny_config(tmp_path)
+    copy_outputs(tiny_run[0], cfg, ["pack"])
     run = Run(tmp_path, prefect_home, "--only", "pretrain")
     run.wait_for(r"train step 2[1-9]0/400")  # pretrain's (400 steps), past its step-200 checkpoint
     servers = run.servers()

@@ -3,6 +3,7 @@ fsync before the manifest, housekeeping, and a seeded chaos run (SIGKILL at seve
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -24,7 +25,6 @@ from tasks.core.stage import Stage, StageConfig, run_stage
 from tasks.core.store import Store, stage_key
 
 ROOT = Path(__file__).resolve().parents[1]
-SLMFLOW = str(Path(sys.executable).with_name("slmflow"))
 runner = CliRunner()
 
 
@@ -205,21 +205,17 @@ def test_gc_lists_then_removes_only_what_no_longer_counts(project):
         lock.release()
 
 
-def test_two_concurrent_runs_compute_each_stage_once(tmp_path):
+def test_two_concurrent_runs_compute_each_stage_once(early):
     """Two `slmflow run` of the tiny config on one store at once, each with its own temporary Prefect
-    server (one new Prefect home: the first start migrates it) and one MLflow SQLite file."""
-    from conftest import tiny_config
-
-    cfg = tiny_config(tmp_path)
-    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
-    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
-    procs = [subprocess.Popen([SLMFLOW, "run", "-c", str(cfg)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-    outputs = [p.communicate(timeout=900)[0] for p in procs]
-    for p, out in zip(procs, outputs):
-        assert p.returncode == 0, out[-3000:]
+    server (one new Prefect home: the first start migrates it) and one MLflow SQLite file. (tiny.yaml
+    with conftest's QUICK training: every stage still runs, the check is who computes it. The two runs
+    start with the session: conftest's `early`.)"""
+    job = early["two_runs"]
+    root, cfg = job.root, job.root / "tiny.yaml"
+    for code, out, _ in job.wait(timeout=900):
+        assert code == 0, out[-3000:]
         assert "database is locked" not in out and "Traceback" not in out
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("slmflow-tiny").experiment_id], max_results=500)
     executed = Counter(r.data.tags["instance"] for r in runs if r.data.tags.get("cached") == "false")
     hits = Counter(r.data.tags["instance"] for r in runs if r.data.tags.get("cached") == "true")
@@ -229,29 +225,50 @@ def test_two_concurrent_runs_compute_each_stage_once(tmp_path):
     assert all(r.info.status == "FINISHED" for r in runs)
 
 
+# where the chaos run is killed: (kind, target) as benchmarks/chaos.py names them
+CHAOS_KILLS = (("data", "dedup"), ("pretrain", "pretrain"), ("rl", "rl"), ("report", "eval_rl"))
+
+
+def chaos_run(out: str, workdir: str, config: str) -> None:
+    """The chaos test's runs, in a process of their own from the start of the session (conftest's `early`):
+    `slmflow run` killed at each of CHAOS_KILLS (rerunning in between), then run to the end; what the test
+    checks goes to `out` as JSON."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from chaos import ChaosRun
+    from conftest import write_json
+
+    run = ChaosRun(Path(workdir), config=Path(config))
+    kills = [run.kill_during(kind, target, delay_s=0.0) for kind, target in CHAOS_KILLS]
+    finished = run.finish()
+    write_json(out, {"kills": [dataclasses.asdict(k) for k in kills], "finish": finished, "files": run.files(),
+                     "resumed": {n: run.resumed(n) for n in ("pretrain", "rl")}, "leftovers": run.leftovers()})
+
+
 @pytest.mark.usefixtures("prefect_server")
-def test_chaos_kills_at_four_moments_then_matches_a_clean_run(tiny_run, tmp_path):
+def test_chaos_kills_at_four_moments_then_matches_a_clean_run(early, quick_run):
     """The chaos benchmark's seeded small version: SIGKILL the run's whole process group in a data
     stage, mid-pretrain, mid-RL and at the report, rerunning in between; the finished store equals
-    the session's clean run byte for byte, both training stages resumed, nothing is left behind."""
+    the session's clean run byte for byte, both training stages resumed, nothing is left behind.
+    (tiny.yaml with conftest's QUICK training, as the session's `quick_run`: each training stage
+    still checkpoints before it ends, and the kill comes right after its first checkpoint. The runs are
+    `chaos_run`, which conftest's `early` starts with the session.)"""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from chaos import ChaosRun
 
-    reference_root, _ = tiny_run
+    chaos = early["chaos"].result(timeout=3600)
+    reference_root, _ = quick_run
     reference = ChaosRun(reference_root, config=reference_root / "tiny.yaml")  # the session's store, read only
-    run = ChaosRun(tmp_path / "chaos")
-    kills = [run.kill_during(kind, target, delay_s=0.0)
-             for kind, target in (("data", "dedup"), ("pretrain", "pretrain"), ("rl", "rl"), ("report", "eval_rl"))]
-    assert [k.missed for k in kills] == [False] * 4
-    assert [k.hit for k in kills][:3] == [["dedup"], ["pretrain"], ["rl"]] and kills[3].hit == ["report"]
-    assert all(not k.survivors for k in kills)
-    assert run.finish() == 0
-    got, expected = run.files(), reference.files()
+    kills = chaos["kills"]  # benchmarks/chaos.py's Kill records, one per moment of CHAOS_KILLS
+    assert [k["missed"] for k in kills] == [False] * 4
+    assert [k["hit"] for k in kills][:3] == [["dedup"], ["pretrain"], ["rl"]] and kills[3]["hit"] == ["report"]
+    assert all(not k["survivors"] for k in kills)
+    assert chaos["finish"] == 0
+    got, expected = chaos["files"], reference.files()
     assert [n for n in expected if got[n] != expected[n]] == []  # every file of every stage, weights included
-    assert run.resumed("pretrain") and run.resumed("rl")
-    assert run.leftovers() == []
+    assert chaos["resumed"]["pretrain"] and chaos["resumed"]["rl"]
+    assert chaos["leftovers"] == []
     from mlflow import MlflowClient  # the killed runs' MLflow runs were ended by the rerun
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'chaos' / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=f"sqlite:///{early['chaos'].root / 'chaos' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("slmflow-chaos").experiment_id], max_results=1000)
     assert {r.info.status for r in runs} == {"FINISHED", "KILLED"}
