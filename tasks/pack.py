@@ -47,6 +47,7 @@ from tokenizers import Tokenizer
 from tasks.core.base import log
 from tasks.core.outputs import TOKEN_SPLITS as SPLITS
 from tasks.core.outputs import document_shards
+from tasks.core.shared_scratch import scratch_files
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError
 from tasks.core.store import parquet_rows, read_table, write_parquet
 from tasks.core.tokens import BOS, PAD, doc_hash, hash_order, load_tokenizer, special_ids
@@ -71,6 +72,7 @@ def _plain_tokenizer(path: str) -> Tokenizer:
     return tok
 
 
+@scratch_files(reads=lambda **_: [])  # it only writes its buckets into work
 def tokenize_shard(item: tuple[int, str], tokenizer: str, bos_id: int, seed: int, n_shards: int, work: str,
                    buckets: int) -> dict:
     """One documents shard: each document's id, hash, UTF-8 bytes and tokens (`<|bos|>` + text),

@@ -49,6 +49,7 @@ from pydantic import Field
 
 from tasks.core.filters import Decision, filter_documents
 from tasks.core.outputs import document_shards
+from tasks.core.shared_scratch import scratch_files
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError
 from tasks.core.store import Artifact, write_parquet
 
@@ -252,6 +253,7 @@ def shard_quality(table: pa.Table, cfg: QualityConfig) -> pl.DataFrame:
     ], how="horizontal")
 
 
+@scratch_files(reads=lambda **_: [])  # it only writes into scores_dir
 def decide_quality(path: str, table: pa.Table, cfg: QualityConfig, scores_dir: Path) -> Decision:
     """One shard's decision (on a worker): the first failing rule per document. Its scores table goes to
     `scores_dir` under the shard's name, assembled into `scores` afterwards."""

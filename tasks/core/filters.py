@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from tasks.core.shared_scratch import scratch_files, step_reads
 from tasks.core.store import read_table, write_parquet
 
 if TYPE_CHECKING:
@@ -83,6 +84,8 @@ def filter_documents(ctx: StageContext, files: list[str], decide: Callable[..., 
     return Filtered(filter_metrics(counts, list(reasons)), extras)
 
 
+# it reads what `decide` reads, not the shards already written to `out`
+@scratch_files(reads=lambda path, decide, common, **_: step_reads(decide, {"path": path, **common}))
 def decide_shard(path: str, decide: Callable[..., Decision], out: Path, common: dict) -> tuple[Counter, Any]:
     """One shard on a worker: read it, decide, write it; only its counts and the decision's extra go back."""
     table = read_table(path)

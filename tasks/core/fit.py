@@ -3,7 +3,9 @@ history into the stage's output and log both to MLflow.
 
 A stage prepares its token arrays (`save_array`, into its work directory, which survives a crash
 together with the checkpoints), then calls `run_training`; the loop runs in-process or under
-torchrun (`nproc`), resuming from the last checkpoint if there is one.
+torchrun (`nproc`), resuming from the last checkpoint if there is one. On a remote root the checkpoints
+(not the arrays: they are recomputed) are mirrored to the store (`ctx.work_mirror`,
+`tasks.core.checkpoint_mirror`).
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def run_training(cfg: TrainConfig, ctx: StageContext, model_cfg: ModelConfig, ar
         train_mask_path=str(arrays["train_mask"]) if "train_mask" in arrays else None,
         val_mask_path=str(arrays["val_mask"]) if "val_mask" in arrays else None,
         pad_id=pad_id, segment_bos_id=segment_bos_id, tokens_per_byte=tokens_per_byte, out=str(model_out(ctx.out)),
-        work=str(ctx.work_dir()),
+        work=str(ctx.work_dir()), mirror=ctx.work_mirror,
         mlflow_uri=ctx.tracker.uri if ctx.tracker else None,
         mlflow_experiment=ctx.tracker.experiment if ctx.tracker else None, mlflow_run_id=ctx.run_id,
     )

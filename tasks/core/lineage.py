@@ -157,12 +157,14 @@ class Tracker:
             self.client.set_experiment_tag(self.experiment_id, *EXPERIMENT_KIND)
 
     def run_link(self, run_id: str) -> str:
-        """A markdown link to a run in the MLflow UI (relative: it works wherever the UI is served)."""
+        """A markdown link to a run in the MLflow UI: the tracking server's URL when there is one (a link that
+        opens from anywhere), else relative (it works wherever `mlflow ui` serves the local store)."""
         try:
             experiment = self.client.get_run(run_id).info.experiment_id
         except MlflowException:  # produced under another tracking store: the id is all we have
             return f"`{run_id}`"
-        return f"[{run_id[:8]}](#/experiments/{experiment}/runs/{run_id})"
+        server = f"{self.uri.rstrip('/')}/" if self.uri.startswith(("http://", "https://")) else ""
+        return f"[{run_id[:8]}]({server}#/experiments/{experiment}/runs/{run_id})"
 
     def link_inputs(self, run_id: str, inputs: dict[str, Artifact], note: str = "") -> None:
         """Tag `input.<name>` = the run that produced that input, and say so in the run's description."""

@@ -59,10 +59,23 @@ class RunContext(BaseModel):
 class ShardMap:
     """Map a function over shards as Prefect tasks (visible per shard in the UI): on a thread pool as
     wide as this machine's cores, or on a Dask cluster through prefect-dask. Results come back in item
-    order. `width`: how many items run at once (what `StageContext.map_bounded` puts in a window)."""
+    order. `width`: how many items run at once (what `StageContext.map_bounded` puts in a window).
+    `on_dask`: its workers may share no disk with this machine (with a remote store, `run_stage` shares the
+    steps' scratch files through the store: tasks.core.shared_scratch)."""
 
     def __init__(self, stage_name: str, dask_address: str | None = None):
         self.stage_name, self.dask_address = stage_name, dask_address
+
+    @property
+    def on_dask(self) -> bool:
+        return self.dask_address is not None
+
+    def run_on_workers(self, fn: Callable, *args) -> None:
+        """`fn(*args)` on every worker of the cluster (a shared-scratch cache to drop)."""
+        from distributed import Client
+
+        with Client(self.dask_address, timeout=30) as client:
+            client.run(fn, *args)
 
     @functools.cached_property
     def width(self) -> int:

@@ -22,9 +22,11 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
 from pydantic import BaseModel, ConfigDict
 
 from tasks.core.base import StageError, log  # noqa: F401  (re-exported: the contract names them)
+from tasks.core.checkpoint_mirror import pull_checkpoints
 from tasks.core.faults import file_of
 from tasks.core.fingerprint import Code, current_code, stale_line, stale_modules
 from tasks.core.settings import identity, runtime_settings
+from tasks.core.shared_scratch import close_shared_scratch, share_scratch
 from tasks.core.store import Artifact, Store, stage_key
 
 if TYPE_CHECKING:  # mlflow is imported by whoever makes a Tracker, not by every stage module
@@ -108,6 +110,8 @@ class StageContext:
     work: Path | None = None  # survives a crash of this stage key (checkpoints); see Store.work_dir
     instance: str = ""  # the name in the DAG (`ref_0` for a pretrain stage); logged models are named by it
     window: int | None = None  # most items `map_bounded` has in flight at once; None: the map's width
+    # a remote root's copy of work's checkpoints (Store.work_mirror): trainers upload each one there
+    work_mirror: str | None = None
 
     def __post_init__(self) -> None:
         self.instance = self.instance or self.stage
@@ -242,8 +246,11 @@ def _compute(stage: Stage, cfg: StageConfig, inputs: dict[str, Artifact], store:
     code = code_of(stage)  # the code that runs now, read before it runs
     run_id = tracker.start_stage(parent_run_id, stage.name, key, cfg, tags, label=label) if tracker else None
     ctx = StageContext(stage.name, scratch, tracker, run_id, map_fn or _map_threads, store.work_dir(stage.name, key),
-                       label or stage.name)
+                       label or stage.name, work_mirror=store.work_mirror(stage.name, key))
     try:
+        ctx.map = share_scratch(ctx.map, store, stage.name, key, [ctx.work, ctx.out])  # workers without our disk
+        if ctx.work_mirror:  # checkpoints another machine saved before it stopped: resume from them
+            pull_checkpoints(ctx.work_mirror, ctx.work, label or stage.name)
         if tracker:
             tracker.log_datasets(run_id, inputs.values(), "input")
             tracker.link_inputs(run_id, inputs)
@@ -268,8 +275,11 @@ def _compute(stage: Stage, cfg: StageConfig, inputs: dict[str, Artifact], store:
         }
         artifact = store.commit(scratch, stage.name, key, manifest)
         shutil.rmtree(ctx.work, ignore_errors=True)
+        store.drop_work_mirror(stage.name, key)
+        close_shared_scratch(ctx.map)
     except BaseException as e:
         store.discard(scratch)
+        close_shared_scratch(ctx.map)
         with contextlib.suppress(OSError):  # keep checkpoints for a resume; drop an empty work dir
             ctx.work.rmdir()
         if tracker and run_id:

@@ -15,8 +15,11 @@ not committed, and `get` sets the output aside and reports it in one line, so th
 
 Hidden names in a stage directory (leading dot) are never outputs: `.tmp-<key>-*` (an output being
 written), `.old-<key>-*` (one being replaced), `.damaged-<key>-*` (set aside by `verify`, or by `get`
-for a bad manifest), `.work-<key>` (checkpoints that survive a crash) and `.lock-<key>` (whoever
-computes the key).
+for a bad manifest), `.work-<key>` (checkpoints that survive a crash: on a remote root the store's copy
+of a local working copy, `tasks.core.checkpoint_mirror`), `.lock-<key>` (whoever
+computes the key, on a local root), `.lease-<key>` (the same on an `s3://` root: `tasks.core.lease`,
+so runs on any machine compute a key once) and `.scratch-<key>` (on a remote root, the scratch files map
+steps on Dask workers share while the key is computed: `tasks.core.shared_scratch`).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import pyarrow as pa
@@ -42,6 +45,9 @@ from tasks.core.base import log
 from tasks.core.faults import first_line, on_file
 from tasks.core.locks import FileLock
 from tasks.core.settings import identity
+
+if TYPE_CHECKING:  # boto3 is imported by s3:// stores only (the s3 extra)
+    from tasks.core.lease import ObjectLease
 
 MANIFEST = "manifest.json"
 KEY_CHARS = 16  # 64 bits of sha256: short enough for paths, far from collisions at our scale
@@ -256,6 +262,8 @@ class Store:
         """The manifest as written (None: not committed), or why it vouches for nothing: it does not
         parse (cut short, not JSON, binary), lacks what a commit writes, or names another output."""
         mpath = f"{self._fs_path(stage, key)}/{MANIFEST}"
+        if not self.local:  # another process (a run we waited for) may have committed it since we listed it
+            self.fs.invalidate_cache(self._fs_path(stage, key))
         if not self.fs.exists(mpath):
             return None
         where = f"{self.path(stage, key)}/{MANIFEST}"
@@ -329,14 +337,21 @@ class Store:
         return [(stage, p.name) for stage in self.stages() for p in sorted((Path(self._root_path) / stage).iterdir())
                 if p.name.startswith(".")]
 
-    def lock(self, stage: str, key: str) -> FileLock:
+    def lock(self, stage: str, key: str) -> FileLock | ObjectLease:
         """The lock of one (stage, key): whoever holds it is the one computing that output.
 
-        Local roots keep it beside the output, so every run on this store (from any machine that
-        mounts it) sees it. A remote root's lock is local to this machine: runs here compute a key
-        once; runs on two machines may both compute it, and the manifest-last commit keeps that safe."""
+        Local roots keep a flock beside the output, so every run on this store (from any machine that
+        mounts it) sees it. An `s3://` root keeps a lease object beside the output (`tasks.core.lease`),
+        so runs on any machine compute a key once. Any other remote root's lock is a flock local to this
+        machine: runs here compute a key once; runs on two machines may both compute it, and the
+        manifest-last commit keeps that safe."""
         if self.local:
             path = Path(self._root_path) / stage / f".lock-{check_name(key, 'key')}"
+        elif self.root.startswith("s3://"):
+            from tasks.core.lease import ObjectLease
+
+            url = f"{self.root}/{check_name(stage, 'stage')}/.lease-{check_name(key, 'key')}"
+            return ObjectLease(url, what=f"{stage} {key}")
         else:
             tag = hashlib.sha256(self.root.encode()).hexdigest()[:12]
             path = Path(tempfile.gettempdir()) / "slmflow-locks" / tag / f"{stage}-{check_name(key, 'key')}.lock"
@@ -353,6 +368,7 @@ class Store:
         """After a cache hit: drop what a run killed after the commit left of this key (its lock file,
         checkpoints, scratch), unless a run holds the key right now (e.g. a forced recompute)."""
         if not self.local:
+            self._tidy_work_mirror(stage, key)
             return
         base = Path(self._root_path) / stage
         if not any(base.glob(f".*-{key}*")):
@@ -380,13 +396,53 @@ class Store:
 
     def work_dir(self, stage: str, key: str) -> Path:
         """A directory that survives a crash of this (stage, key): training checkpoints live here
-        so a rerun resumes. Hidden, so it never counts as an output; dropped after commit."""
+        so a rerun resumes. Hidden, so it never counts as an output; dropped after commit. A remote
+        root's is a local working copy in the temp dir; its checkpoints are mirrored to `work_mirror`."""
         if self.local:
             path = Path(self._root_path) / stage / f".work-{key}"
-        else:  # resuming across machines needs a shared disk; a remote root resumes per machine
+        else:
             path = Path(tempfile.gettempdir()) / "slmflow-work" / stage / key
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    def work_mirror(self, stage: str, key: str) -> str | None:
+        """Where a remote root keeps the checkpoints of work_dir, `<root>/<stage>/.work-<key>` (so another
+        machine resumes: `tasks.core.checkpoint_mirror`); None for a local root, whose work_dir is in it."""
+        return None if self.local else f"{self.root}/{check_name(stage, 'stage')}/.work-{check_name(key, 'key')}"
+
+    def shared_dir(self, stage: str, key: str) -> str:
+        """Where map steps on workers without this machine's disk share scratch files while the key is
+        computed, `<root>/<stage>/.scratch-<key>` (`tasks.core.shared_scratch`; removed after it)."""
+        return f"{self.root}/{check_name(stage, 'stage')}/.scratch-{check_name(key, 'key')}"
+
+    def _work_mirror_path(self, stage: str, key: str) -> str:
+        return f"{self._root_path}/{check_name(stage, 'stage')}/.work-{check_name(key, 'key')}"
+
+    def drop_work_mirror(self, stage: str, key: str) -> None:
+        """Remove the store's checkpoints of this key (after its commit). A failure only warns: the output
+        is committed, and the next cache hit's `tidy` tries again."""
+        if self.local:
+            return
+        path = self._work_mirror_path(stage, key)
+        try:
+            if self.fs.exists(path):
+                self.fs.rm(path, recursive=True)
+        except Exception as e:  # noqa: BLE001 - any store's error; the output is safe either way
+            log.warning("%s %s: its checkpoints in the store stay (%s); the next cache hit removes them",
+                        stage, key, first_line(e))
+
+    def _tidy_work_mirror(self, stage: str, key: str) -> None:
+        """`tidy` on a remote root: the checkpoints a run killed after its commit left in the store."""
+        path = self._work_mirror_path(stage, key)
+        self.fs.invalidate_cache(path)  # a listing cached earlier in this process may predate the kill
+        if not self.fs.exists(path):
+            return
+        lock = self.lock(stage, key)
+        if lock.acquire(blocking=False):
+            try:
+                self.drop_work_mirror(stage, key)
+            finally:
+                lock.release()
 
     def commit(self, scratch: Path, stage: str, key: str, manifest: dict) -> Artifact:
         """Write the manifest (file digests and sizes) and move the finished directory into place."""
@@ -412,6 +468,7 @@ class Store:
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
         else:
+            self.fs.invalidate_cache(final)  # another run may have committed it since this process listed it
             if self.fs.exists(final):
                 self.fs.rm(final, recursive=True)
             for p in files:

@@ -7,6 +7,10 @@ the same batches and learning rates as an uninterrupted one. A checkpoint that d
 file missing, cut short or unparseable) is set aside as `.bad-ckpt-<step>-<time>` in the work dir
 and the run resumes from the one before it, or from step 0 (`resume`, which RL shares).
 
+On a remote models root the work dir is a local working copy and `mirror` the store's work prefix: each
+checkpoint is uploaded there as it is saved (`tasks.core.checkpoint_mirror`), and the stage downloads
+the complete ones before it runs, so a run on another machine resumes where a preempted one stopped.
+
 Run as `python -m torch.distributed.run ... -m tasks.core.train SPEC.json` for DDP: the stage
 writes the spec and launches it (see `launch`).
 """
@@ -32,6 +36,7 @@ from pydantic import BaseModel
 from safetensors import safe_open
 
 from tasks.core.base import log
+from tasks.core.checkpoint_mirror import upload_checkpoint
 from tasks.core.configs import ModelConfig, TrainConfig
 from tasks.core.faults import first_line
 from tasks.core.hardware import autocast, mfu, peak_flops, use_bf16
@@ -98,6 +103,7 @@ class TrainSpec(BaseModel):
     tokens_per_byte: float | None = None  # val tokens / val bytes, for bits-per-byte
     out: str  # where the final model goes
     work: str  # checkpoints
+    mirror: str | None = None  # where rank 0 uploads each checkpoint (a remote root's work prefix); None: local only
     mlflow_uri: str | None = None
     mlflow_experiment: str | None = None
     mlflow_run_id: str | None = None
@@ -121,8 +127,10 @@ def checkpoints(work: Path) -> list[Path]:
 
 
 def save_checkpoint(work: Path, step: int, model: GPT, opt, history: list[dict], keep: int = 2,
-                    extra: dict | None = None) -> None:
-    """extra: more JSON state for the caller (e.g. RL's prompt cursor), saved in the same atomic step."""
+                    extra: dict | None = None, mirror: str | None = None, beside: tuple[Path, ...] = ()) -> None:
+    """extra: more JSON state for the caller (e.g. RL's prompt cursor), saved in the same atomic step.
+    mirror: a store's work prefix to upload the checkpoint to (with the `beside` files of `work` that
+    nothing recomputes, e.g. RL's samples), once it is saved here."""
     tmp = work / f".ckpt-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -136,6 +144,18 @@ def save_checkpoint(work: Path, step: int, model: GPT, opt, history: list[dict],
     fsync_file(work)
     for old in checkpoints(work)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    if mirror:
+        _upload(work / f"ckpt-{step}", mirror, beside)
+
+
+def _upload(ckpt: Path, mirror: str, beside: tuple[Path, ...]) -> None:
+    """Mirror a saved checkpoint to the store. A failure warns and training goes on: the checkpoint is safe
+    here, and a run elsewhere would resume from an earlier one (the next upload tries again)."""
+    oldest_kept = int(checkpoints(ckpt.parent)[0].name.split("-")[1])
+    try:
+        upload_checkpoint(ckpt, mirror, oldest_kept, beside)
+    except Exception as e:  # noqa: BLE001 - any store's error (network, credentials, quota)
+        log.warning("%s not uploaded to %s (%s); training goes on", ckpt.name, mirror, first_line(e))
 
 
 def checkpoint_state(path: Path) -> dict:
@@ -348,7 +368,7 @@ def train(spec: TrainSpec, mlflow_log=None) -> dict:
             pending.append((step, evals))
             flush()
         if rank == 0 and (step % cfg.checkpoint_every == 0) and step < cfg.max_steps:
-            save_checkpoint(work, step, model, opt, history)
+            save_checkpoint(work, step, model, opt, history, mirror=spec.mirror)
             flush()
     flush()
     scale = {}

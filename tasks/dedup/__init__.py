@@ -57,6 +57,7 @@ from tasks.core.filters import Decision, filter_documents
 from tasks.dedup.minhash import band_keys, collision_probability, minhash_signatures, shingle_jaccard, word_shingle_hashes
 from tasks.core.outputs import document_shards
 from tasks.core.settings import runtime
+from tasks.core.shared_scratch import scratch_files
 from tasks.core.stage import Stage, StageConfig, StageContext, StageError, new_figure
 from tasks.core.store import parquet_rows, read_table, write_parquet
 from tasks.core.tokens import normalize
@@ -110,6 +111,7 @@ def text_batches(texts: pa.Array, max_bytes: int = 8 << 20) -> list[tuple[int, i
     return list(zip(cuts[:-1].tolist(), cuts[1:].tolist()))
 
 
+@scratch_files(reads=lambda **_: [], driver_reads=lambda work, **_: [f"{work}/docs/*"])  # its bands stay on workers
 def shard_signatures(item: tuple[str, int], cfg: DedupConfig, work: str, partitions: int) -> int:
     """One shard (mapped over workers): each document's global row `idx`, id, source and exact digest
     to docs/, and the LSH band keys of those with shingles to bands/ by key partition."""
@@ -140,6 +142,7 @@ def shard_signatures(item: tuple[str, int], cfg: DedupConfig, work: str, partiti
     return len(texts)
 
 
+@scratch_files(reads=lambda work, **_: [f"{work}/candidates.npy"], driver_reads=lambda **_: [])
 def shard_shingles(item: tuple[str, int], cfg: DedupConfig, work: str) -> int:
     """One shard: the unique shingle hashes of its documents that are an end of a candidate pair."""
     path, base = item

@@ -12,7 +12,8 @@ million documents). The layout under the stage's work directory, step by step:
     final.parquet                 per document: cluster id and size, kind, kept (sorted by idx)
 
 Each per-shard and per-partition step is a plain function of paths, so the stage maps it over
-threads, Prefect tasks or Dask workers alike (a cluster's workers must see the work directory).
+threads, Prefect tasks or Dask workers alike; workers that do not see the work directory (a remote
+store's) get the files each step declares it reads through the store (tasks.core.shared_scratch).
 The exact step and the cluster assignment are duckdb queries over Parquet (they spill to disk).
 """
 
@@ -28,6 +29,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from tasks.dedup.minhash import Components, bucket_pairs, shingle_jaccard, unique_pairs
+from tasks.core.shared_scratch import scratch_files
 from tasks.core.store import write_parquet
 
 BAND_ROWS_PER_PARTITION = 1_000_000  # 17 MB of (band, key, idx) plus the sort's temporaries
@@ -54,6 +56,7 @@ def write_band_keys(work: Path, shard: str, keys: np.ndarray, idx: np.ndarray, p
                             work / "bands" / f"p-{p:05d}" / f"{shard}.parquet")
 
 
+@scratch_files(reads=lambda part_dir, work, **_: [f"{work}/mask.npy", f"{part_dir}/*"])
 def group_partition(part_dir: str, work: str, edge_parts: int, max_bucket: int) -> int:
     """One key partition: the candidate pairs of its buckets among the documents in LSH (`mask.npy`),
     written by edge partition. Returns the number of distinct pairs written."""
@@ -109,6 +112,7 @@ def _shingles_of(work: Path, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return h, np.searchsorted(idx, np.r_[docs, np.iinfo(np.int64).max])
 
 
+@scratch_files(reads=lambda edge_dir, work, **_: [f"{work}/need.npy", f"{edge_dir}/*", f"{work}/shingles/*"])
 def reduce_edges(edge_dir: str, work: str, n: int, chunk_pairs: int = 10_000) -> dict:
     """One edge partition: its distinct candidate pairs; those whose ends need a true shingle Jaccard
     (`need.npy`, per document; a pair needs the larger) keep only those that reach it. Pairs are

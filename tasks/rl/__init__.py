@@ -73,7 +73,7 @@ def rl(cfg: RLConfig, inputs: dict[str, Artifact], ctx: StageContext) -> dict:
     overlong = {f"train_{k}": v for k, v in count_overlong(model, tok, rows, cfg.max_completion_length, "rl").items()}
 
     state = grpo(model, tok, rows, eval_rows, cfg, ctx.work_dir(), device,
-                 log_step=lambda step, metrics: ctx.log_history([(step, metrics)]))
+                 log_step=lambda step, metrics: ctx.log_history([(step, metrics)]), mirror=ctx.work_mirror)
     history, table = state.history, history_table(ctx.work_dir())
     write_parquet(table.to_arrow(), ctx.out / "history" / "part-00000.parquet")
     # timings stay out of the stored table (MLflow has them), so the same config gives the same bytes on CPU;

@@ -186,10 +186,12 @@ def history_rows(step: int, groups: dict[str, SampledGroup], kept: set[str], car
 
 
 def grpo(model, tok, rows: list[dict], eval_rows: list[dict], cfg: GRPOConfig, work: Path, device: torch.device,
-         log_step: Callable[[int, dict], None] | None = None) -> LoopState:
+         log_step: Callable[[int, dict], None] | None = None, mirror: str | None = None) -> LoopState:
     """Train `model` in place from its current weights; resumes from the last checkpoint in `work`.
     Each step's samples go to `work/samples-<step>.parquet` (the `history` table, read with
-    `history_table`). log_step(step, metrics) gets step 0's held-out check and every step's metrics."""
+    `history_table`). log_step(step, metrics) gets step 0's held-out check and every step's metrics.
+    mirror: a remote store's work prefix each checkpoint is uploaded to, with its samples files (nothing
+    recomputes them, and the `history` table needs all of them after a resume elsewhere)."""
     model.train()
     ref = copy.deepcopy(model).eval() if cfg.beta > 0 else None
     opt = model.configure_optimizer(cfg.lr, cfg.weight_decay, (0.9, 0.99), fused=device.type == "cuda")
@@ -253,10 +255,11 @@ def grpo(model, tok, rows: list[dict], eval_rows: list[dict], cfg: GRPOConfig, w
                  metrics["train_seconds"])
         if step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
             # samples first: a crash between the two redoes these steps (same seeds, same file names)
-            write_parquet(pl.DataFrame(samples).to_arrow(), work / f"samples-{step:06d}.parquet")
+            samples_file = work / f"samples-{step:06d}.parquet"
+            write_parquet(pl.DataFrame(samples).to_arrow(), samples_file)
             save_checkpoint(work, step, model, opt, state.history,
                             extra={"cursor": state.cursor, "generated_samples": state.generated_samples,
-                                   "carry": [g.to_json() for g in state.carry]})
+                                   "carry": [g.to_json() for g in state.carry]}, mirror=mirror, beside=(samples_file,))
             samples = []
     if samples:
         write_parquet(pl.DataFrame(samples).to_arrow(), work / f"samples-{state.step:06d}.parquet")
