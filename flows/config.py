@@ -215,14 +215,30 @@ def resolve_config(config: str | Path | dict, overrides: list[str] | None = None
     return load_config(config, overrides)
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
-    path = Path(path)
+def read_config_text(path: str | Path) -> str:
+    """A config file's text, from a path or an fsspec URL (`s3://bucket/configs/x.yaml`: what workers on
+    other machines read, since they have no checkout of the project)."""
+    import fsspec
+
+    where = str(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        with fsspec.open(where, "r", encoding="utf-8") as f:
+            return f.read()
     except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
+        hint = "" if "://" in where or Path(where).is_absolute() else (
+            " (a relative path is read from the working directory: on a worker give an absolute path or a URL "
+            "it can read, e.g. s3://bucket/configs/x.yaml)")
+        raise ConfigError(f"config file not found: {where}{hint}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """A pipeline config from a YAML file (a path or an fsspec URL), with --set overrides applied."""
+    where = str(path)
+    text = read_config_text(path)
+    try:
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of stage sections")
-    return validate(apply_overrides(raw, overrides or []), str(path))
+        raise ConfigError(f"{where}: expected a mapping of stage sections")
+    return validate(apply_overrides(raw, overrides or []), where)

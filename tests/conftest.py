@@ -220,6 +220,15 @@ def early(request, tmp_path_factory) -> dict[str, Early]:
         root = tmp_path_factory.mktemp("quick_run")
         return python_job(root, "conftest", "run_pipeline", config=str(quick_config(root)))
 
+    def agents_job():
+        """benchmarks/agents.py with quick_run (the lane's job before it) as its reference run."""
+        quick = jobs["quick_run"].root / "tiny.yaml"
+        settings = [f"--set={section}.{k}={v}" for section, values in QUICK.items() for k, v in values.items()]
+        return Early(tmp_path_factory.mktemp("agents"), [sys.executable, str(ROOT / "benchmarks" / "agents.py"),
+                                                          "--reference", str(quick), *settings,
+                                                          "--seed", "ref_0", "ref_1", "ref_2"],
+                     dict(os.environ), ROOT, stderr_apart=True)
+
     def faults_job():
         request.getfixturevalue("prefect_server")
         root = tmp_path_factory.mktemp("faults_benchmark")
@@ -245,8 +254,10 @@ def early(request, tmp_path_factory) -> dict[str, Early]:
         return python_job(root, "test_reliability", "chaos_run", workdir=str(root / "chaos"),
                           config=str(quick_config(root / "chaos", experiment="slmflow-chaos")))
 
-    if any("quick_run" in item.fixturenames for item in items):
+    if any("quick_run" in item.fixturenames for item in items) or any(n.startswith("tests/test_agents.py::") for n in names):
         add("quick_run", quick_job)
+    if any(n.startswith("tests/test_agents.py::") for n in names):
+        add("agents", agents_job)
     if "tests/test_faults.py::test_faults_benchmark_fast_cases" in names:
         add("faults", faults_job)
     if "tests/test_reliability.py::test_two_concurrent_runs_compute_each_stage_once" in names:

@@ -28,7 +28,6 @@ from tasks.core.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the project's .venv: prefect and slmflow as a user runs them
-TRAINING = ("pretrain", "sft", "rl")
 
 
 def free_port() -> int:
@@ -131,30 +130,22 @@ def test_serve_serves_every_deployment_with_the_configured_schedule(server, tmp_
 @dataclass
 class Deployed:
     server: Server
-    local: Path  # tiny.yaml of the local run
-    remote: Path  # tiny.yaml of the run through the pipeline deployment
-    seconds: float  # the pipeline deployment's run, trigger to finish
+    remote: Path  # tiny.yaml of a store the workers read and write (a copy of the session's quick_run)
 
 
 @pytest.fixture(scope="module")
 def deployed(server, quick_run, tmp_path_factory):
-    """The session's local run of tiny.yaml with conftest's QUICK training (`quick_run`: the bytes are
-    compared, not how far training got); then the same config through slmflow-pipeline/pipeline on the
-    cpu pool (execution: deployments), whose pretrain, sft and rl stages go to the gpu pool."""
+    """`slmflow deploy` on this server, a worker per pool (in a directory of their own) and a store holding
+    the session's quick_run. The whole pipeline through its deployment, on agents that share nothing but
+    the servers and an object store, is tests/test_agents.py."""
     base = tmp_path_factory.mktemp("deployed")
-    local, remote = quick_run[0] / "tiny.yaml", quick_config(base / "remote")
-    server.run(str(BIN / "slmflow"), "deploy")  # from the project root: the workers' directory
+    remote = quick_config(base / "remote")
+    server.run(str(BIN / "slmflow"), "deploy")  # from the project root
     workers = [server.start(f"worker_{pool}", str(BIN / "prefect"), "worker", "start", "--pool", pool, cwd=base)
                for pool in ("cpu", "gpu")]
     try:
-        # everything upstream of the main pack (data stages, PreSelect's references): the remote run
-        # computes pretrain, sft and rl on the gpu pool, and the difficulty and eval stages here
-        copy_outputs(quick_run[0], remote, ["pack"])
-        start = time.monotonic()
-        out = server.run(str(BIN / "prefect"), "deployment", "run", "slmflow-pipeline/pipeline",
-                         "--param", f"config={remote}", "--watch", cwd=base)
-        assert "Flow run finished successfully" in out
-        yield Deployed(server, local, remote, time.monotonic() - start)
+        copy_outputs(quick_run[0], remote, list(make_plan(load_config(remote)).stages))
+        yield Deployed(server, remote)
     finally:
         for proc in workers:
             stop(proc)
@@ -172,45 +163,6 @@ def manifests(config: Path, only: tuple[str, ...] = ()) -> dict[str, dict]:
         assert art is not None, f"{config}: {name} {p.key} missing"
         found[name] = art.manifest
     return found
-
-
-def test_deployments_mode_gives_the_local_keys_and_bytes(deployed):
-    local, remote = manifests(deployed.local), manifests(deployed.remote)
-    assert list(local) == list(remote)
-    for name in local:
-        assert remote[name]["key"] == local[name]["key"]
-        assert remote[name]["files"] == local[name]["files"], f"{name}: different bytes"  # weights, eval results
-    print(f"pipeline deployment run: {deployed.seconds:.0f}s")
-
-
-def test_training_stages_ran_on_the_gpu_pool_under_the_pipelines_mlflow_run(deployed):
-    srv = deployed.server
-    cfg = load_config(deployed.remote)
-    client = MlflowClient(cfg.run.mlflow_uri)
-    exp = client.get_experiment_by_name(cfg.run.experiment)
-    parents = [r for r in client.search_runs([exp.experiment_id], max_results=500) if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    parent = parents[0]
-    pipeline_run = srv.api("GET", f"/flow_runs/{parent.data.tags['prefect.flow_run_id']}")
-    assert pipeline_run["work_pool_name"] == "cpu"
-    deployments = {d["id"]: d["name"] for d in srv.api("POST", "/deployments/filter", json={})}
-    remote = manifests(deployed.remote)
-    sent = [n for n, m in remote.items() if m["stage"] in TRAINING]
-    assert sorted(sent) == ["pretrain", "ref_0", "ref_1", "ref_2", "rl", "sft"]
-    for name in TRAINING:
-        m = remote[name]
-        flow_run = srv.api("GET", f"/flow_runs/{m['prefect']['prefect.flow_run_id']}")
-        assert flow_run["work_pool_name"] == "gpu" and flow_run["state"]["type"] == "COMPLETED"
-        assert deployments[flow_run["deployment_id"]] == m["stage"]  # slmflow-stage/<family>
-        assert flow_run["parent_task_run_id"]  # a subflow of the pipeline run in the Prefect UI
-        stage_run = client.get_run(m["mlflow_run_id"])
-        assert stage_run.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        assert stage_run.data.tags["cached"] == "false" and stage_run.data.tags["instance"] == name
-    # the data stages came from the copied store: cache hits, logged under the same parent
-    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'", max_results=500)
-    by_instance = {r.data.tags["instance"]: r.data.tags["cached"] for r in children}
-    assert len(by_instance) == len(remote) and by_instance["eval_rl"] == "false"
-    assert by_instance["dedup"] == by_instance["ref_0"] == "true"
 
 
 def test_deploy_makes_the_pools_and_a_paused_nightly_schedule_that_resumes(deployed):
