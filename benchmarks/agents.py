@@ -27,6 +27,7 @@ Prints ONE JSON object: {"identical", "resumed", "computed_once", "checks": {...
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -36,9 +37,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import fsspec
 import httpx
 import yaml
 
@@ -56,7 +59,7 @@ def can_isolate() -> bool:
 
 
 ISOLATION = can_isolate()
-LEASE_TIMEOUT_S = 15  # a killed holder's key is taken over this long after its last heartbeat
+LEASE_TIMEOUT_S = 8  # a killed holder's key is taken over this long after its last heartbeat
 TRAINING = ("pretrain", "sft", "rl", "ref_0", "ref_1", "ref_2")  # tiny.yaml's instances the gpu pool runs
 
 
@@ -213,7 +216,7 @@ class Topology:
         """An agent machine: its own directory as HOME and TMPDIR, the installed package, the URLs."""
         env = self.operator_env()
         env.update(HOME=str(home), TMPDIR=str(home / "tmp"), PREFECT_HOME=str(home / ".prefect"),
-                   PYTHONPATH=str(self.site), PYTHONPYCACHEPREFIX=str(home / "pycache"),
+                   PYTHONPATH=str(self.site), PYTHONDONTWRITEBYTECODE="1",  # reads the installed .pyc, writes none
                    PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_LOGGING_EXTRA_LOGGERS="slmflow",
                    SLMFLOW_LEASE_TIMEOUT_S=str(LEASE_TIMEOUT_S))
         (home / "tmp").mkdir(parents=True, exist_ok=True)
@@ -264,8 +267,8 @@ class Topology:
         and whether the checkout, the other agents' directories and a local store are out of its sight."""
         home = self.home(f"agents/{name}")
         others = [str(p) for p in self.agent_dirs() if p != home] + [str(self.home("reference"))]
-        probe = ("import json, os, sys; import flows.pipeline as p; "
-                 f"print(json.dumps({{'code': p.__file__, 'sees_checkout': os.path.exists({str(ROOT / 'flows')!r}), "
+        probe = ("import json, os, flows; "
+                 f"print(json.dumps({{'code': flows.__file__, 'sees_checkout': os.path.exists({str(ROOT / 'flows')!r}), "
                  f"'sees_others': [d for d in {others!r} if os.path.isdir(d) and os.listdir(d)]}}))")
         done = subprocess.run(self.alone(home, [sys.executable, "-c", probe]), cwd=home, env=self.agent_env(home),
                               capture_output=True, text=True, check=True)
@@ -291,9 +294,9 @@ class Topology:
         response.raise_for_status()
         return response.json() if response.content else None
 
-    def deployment_run(self, name: str, params: dict, watch: bool = True) -> str:
-        """`prefect deployment run NAME --param k=v ... [--watch]`; returns the flow run id."""
-        args = [str(BIN / "prefect"), "deployment", "run", name]
+    def deployment_run(self, name: str, params: dict, watch: bool = True, start_in: str | None = None) -> str:
+        """`prefect deployment run NAME --param k=v ... [--watch] [--start-in ...]`; returns the flow run id."""
+        args = [str(BIN / "prefect"), "deployment", "run", name, *(["--start-in", start_in] if start_in else [])]
         for key, value in params.items():
             args += ["--param", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
         out = self.run(*args, *(["--watch"] if watch else []))
@@ -376,8 +379,6 @@ def seed(reference_config: str | None, config: dict, instances: list[str]) -> No
     """Copy the reference store's outputs of `instances` into the config's (object) store, manifest last."""
     if not instances:
         return
-    import fsspec
-
     from flows.config import load_config, resolve_config
     from flows.pipeline import make_plan
 
@@ -394,9 +395,7 @@ def seed(reference_config: str | None, config: dict, instances: list[str]) -> No
 
 def check_pipeline(top: Topology, config_url: str, config: dict, reference: dict[str, dict], seeded: list[str]) -> dict:
     """The pipeline through its deployment, on the agents; compared with the reference run."""
-    start = time.monotonic()
     flow_run_id = top.deployment_run("slmflow-pipeline/pipeline", {"config": config_url})
-    seconds = time.monotonic() - start
     on_agents = manifests(config)
     deployments = {d["id"]: d["name"] for d in top.api("POST", "/deployments/filter", json={})}
     pools, subflows = {}, {}
@@ -406,7 +405,7 @@ def check_pipeline(top: Topology, config_url: str, config: dict, reference: dict
             pools[name] = run["work_pool_name"]
             # a subflow of the pipeline run (the Prefect UI nests it), of slmflow-stage/<its family>
             subflows[name] = bool(run["parent_task_run_id"]) and deployments[run["deployment_id"]] == m["stage"]
-    return {"flow_run_id": flow_run_id, "seconds": seconds, "different": same_outputs(on_agents, reference),
+    return {"flow_run_id": flow_run_id, "different": same_outputs(on_agents, reference),
             "training_pools": pools, "training_subflows": subflows, "dask_tasks": dask_tasks_per_worker(top.urls["dask"]), "manifests": on_agents}
 
 
@@ -466,13 +465,11 @@ def check_resume(top: Topology, config_url: str, config: dict, reference: dict[s
     killed = kill_machine(top.procs["gpu-1"])  # the machine is gone: worker, flow run and all
     mark_crashed(top, first)
     top.start_worker("gpu-2", "gpu")  # a new machine: a new, empty directory
-    start = time.monotonic()
     second = top.deployment_run("slmflow-stage/pretrain", params)
     after = manifests(config)["pretrain"]
     logs = top.flow_run_logs(second)
     resumed = [m for m in logs if "resum" in m.lower()]
-    return {"killed_after": killed_at, "killed_processes": len(killed), "seconds": time.monotonic() - start,
-            "resume_lines": resumed,
+    return {"killed_after": killed_at, "killed_processes": len(killed), "resume_lines": resumed,
             "took_over": [m for m in logs if "took over the lease" in m],
             "same_weights": after["files"] == reference["pretrain"]["files"],
             "work_left": checkpoint_markers(prefix)}
@@ -485,7 +482,8 @@ def check_computed_once(top: Topology, config_url: str, config: dict) -> dict:
 
     top.start_worker("cpu-2", "cpu")
     params = {"config": config_url, "names": ["dedup"], "overrides": ["dedup.seed=1234"]}
-    runs = [top.deployment_run("slmflow-stage/data", params, watch=False) for _ in range(2)]
+    # both scheduled for the same moment, so the two workers pick them up (and start computing) together
+    runs = [top.deployment_run("slmflow-stage/data", params, watch=False, start_in="10 seconds") for _ in range(2)]
     states = [top.wait_flow_run(r)["state"]["type"] for r in runs]
     client = MlflowClient(top.urls["mlflow"])
     exp = client.get_experiment_by_name(config["run"]["experiment"])
@@ -509,6 +507,7 @@ def reference_run(top: Topology, config: dict) -> dict[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped: stop the servers and agents too (finally)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="stage.field=value")
@@ -521,47 +520,55 @@ def main(argv: list[str] | None = None) -> dict:
     base = Path(args.keep or tempfile.mkdtemp(prefix="slmflow-agents-"))
     base.mkdir(parents=True, exist_ok=True)
     checkout_before = files_under(ROOT, skip=(".git", ".pytest_cache", "__pycache__"))
+    began = time.monotonic()
     top, seconds, checks = Topology(base), {}, {}
-    t = time.monotonic()
+
+    @contextlib.contextmanager
+    def timed(phase: str):
+        start = time.monotonic()
+        yield
+        seconds[phase] = time.monotonic() - start
+
     try:
-        top.start_servers()
-        top.install_package()
-        top.run(str(BIN / "slmflow"), "deploy", cwd=ROOT)  # pools and deployments, from the checkout (the operator's machine)
-        top.start_agents()
-        seconds["start"] = time.monotonic() - t
+        with timed("servers"):
+            top.start_servers()
+        with timed("install"):
+            top.install_package()
+        with timed("deploy"):
+            top.run(str(BIN / "slmflow"), "deploy", cwd=ROOT)  # pools and deployments, from the operator's checkout
+        with timed("agents"):
+            top.start_agents()
         config = write_config(Path(args.config), top.urls, args.overrides)
         config_url = f"s3://{BUCKET}/configs/agents.yaml"
-        import fsspec
-
         with fsspec.open(config_url, "w") as f:  # the workers read the config from the store
             f.write(yaml.safe_dump(config, sort_keys=False))
-        t = time.monotonic()
-        if args.reference:
-            from flows.config import load_config
+        with timed("reference"):
+            if args.reference:
+                from flows.config import load_config
 
-            reference = manifests(load_config(args.reference).model_dump(mode="json"))
-        else:
-            reference = reference_run(top, write_config(Path(args.config), top.urls, args.overrides, base / "reference"))
-        seconds["reference"] = time.monotonic() - t
-        seed(args.reference, config, args.seed)
-        pipeline = check_pipeline(top, config_url, config, reference, args.seed)
-        seconds["pipeline"] = pipeline.pop("seconds")
-        checks["pipeline"] = {k: v for k, v in pipeline.items() if k != "manifests"}
-        checks["mlflow"] = check_mlflow(top, config)
-        checks["checkout_written"] = sorted(
-            n for n, mtime in files_under(ROOT, skip=(".git", ".pytest_cache", "__pycache__")).items()
-            if checkout_before.get(n) != mtime)
-        checks["outside_agents"] = sorted(
-            p.name for p in base.iterdir() if p.name not in ("agents", "logs", "operator", "package", "reference",
-                                                             "s3", "prefect-server", "mlflow-server", "dask-scheduler"))
-        checks["isolation"] = "mount namespaces" if ISOLATION else "none (needs root or CAP_SYS_ADMIN)"
-        checks["agents"] = {p.name: top.code_from(p.name) for p in top.agent_dirs()}
-        resume = check_resume(top, config_url, config, reference)
-        seconds["resume"] = resume.pop("seconds")
-        checks["resume"] = resume
-        checks["computed_once"] = check_computed_once(top, config_url, config)
+                reference = manifests(load_config(args.reference).model_dump(mode="json"))
+            else:
+                reference = reference_run(top, write_config(Path(args.config), top.urls, args.overrides, base / "reference"))
+            seed(args.reference, config, args.seed)
+        with timed("pipeline"):
+            checks["pipeline"] = check_pipeline(top, config_url, config, reference, args.seed)
+        with timed("checks"):
+            checks["mlflow"] = check_mlflow(top, config)
+            checks["checkout_written"] = sorted(
+                n for n, mtime in files_under(ROOT, skip=(".git", ".pytest_cache", "__pycache__")).items()
+                if checkout_before.get(n) != mtime)
+            checks["outside_agents"] = sorted(p.name for p in base.iterdir() if p.name not in (
+                "agents", "logs", "operator", "package", "reference", "s3", "prefect-server", "mlflow-server",
+                "dask-scheduler"))
+            checks["isolation"] = "mount namespaces" if ISOLATION else "none (needs root or CAP_SYS_ADMIN)"
+            checks["agents"] = {p.name: top.code_from(p.name) for p in top.agent_dirs()}
+        with timed("resume_and_computed_once"), ThreadPoolExecutor(2) as pool:  # a gpu and a cpu matter: side by side
+            resume = pool.submit(check_resume, top, config_url, config, reference)
+            once = pool.submit(check_computed_once, top, config_url, config)
+            checks["resume"], checks["computed_once"] = resume.result(), once.result()
     finally:
-        top.stop()
+        with timed("stop"):
+            top.stop()
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
     p, r, c = checks["pipeline"], checks["resume"], checks["computed_once"]
@@ -575,7 +582,7 @@ def main(argv: list[str] | None = None) -> dict:
         "resumed": r["same_weights"] and bool(r["resume_lines"]) and bool(r["took_over"]) and not r["work_left"],
         "computed_once": c["computed"] == 1 and c["hits"] == 1 and c["waited"] and c["states"] == ["COMPLETED"] * 2,
         "checks": checks,
-        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "seconds": {"total": round(time.monotonic() - began, 1), **{k: round(v, 1) for k, v in seconds.items()}},
     }
     return result
 

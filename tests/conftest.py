@@ -164,10 +164,16 @@ class Early:
         return json.loads((self.root / "result.json").read_text())
 
     def stop(self) -> None:
+        """SIGTERM (a benchmark then stops the servers it started), SIGKILL after 30 s."""
         with self.lock:
             self.stopped = True
             for p in self.procs:
                 if p.poll() is None:
+                    p.terminate()
+            for p in self.procs:
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
                     p.kill()
 
 
@@ -194,15 +200,22 @@ def run_pipeline(out: str, config: str) -> None:
 FAULTS_CASES = ("cached_parquet_flipped", "source_gzip_truncated")
 
 
+def pytest_collection_modifyitems(items):
+    """The tests that only wait for the agents' topology (tests/test_agents.py) go last: the session's own
+    tests run meanwhile instead of waiting behind them."""
+    items.sort(key=lambda item: item.nodeid.startswith("tests/test_agents.py::"))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def early(request, tmp_path_factory) -> dict[str, Early]:
     """Slow work that is only subprocesses and needs nothing from the tests before it: `quick_run`'s
-    pipeline, the faults benchmark's cases, two concurrent runs, the S3 run and the chaos run. These run
-    one after another on a background thread from the start of the session, and each test then waits
-    for its own and checks what it checked before. A session's tests keep about one core of this 2-core
-    machine busy (one torch thread, above): this work runs on the other one instead of after everything
-    else. Only for tests that will run; each subprocess sees this session's environment (its Prefect
-    server, as the tests' own runs did)."""
+    pipeline, then the agents' topology (benchmarks/agents.py, which compares with it) on one background
+    thread; the faults benchmark's cases, two concurrent runs, the S3 run and the chaos run one after
+    another on a second. They start with the session, and each test then waits for its own and checks
+    what it checked before. A session's tests keep about one core of this 2-core machine busy (one
+    torch thread, above): this work fills the other one (the agents' servers and workers mostly wait)
+    instead of running after everything else. Only for tests that will run; each subprocess sees this
+    session's environment (its Prefect server, as the tests' own runs did)."""
     items = request.session.items
     names = {item.nodeid for item in items}
     jobs: dict[str, Early] = {}
@@ -267,11 +280,14 @@ def early(request, tmp_path_factory) -> dict[str, Early]:
     if "tests/test_reliability.py::test_chaos_kills_at_four_moments_then_matches_a_clean_run" in names:
         add("chaos", chaos_job)
 
-    def lane():
-        for job in jobs.values():
-            job.run()
+    def lane(names: list[str]) -> None:
+        for name in names:
+            jobs[name].run()
 
-    threading.Thread(target=lane, name="early-tests", daemon=True).start()
+    # two lanes: the agents' topology after the quick run it compares with, and the other jobs beside it
+    first = [n for n in ("quick_run", "agents") if n in jobs]
+    for names in (first, [n for n in jobs if n not in first]):
+        threading.Thread(target=lane, args=(names,), name="early-tests", daemon=True).start()
     try:
         yield jobs
     finally:

@@ -152,7 +152,11 @@ class Tracker:
         if db := sqlite_file(uri):
             self.client = OneWriter(self.client, db.absolute())
         found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        # a SQLite store's artifacts live beside its database (MLflow's default, ./mlruns, is wherever the
+        # process happened to start); a tracking server decides for itself
+        beside = (db.absolute().parent / "mlruns" / experiment).as_uri() if db else None
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(
+            experiment, artifact_location=beside)
         if found is None or found.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
             self.client.set_experiment_tag(self.experiment_id, *EXPERIMENT_KIND)
 
