@@ -16,7 +16,8 @@ checkout): no agent reads the checkout or a store directory on local disk; both 
   under it (its flow run has a session of its own) are killed once a checkpoint is in the object store; a new gpu worker in a new directory resumes from
   that checkpoint (after the killed holder's lease times out) and ends with the same weights.
 - computed_once: two flow runs of `slmflow-stage/data`, on two cpu workers, ask for one new key at
-  once (dedup with another seed); one computes it, the other waits for its lease and takes the hit.
+  once (dedup with another seed; this process holds the key's lease until both wait for it, so they
+  surely race); one computes it, the other waits for its lease and takes the hit.
 
 Prints ONE JSON object: {"identical", "resumed", "computed_once", "checks": {...}, "seconds": {...}}.
 
@@ -294,9 +295,9 @@ class Topology:
         response.raise_for_status()
         return response.json() if response.content else None
 
-    def deployment_run(self, name: str, params: dict, watch: bool = True, start_in: str | None = None) -> str:
-        """`prefect deployment run NAME --param k=v ... [--watch] [--start-in ...]`; returns the flow run id."""
-        args = [str(BIN / "prefect"), "deployment", "run", name, *(["--start-in", start_in] if start_in else [])]
+    def deployment_run(self, name: str, params: dict, watch: bool = True) -> str:
+        """`prefect deployment run NAME --param k=v ... [--watch]`; returns the flow run id."""
+        args = [str(BIN / "prefect"), "deployment", "run", name]
         for key, value in params.items():
             args += ["--param", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
         out = self.run(*args, *(["--watch"] if watch else []))
@@ -476,22 +477,38 @@ def check_resume(top: Topology, config_url: str, config: dict, reference: dict[s
 
 
 def check_computed_once(top: Topology, config_url: str, config: dict) -> dict:
-    """Two flow runs on two cpu workers ask for one new key at once: dedup with another seed (tens of
-    seconds on the Dask workers, so the two overlap and one waits for the other's lease)."""
+    """Two flow runs on two cpu workers ask for one new key (dedup with another seed). This process holds
+    the key's lease until both say they wait for it (however their start-up times differ), then lets
+    go: one computes the key, the other waits on and takes the cache hit."""
     from mlflow import MlflowClient
 
+    from flows.config import resolve_config
+    from flows.pipeline import make_plan
+    from tasks.core.store import Store
+
     top.start_worker("cpu-2", "cpu")
-    params = {"config": config_url, "names": ["dedup"], "overrides": ["dedup.seed=1234"]}
-    # both scheduled for the same moment, so the two workers pick them up (and start computing) together
-    runs = [top.deployment_run("slmflow-stage/data", params, watch=False, start_in="10 seconds") for _ in range(2)]
+    overrides = ["dedup.seed=1234"]
+    key = make_plan(resolve_config(config, overrides)).stages["dedup"].key
+    gate = Store(config["run"]["data_root"]).lock("dedup", key)
+    gate.acquire()
+    try:
+        params = {"config": config_url, "names": ["dedup"], "overrides": overrides}
+        runs = [top.deployment_run("slmflow-stage/data", params, watch=False) for _ in range(2)]
+        deadline = time.monotonic() + 300
+        while (waited := sum(any("waiting for another run computing" in m for m in top.flow_run_logs(r))
+                             for r in runs)) < 2:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the two dedup runs did not both wait for the key's lease within 300 s")
+            time.sleep(1)
+    finally:
+        gate.release()
     states = [top.wait_flow_run(r)["state"]["type"] for r in runs]
     client = MlflowClient(top.urls["mlflow"])
     exp = client.get_experiment_by_name(config["run"]["experiment"])
     dedup = [r for r in client.search_runs([exp.experiment_id], "tags.instance = 'dedup'", max_results=100)
              if r.data.tags.get("prefect.flow_run_id") in runs]
-    waited = [m for r in runs for m in top.flow_run_logs(r) if "waiting for another run computing" in m]
     return {"states": states, "computed": sum(r.data.tags.get("cached") == "false" for r in dedup),
-            "hits": sum(r.data.tags.get("cached") == "true" for r in dedup), "waited": bool(waited)}
+            "hits": sum(r.data.tags.get("cached") == "true" for r in dedup), "waited": waited}
 
 
 def reference_run(top: Topology, config: dict) -> dict[str, dict]:
@@ -580,7 +597,7 @@ def main(argv: list[str] | None = None) -> dict:
         and all(Path(a["code"]).is_relative_to(base / "package") and not a["sees_checkout"] and not a["sees_others"]
                 for a in checks["agents"].values()),
         "resumed": r["same_weights"] and bool(r["resume_lines"]) and bool(r["took_over"]) and not r["work_left"],
-        "computed_once": c["computed"] == 1 and c["hits"] == 1 and c["waited"] and c["states"] == ["COMPLETED"] * 2,
+        "computed_once": c["computed"] == 1 and c["hits"] == 1 and c["waited"] == 2 and c["states"] == ["COMPLETED"] * 2,
         "checks": checks,
         "seconds": {"total": round(time.monotonic() - began, 1), **{k: round(v, 1) for k, v in seconds.items()}},
     }

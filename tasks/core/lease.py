@@ -37,6 +37,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from tasks.core.base import StageError, log
 from tasks.core.faults import first_line
+from tasks.core.locks import wait_to_take
 
 TIMEOUT_ENV = "SLMFLOW_LEASE_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 120.0
@@ -173,16 +174,8 @@ class ObjectLease:
                 every_s: float = 30.0, poll_s: float = 1.0) -> bool:
         """Take the lease; `on_wait(owner, waited_seconds)` is called at once and then every `every_s`
         while another run holds it. Non-blocking: False if it is held."""
-        start = time.monotonic()
-        told = None
-        while not self._try():
-            if not blocking:
-                return False
-            waited = time.monotonic() - start
-            if on_wait and (told is None or waited - told >= every_s):
-                told = waited
-                on_wait(self.owner(), waited)
-            time.sleep(poll_s)
+        if not wait_to_take(self._try, self.owner, blocking, on_wait, every_s, poll_s):
+            return False
         self._start_heartbeat()
         return True
 

@@ -20,6 +20,24 @@ from pathlib import Path
 from typing import Callable
 
 
+def wait_to_take(take: Callable[[], bool], owner: Callable[[], dict], blocking: bool,
+                 on_wait: Callable[[dict, float], None] | None, every_s: float, poll_s: float) -> bool:
+    """Call `take` until it succeeds (True), every `poll_s`; False at once when not `blocking`.
+    `on_wait(owner(), waited_seconds)` at once and then every `every_s` while it does not (a flock and a
+    store's lease wait alike)."""
+    start = time.monotonic()
+    told = None
+    while not take():
+        if not blocking:
+            return False
+        waited = time.monotonic() - start
+        if on_wait and (told is None or waited - told >= every_s):
+            told = waited
+            on_wait(owner(), waited)
+        time.sleep(poll_s)
+    return True
+
+
 class FileLock:
     """An exclusive lock on `path`: `with FileLock(p): ...`, or `acquire(on_wait=...)` / `release()`."""
 
@@ -61,17 +79,7 @@ class FileLock:
         """Take the lock; `on_wait(owner, waited_seconds)` is called at once and then every `every_s`
         while another process holds it. Non-blocking: False if it is held."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        start = time.monotonic()
-        told = None
-        while not self._try():
-            if not blocking:
-                return False
-            waited = time.monotonic() - start
-            if on_wait and (told is None or waited - told >= every_s):
-                told = waited
-                on_wait(self.owner(), waited)
-            time.sleep(poll_s)
-        return True
+        return wait_to_take(self._try, self.owner, blocking, on_wait, every_s, poll_s)
 
     def held(self) -> bool:
         """Whether a process holds the lock now (a peek: takes nothing, removes nothing)."""
