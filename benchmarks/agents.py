@@ -62,6 +62,9 @@ def can_isolate() -> bool:
 ISOLATION = can_isolate()
 LEASE_TIMEOUT_S = 8  # a killed holder's key is taken over this long after its last heartbeat
 TRAINING = ("pretrain", "sft", "rl", "ref_0", "ref_1", "ref_2")  # tiny.yaml's instances the gpu pool runs
+# what the checkout scan leaves out: git's and pytest's own files, and the Python environment (a Prefect
+# server writes its UI build into its package on first start; the agents write no bytecode there)
+CHECKOUT_SKIP = (".git", ".pytest_cache", "__pycache__", ".venv")
 
 
 def free_port() -> int:
@@ -536,7 +539,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     base = Path(args.keep or tempfile.mkdtemp(prefix="slmflow-agents-"))
     base.mkdir(parents=True, exist_ok=True)
-    checkout_before = files_under(ROOT, skip=(".git", ".pytest_cache", "__pycache__"))
+    checkout_before = files_under(ROOT, skip=CHECKOUT_SKIP)
     began = time.monotonic()
     top, seconds, checks = Topology(base), {}, {}
 
@@ -572,7 +575,7 @@ def main(argv: list[str] | None = None) -> dict:
         with timed("checks"):
             checks["mlflow"] = check_mlflow(top, config)
             checks["checkout_written"] = sorted(
-                n for n, mtime in files_under(ROOT, skip=(".git", ".pytest_cache", "__pycache__")).items()
+                n for n, mtime in files_under(ROOT, skip=CHECKOUT_SKIP).items()
                 if checkout_before.get(n) != mtime)
             checks["outside_agents"] = sorted(p.name for p in base.iterdir() if p.name not in (
                 "agents", "logs", "operator", "package", "reference", "s3", "prefect-server", "mlflow-server",
