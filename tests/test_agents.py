@@ -11,9 +11,13 @@ the run's gpu flow runs are pretrain, sft and rl. Here, what it found is checked
 
 from __future__ import annotations
 
-import os
+import sys
+from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from agents import can_isolate  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +42,11 @@ def test_agents_write_only_their_own_directories_and_import_the_installed_packag
     assert sorted(checks["agents"]) == ["cpu-1", "dask-1", "dask-2", "gpu-1"]
     for name, agent in checks["agents"].items():
         assert "/package/site/flows/" in agent["code"], name  # not the checkout
-    if os.geteuid() == 0:  # in a mount namespace of its own: the checkout and the others' directories look empty
+    if can_isolate():  # in a mount namespace of its own: the checkout and the others' directories look empty
         assert checks["isolation"] == "mount namespaces"
         assert not any(a["sees_checkout"] or a["sees_others"] for a in checks["agents"].values())
+    else:  # said, not passed over: without root (or CAP_SYS_ADMIN) the agents run side by side
+        assert checks["isolation"].startswith("none")
 
 
 def test_mlflow_over_http_holds_runs_datasets_models_and_links(agents):
