@@ -214,3 +214,31 @@ def test_a_second_signal_exits_at_once(tmp_path):
         assert proc.stderr.read().strip() == "interrupted: rerun `slmflow run -c x.yaml` to resume"
     finally:
         proc.kill()
+
+
+def test_a_run_being_created_when_the_signal_comes_ends_killed(tmp_path):
+    """The race behind a RUNNING run after an interrupt: a stage thread is inside MLflow's create_run when
+    the clean-up ends the open runs. The clean-up waits for it and ends it too; after it no run starts."""
+    script = textwrap.dedent(f"""
+        import threading, time
+        from tasks.core import lineage
+        tracker = lineage.Tracker("sqlite:///{tmp_path / 'mlflow.db'}", "race")
+        create, inside, go = tracker.client.create_run, threading.Event(), threading.Event()
+        def slow_create(*args, **kwargs):
+            inside.set(); go.wait()
+            return create(*args, **kwargs)
+        tracker.client.create_run = slow_create
+        stage = threading.Thread(target=tracker.start_parent, args=("dedup", {{}}))
+        stage.start(); inside.wait()
+        threading.Timer(0.5, go.set).start()  # create_run returns while kill_open_runs is under way
+        killed = lineage.kill_open_runs()
+        stage.join()
+        print(len(killed), [r.info.status for r in tracker.client.search_runs([tracker.experiment_id])])
+        try:
+            tracker.start_parent("late", {{}})
+        except RuntimeError as e:
+            print(e)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.stdout.splitlines() == ["1 ['KILLED']", "interrupted: no new MLflow run"], out.stderr[-3000:]

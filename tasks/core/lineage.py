@@ -108,8 +108,9 @@ _SHARED: dict[tuple[str, str, str], Tracker] = {}  # Tracker.shared
 _SHARED_LOCK = threading.Lock()
 # The runs this process started and has not ended, so an interrupt can end them as KILLED (`kill_open_runs`)
 _OPEN: dict[str, tuple[Tracker, dict[str, str]]] = {}
-_OPEN_LOCK = threading.Lock()
-_KILLED = threading.Event()  # set by `kill_open_runs`: a run started after it is KILLED at once
+_OPEN_LOCK = threading.Condition()
+_KILLED = threading.Event()  # set by `kill_open_runs`: no run is started after it
+_STARTING = [0]  # runs being created right now: `kill_open_runs` waits for them, then ends them too
 
 
 def open_runs() -> dict[str, dict[str, str]]:
@@ -124,6 +125,7 @@ def kill_open_runs() -> list[str]:
     right after, and stage threads still running end no run after this). Errors are skipped: best effort."""
     with _OPEN_LOCK:
         _KILLED.set()
+        _OPEN_LOCK.wait_for(lambda: _STARTING[0] == 0, timeout=3)  # a create_run in flight lands in _OPEN
         runs = list(_OPEN.items())
     for run_id, (tracker, _) in runs:
         try:
@@ -185,16 +187,25 @@ class Tracker:
             self.client.log_batch(run_id, tags=tags)
 
     def start_parent(self, name: str, tags: dict[str, str]) -> str:
-        run_id = self.client.create_run(self.experiment_id, run_name=name, tags={**tags, **owner()}).info.run_id
-        return self._opened(run_id, tags)
+        return self._create(name, {**tags, **owner()}, tags)
 
-    def _opened(self, run_id: str, tags: dict[str, str]) -> str:
-        """Remember an open run for `kill_open_runs`; one started after an interrupt is KILLED at once."""
+    def _create(self, name: str, all_tags: dict[str, str], tags: dict[str, str]) -> str:
+        """Create a run and remember it as open for `kill_open_runs`. After an interrupt none is created
+        (the stage thread that asks gets an error; the process is exiting); one in flight when the
+        interrupt comes is waited for and ended with the others, never left RUNNING."""
         with _OPEN_LOCK:
-            if not _KILLED.is_set():
-                _OPEN[run_id] = (self, tags)
-                return run_id
-        self.client.set_terminated(run_id, "KILLED")
+            if _KILLED.is_set():
+                raise RuntimeError("interrupted: no new MLflow run")
+            _STARTING[0] += 1
+        run_id = None
+        try:
+            run_id = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags).info.run_id
+        finally:
+            with _OPEN_LOCK:
+                _STARTING[0] -= 1
+                if run_id:
+                    _OPEN[run_id] = (self, tags)
+                _OPEN_LOCK.notify_all()
         return run_id
 
     def close_dead_runs(self) -> list[str]:
@@ -213,8 +224,7 @@ class Tracker:
         all_tags = {"stage": stage, "stage_key": key, "instance": label or stage, **owner(), **(tags or {})}
         if parent_run_id:
             all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
-        run_id = self.client.create_run(self.experiment_id, run_name=label or stage, tags=all_tags).info.run_id
-        return self._opened(run_id, all_tags)
+        return self._create(label or stage, all_tags, all_tags)
 
     def start_stage(self, parent_run_id, stage, key, cfg, tags=None, label=None) -> str:
         run_id = self._child(parent_run_id, stage, key, {"cached": "false", **(tags or {})}, label)
