@@ -20,6 +20,7 @@ A case is ok when lines <= 3, no traceback, the file named (where there is one) 
 
   python benchmarks/faults.py                   # every case, ~10 minutes on 2 cores
   python benchmarks/faults.py --cases manifest_empty truncated_source
+  python benchmarks/faults.py --set pretrain.max_steps=60   # settings over tiny.yaml's, every run alike
 """
 
 from __future__ import annotations
@@ -44,11 +45,12 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from flows.config import load_config  # noqa: E402
+from flows.config import apply_overrides, load_config  # noqa: E402
 from flows.pipeline import make_plan  # noqa: E402
 from tasks.core.store import MANIFEST, Store  # noqa: E402
 
 SLMFLOW = str(Path(sys.executable).with_name("slmflow"))
+OVERRIDES: list[str] = []  # --set: settings over tiny.yaml's, in every config this benchmark writes
 _PROGRESS = re.compile(r"^\d\d:\d\d:\d\d\.\d+ \| (INFO|DEBUG) ")
 
 
@@ -94,7 +96,7 @@ class Store2:
 def make_config(root: Path, data_root: Path | None = None, models_root: Path | None = None) -> Path:
     """tiny.yaml with its stores and MLflow under `root`, and one more source: the notes beside `root` (one
     path for every case: the path is in ingest's key)."""
-    raw = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    raw = apply_overrides(yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text()), OVERRIDES)
     raw["run"].update(data_root=str(data_root or root / "data"), models_root=str(models_root or root / "models"),
                       mlflow_uri=f"sqlite:///{root / 'mlflow.db'}", experiment="slmflow-faults")
     raw["ingest"]["sources"].append({"kind": "jsonl", "path": str(notes(root)), "name": "notes"})
@@ -299,7 +301,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", nargs="*", default=[c.name for c in CASES])
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temp dir")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="stage.field=value")
     args = parser.parse_args()
+    OVERRIDES.extend(args.overrides)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="slmflow-faults-"))
     reference = workdir / "reference"
     workdir.mkdir(parents=True, exist_ok=True)

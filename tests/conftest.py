@@ -85,11 +85,12 @@ def chat_tokenizer(rows: list[dict]):
 # resumes): every stage still runs, pretrain and rl still checkpoint before they end (so a kill after the
 # first checkpoint resumes), and the data stages keep tiny.yaml's keys. SFT keeps 100 of its 300 steps:
 # from that model RL's balanced filter keeps 31-37% of the groups at every step, so every RL step updates
-# the policy (after 20 SFT steps it kept none, and RL's weights would have been SFT's). The learning checks
-# (test_pretrain, test_plasticity, ...) read `tiny_run`, trained to tiny.yaml's full length.
+# the policy (after 20 SFT steps it kept none, and RL's weights would have been SFT's). The checks of
+# learning (test_pretrain, test_plasticity) read `tiny_run`, trained to tiny.yaml's full length.
 QUICK = {"pretrain": {"max_steps": 60, "eval_every": 60, "checkpoint_every": 20},
          "sft": {"max_steps": 100, "eval_every": 100, "checkpoint_every": 50},
          "rl": {"max_steps": 4, "eval_every": 4, "checkpoint_every": 2}}
+QUICK_SETS = [f"--set={section}.{k}={v}" for section, values in QUICK.items() for k, v in values.items()]  # the benchmarks'
 
 
 def tiny_config(root: Path, *, training: dict | None = None, **run) -> Path:
@@ -201,9 +202,20 @@ FAULTS_CASES = ("cached_parquet_flipped", "source_gzip_truncated")
 
 
 def pytest_collection_modifyitems(items):
-    """The tests that only wait for the agents' topology (tests/test_agents.py) go last: the session's own
-    tests run meanwhile instead of waiting behind them."""
-    items.sort(key=lambda item: item.nodeid.startswith("tests/test_agents.py::"))
+    """The test modules that wait for the session's background work go after those that do not, which run
+    meanwhile instead of waiting behind it: first the tests of no fixture of `early`'s, then those of
+    `quick_run` (about a minute in), then those of another `early` job, last those that only wait for the
+    agents' topology (test_agents.py)."""
+    def waits(item) -> int:
+        if item.nodeid.startswith("tests/test_agents.py::"):
+            return 3
+        if "early" in item._fixtureinfo.argnames:  # its own job: ready a few minutes in
+            return 2
+        return int("quick_run" in item.fixturenames)
+    module = {}  # a module's tests stay together (its module fixtures start once): they go as its last one
+    for item in items:
+        module[item.module.__name__] = max(module.get(item.module.__name__, 0), waits(item))
+    items.sort(key=lambda item: module[item.module.__name__])
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -236,9 +248,8 @@ def early(request, tmp_path_factory) -> dict[str, Early]:
     def agents_job():
         """benchmarks/agents.py with quick_run (the lane's job before it) as its reference run."""
         quick = jobs["quick_run"].root / "tiny.yaml"
-        settings = [f"--set={section}.{k}={v}" for section, values in QUICK.items() for k, v in values.items()]
         return Early(tmp_path_factory.mktemp("agents"), [sys.executable, str(ROOT / "benchmarks" / "agents.py"),
-                                                          "--reference", str(quick), *settings,
+                                                          "--reference", str(quick), *QUICK_SETS,
                                                           "--seed", "ref_0", "ref_1", "ref_2"],
                      dict(os.environ), ROOT, stderr_apart=True)
 
@@ -246,7 +257,7 @@ def early(request, tmp_path_factory) -> dict[str, Early]:
         request.getfixturevalue("prefect_server")
         root = tmp_path_factory.mktemp("faults_benchmark")
         return Early(root, [sys.executable, str(ROOT / "benchmarks" / "faults.py"), "--workdir", str(root),
-                            "--cases", *FAULTS_CASES], dict(os.environ), Path.cwd(), stderr_apart=True)
+                            "--cases", *FAULTS_CASES, *QUICK_SETS], dict(os.environ), Path.cwd(), stderr_apart=True)
 
     def two_runs_job():
         root = tmp_path_factory.mktemp("two_concurrent_runs")
@@ -296,13 +307,17 @@ def early(request, tmp_path_factory) -> dict[str, Early]:
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory, prefect_server) -> tuple[Path, dict]:
-    """The whole tiny pipeline, run once per session into its own store: (root, pipeline result).
-    Tests share it read-only (new settings make new keys beside it, never changes to it)."""
+def tiny_run(tmp_path_factory, quick_run) -> tuple[Path, dict]:
+    """The whole tiny pipeline at tiny.yaml's full training length, for the checks of learning (pretrain
+    below the unigram entropy, SFT above the base, RL's reward rising): (root, pipeline result). Its data
+    stages and references are quick_run's outputs, copied (the same keys): it computes the training
+    stages and what reads them, once per session. Shared read-only."""
     from flows.pipeline import pipeline
 
     root = tmp_path_factory.mktemp("tiny_run")
-    return root, pipeline(str(tiny_config(root)))
+    config = tiny_config(root)
+    copy_outputs(quick_run[0], config, ["pack"])
+    return root, pipeline(str(config))
 
 
 def quick_config(root: Path, **run) -> Path:
@@ -331,6 +346,6 @@ def copy_outputs(source: Path, config: Path, upto: list[str]) -> None:
 def quick_run(early) -> tuple[Path, dict]:
     """The whole pipeline on quick_config, once per session, into its own store: (root, pipeline result).
     Computed by `early` from the start of the session (`run_pipeline` in a process of its own). Shared
-    read-only, as tiny_run is."""
+    read-only: tests rerun it (all cache hits) and put new settings' outputs in stores of their own."""
     job = early["quick_run"]
     return job.root, job.result(timeout=3600)

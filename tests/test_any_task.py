@@ -27,8 +27,8 @@ OTHER_TASKS = {
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_other_tasks_run_through_prompts_sft_eval_and_rl(tiny_run, tmp_path):
-    root, _ = tiny_run
+def test_other_tasks_run_through_prompts_sft_eval_and_rl(quick_run, tmp_path):
+    root, _ = quick_run
     plan = make_plan(load_config(root / "tiny.yaml", []))
     base = Store(root / "models").get("pretrain", plan.stages["pretrain"].key)
     tokenizer = Store(root / "data").get("tokenizer", plan.stages["tokenizer"].key)

@@ -84,8 +84,8 @@ def test_missing_config_file(project):
     fails_cleanly(project, ["run", "-c", "nope.yaml"], "nope.yaml")
 
 
-def test_run_status_show_lineage(tiny_run):
-    root, _ = tiny_run
+def test_run_status_show_lineage(quick_run):
+    root, _ = quick_run
     cfg = str(root / "tiny.yaml")
     status = runner.invoke(app, ["status", "-c", cfg, "--set", "dedup.seed=99"])  # dedup and downstream: new keys
     assert status.exit_code == 0 and status.output.count(" no ") >= 20 and " yes " in status.output
@@ -165,8 +165,8 @@ def test_zero_or_negative_sizes(project, setting):
                   "greater than")
 
 
-def test_a_learning_rate_that_makes_the_loss_nan(tiny_run, tmp_path):
-    root, _ = tiny_run  # its data stages are cache hits; the weights go to a store of this test's own
+def test_a_learning_rate_that_makes_the_loss_nan(quick_run, tmp_path):
+    root, _ = quick_run  # its data stages are cache hits; the weights go to a store of this test's own
     result = runner.invoke(app, ["run", "-c", str(root / "tiny.yaml"), "--only", "pretrain", "--set", "pretrain.lr=1e6",
                                  "--set", f"run.models_root={tmp_path / 'models'}"])
     assert result.exit_code == 1

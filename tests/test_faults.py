@@ -113,7 +113,8 @@ def test_a_rust_librarys_os_error_is_read_from_its_message(tmp_path):
 def test_faults_benchmark_fast_cases(early):
     """benchmarks/faults.py on two of its cases, end to end: a run that recovers by itself from a corrupt
     cached file, and a corrupt source that stops the run with one line; both then rerun identically.
-    (`python benchmarks/faults.py --workdir DIR --cases ...`, started with the session by conftest's `early`.)"""
+    (`python benchmarks/faults.py --workdir DIR --cases ... --set ...` with conftest's QUICK training: the
+    cases are about the store and the sources, not learning; started with the session by conftest's `early`.)"""
     [(code, stdout, stderr)] = early["faults"].wait(timeout=900)
     assert code == 0, stderr[-3000:]
     report = json.loads(stdout)

@@ -109,8 +109,8 @@ def tiny_outputs(root, stage):
 
 
 @pytest.mark.parametrize("stage", sorted(FILTERS))
-def test_each_filter_stage_accounts_for_every_document(tiny_run, stage):
-    root, _ = tiny_run
+def test_each_filter_stage_accounts_for_every_document(quick_run, stage):
+    root, _ = quick_run
     art, source, _ = tiny_outputs(root, stage)
     ids_in = pl.concat([pl.read_parquet(f) for f in source.files("documents")])["id"]
     kept = pl.concat([pl.read_parquet(f) for f in art.files("documents")])["id"]
@@ -124,9 +124,9 @@ def test_each_filter_stage_accounts_for_every_document(tiny_run, stage):
         assert dict(zip(dropped["doc_id"], dropped["reason"])) == dict(zip(scores["doc_id"], scores["quality_drop_reason"]))
 
 
-def test_the_four_filter_stages_report_one_vocabulary(tiny_run):
+def test_the_four_filter_stages_report_one_vocabulary(quick_run):
     """Every filter stage's manifest holds the same metrics for the same numbers, and they match its files."""
-    root, _ = tiny_run
+    root, _ = quick_run
     for stage, reasons in FILTERS.items():
         art, source, spec = tiny_outputs(root, stage)
         m = art.manifest["metrics"]

@@ -129,18 +129,19 @@ def mlflow_runs(root: Path) -> list:
     return client.search_runs([client.get_experiment_by_name("slmflow-tiny").experiment_id], max_results=500)
 
 
-def test_ctrl_c_mid_pretrain_stops_at_once_and_the_rerun_resumes(tmp_path, prefect_home, tiny_run):
-    """Ctrl-C in a terminal (SIGINT to the whole process group) once pretrain has checkpointed step 200.
-    The store starts with the session's outputs upstream of pretrain (cache hits: the run computes pretrain)."""
-    cfg = tiny_config(tmp_path)
-    copy_outputs(tiny_run[0], cfg, ["pack"])
+def test_ctrl_c_mid_pretrain_stops_at_once_and_the_rerun_resumes(tmp_path, prefect_home, quick_run):
+    """Ctrl-C in a terminal (SIGINT to the whole process group) once pretrain has checkpointed step 40 of
+    120 (tiny.yaml's pretrain, shortened: the check is the stop and the resume). The store starts with the
+    session's outputs upstream of pretrain (quick_run's, under the same keys: the run computes pretrain)."""
+    cfg = tiny_config(tmp_path, training={"pretrain": {"max_steps": 120, "eval_every": 120, "checkpoint_every": 40}})
+    copy_outputs(quick_run[0], cfg, ["pack"])
     run = Run(tmp_path, prefect_home, "--only", "pretrain")
-    run.wait_for(r"train step 2[1-9]0/400")  # pretrain's (400 steps), past its step-200 checkpoint
+    run.wait_for(r"train step [56]0/120")  # past its step-40 checkpoint, well before the step-80 one
     servers = run.servers()
     assert servers, "no Prefect server child found"
     code, seconds = run.signal(signal.SIGINT, group=True)
     last = assert_stopped(run, code, seconds, 130)
-    assert last.endswith("(pretrain resumes from step 200's checkpoint)"), last
+    assert last.endswith("(pretrain resumes from step 40's checkpoint)"), last
     assert gone(servers)
     runs = mlflow_runs(tmp_path)
     assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
@@ -149,12 +150,12 @@ def test_ctrl_c_mid_pretrain_stops_at_once_and_the_rerun_resumes(tmp_path, prefe
     planned = make_plan(load_config(cfg)).stages["pretrain"]
     models = Store(tmp_path / "models")
     assert models.get("pretrain", planned.key) is None  # nothing half-done is visible
-    assert (tmp_path / "models" / "pretrain" / f".work-{planned.key}" / "ckpt-200").is_dir()
+    assert (tmp_path / "models" / "pretrain" / f".work-{planned.key}" / "ckpt-40").is_dir()
 
     again = Run(tmp_path, prefect_home, "--only", "pretrain")  # the same command
     assert again.finish() == 0, again.stderr()[-3000:]
-    assert "resuming from ckpt-200 (step 200)" in again.stderr()
-    assert models.get("pretrain", planned.key).manifest["metrics"]["resumed_from_step"] == 200
+    assert "resuming from ckpt-40 (step 40)" in again.stderr()
+    assert models.get("pretrain", planned.key).manifest["metrics"]["resumed_from_step"] == 40
     assert {r.info.status for r in mlflow_runs(tmp_path)} == {"FINISHED", "KILLED"}
 
 

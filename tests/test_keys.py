@@ -83,10 +83,10 @@ def test_runtime_settings_are_recorded_in_the_manifest(tiny_run):
 
 
 @pytest.mark.usefixtures("prefect_server")
-def test_changing_checkpoint_cadence_device_or_processes_reruns_nothing(tiny_run):
+def test_changing_checkpoint_cadence_device_or_processes_reruns_nothing(quick_run):
     from flows.pipeline import pipeline
 
-    root, _ = tiny_run
+    root, _ = quick_run
     cfg = load_config(root / "tiny.yaml", ["pretrain.checkpoint_every=7", "pretrain.device=cpu", "pretrain.nproc=2"])
     report = pipeline(cfg.model_dump(mode="json"))["report"]
     assert [r["stage"] for r in report] == list(BASE.stages)

@@ -25,8 +25,8 @@ def upstream(plan, name: str) -> set[str]:
     return set(plan.needed([name]))
 
 
-def test_lineage_lists_each_instance_once(tiny_run):
-    root, _ = tiny_run
+def test_lineage_lists_each_instance_once(quick_run):
+    root, _ = quick_run
     cfg = str(root / "tiny.yaml")
     plan = make_plan(load_config(cfg))
     result = runner.invoke(app, ["lineage", "rl", "-c", cfg, "--format", "json"])
@@ -51,8 +51,8 @@ def test_lineage_lists_each_instance_once(tiny_run):
     assert mermaid.stdout.startswith("flowchart TD") and mermaid.stdout.count("-->") == len(graph["edges"])
 
 
-def test_read_commands_follow_the_store(tiny_run, monkeypatch):
-    root, _ = tiny_run
+def test_read_commands_follow_the_store(quick_run, monkeypatch):
+    root, _ = quick_run
     monkeypatch.chdir(root)  # its store is data/ here, as configs/default.yaml's is in the project
     record = json.loads((root / "data" / "runs" / "last-run.json").read_text())
     # the last run here is tiny.yaml's (other tests rerun it, some as a dict with runtime changes: same keys)
@@ -68,8 +68,8 @@ def test_read_commands_follow_the_store(tiny_run, monkeypatch):
     assert "outputs," in listing.output.splitlines()[-1]
 
 
-def test_mlflow_links_reach_ingest_from_the_rl_run(tiny_run):
-    root, result = tiny_run
+def test_mlflow_links_reach_ingest_from_the_rl_run(quick_run):
+    root, result = quick_run
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     exp = client.get_experiment_by_name("slmflow-tiny")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
@@ -114,11 +114,11 @@ def test_mlflow_links_reach_ingest_from_the_rl_run(tiny_run):
     assert {m.key for m in logged.metrics} >= {"pass_at_1"}
 
 
-def test_prefect_task_runs_link_to_store_and_mlflow(tiny_run):
+def test_prefect_task_runs_link_to_store_and_mlflow(quick_run):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    root, result = tiny_run
+    root, result = quick_run
     sft = next(r for r in result["report"] if r["stage"] == "sft")
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"sft-{sft['key']}"])))
@@ -147,9 +147,9 @@ def test_unreachable_prefect_server_is_one_line(project, monkeypatch):
     fails_cleanly(project, ["run", "-c", str(project / "tiny.yaml"), "--only", "ingest"], url, "does not answer")
 
 
-def test_read_commands_import_no_torch_mlflow_or_prefect(tiny_run):
+def test_read_commands_import_no_torch_mlflow_or_prefect(quick_run):
     """`--help` and the read commands of a recorded run stay fast: no heavy import (benchmarks/cli.py times them)."""
-    root, _ = tiny_run
+    root, _ = quick_run
     code = ("import sys; from typer.testing import CliRunner; from flows.cli import app; "
             "r = [CliRunner().invoke(app, a) for a in (['--help'], ['status'], ['lineage', 'rl'], ['show', 'sft'], ['ls'])]; "
             "assert all(x.exit_code == 0 for x in r), [x.output for x in r]; "

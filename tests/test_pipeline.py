@@ -26,8 +26,8 @@ def by_stage(result: dict) -> dict:
     return {r["stage"]: r for r in result["report"]}
 
 
-def test_tiny_pipeline_end_to_end_then_all_cache_hits(tiny_run):
-    root, result = tiny_run
+def test_tiny_pipeline_end_to_end_then_all_cache_hits(quick_run):
+    root, result = quick_run
     first = by_stage(result)
     assert list(first) == STAGES
     assert not any(r["cached"] for r in first.values())

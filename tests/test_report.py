@@ -32,8 +32,8 @@ def test_standard_errors_in_the_table():
                                                    "1 of 2 stages computed (1 cached), 1.0 min.")
 
 
-def test_constant_answer_baseline_matches_an_oracle(tiny_run):
-    _, result = tiny_run
+def test_constant_answer_baseline_matches_an_oracle(quick_run):
+    _, result = quick_run
     prompts = next(r for r in result["report"] if r["stage"] == "prompts")
     from tasks.core.store import Store
 
