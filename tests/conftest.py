@@ -180,10 +180,11 @@ class Early:
 
 def python_job(root: Path, module: str, function: str, **kwargs) -> Early:
     """`module.function(out=<root>/result.json, **kwargs)` of tests/ in a Python process of its own, with
-    this session's environment (its Prefect server included)."""
+    this session's environment (its Prefect server included), in `root` as its working directory (what a
+    run writes there, such as a remote store's run records, stays out of the checkout)."""
     kwargs = {"out": str(root / "result.json"), **kwargs}
     code = f"import sys; sys.path.insert(0, {str(TESTS)!r}); import {module}; {module}.{function}(**{kwargs!r})"
-    return Early(root, [sys.executable, "-c", code], dict(os.environ), ROOT, stderr_apart=True)
+    return Early(root, [sys.executable, "-c", code], dict(os.environ), root, stderr_apart=True)
 
 
 def write_json(out: str, value) -> None:
