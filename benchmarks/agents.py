@@ -178,7 +178,8 @@ class Topology:
         self.spawn("mlflow-server", str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow),
                    "--backend-store-uri", f"sqlite:///{self.home('mlflow-server') / 'mlflow.db'}",
                    "--artifacts-destination", f"s3://{BUCKET}/mlflow", "--workers", "1",
-                   env={"MLFLOW_S3_ENDPOINT_URL": self.urls["s3"]})
+                   env={"MLFLOW_S3_ENDPOINT_URL": self.urls["s3"],
+                        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # seven job-runner processes, unused
         self.spawn("dask-scheduler", str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(dask),
                    "--no-dashboard")
         wait_for(f"{self.urls['prefect']}/health", self.procs["prefect-server"], self.log("prefect-server"))

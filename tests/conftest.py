@@ -191,10 +191,13 @@ def write_json(out: str, value) -> None:
     Path(out).write_text(json.dumps(value, default=str))
 
 
-def run_pipeline(out: str, config: str) -> None:
-    """The pipeline on `config`, in this process; its result to `out` (for `quick_run`)."""
+def run_pipeline(out: str, config: str, upstream_from: str | None = None) -> None:
+    """The pipeline on `config`, in this process; its result to `out` (`quick_run`, `tiny_run`). With
+    `upstream_from`, the outputs up to pack come from the store under that directory (the same keys)."""
     from flows.pipeline import pipeline
 
+    if upstream_from:
+        copy_outputs(Path(upstream_from), Path(config), ["pack"])
     write_json(out, pipeline(config))
 
 
@@ -205,12 +208,12 @@ FAULTS_CASES = ("cached_parquet_flipped", "source_gzip_truncated")
 def pytest_collection_modifyitems(items):
     """The test modules that wait for the session's background work go after those that do not, which run
     meanwhile instead of waiting behind it: first the tests of no fixture of `early`'s, then those of
-    `quick_run` (about a minute in), then those of another `early` job, last those that only wait for the
-    agents' topology (test_agents.py)."""
+    `quick_run` (about a minute in), then those of `tiny_run` or another `early` job, last those that
+    only wait for the agents' topology (test_agents.py)."""
     def waits(item) -> int:
         if item.nodeid.startswith("tests/test_agents.py::"):
             return 3
-        if "early" in item._fixtureinfo.argnames:  # its own job: ready a few minutes in
+        if "early" in item._fixtureinfo.argnames or "tiny_run" in item.fixturenames:  # ready minutes in
             return 2
         return int("quick_run" in item.fixturenames)
     module = {}  # a module's tests stay together (its module fixtures start once): they go as its last one
@@ -222,8 +225,8 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(scope="session", autouse=True)
 def early(request, tmp_path_factory) -> dict[str, Early]:
     """Slow work that is only subprocesses and needs nothing from the tests before it: `quick_run`'s
-    pipeline, then the agents' topology (benchmarks/agents.py, which compares with it) on one background
-    thread; the faults benchmark's cases, two concurrent runs, the S3 run and the chaos run one after
+    pipeline, `tiny_run`'s from its data, then the agents' topology (benchmarks/agents.py, which compares
+    with quick_run) on one background thread; the faults benchmark's cases, two concurrent runs, the S3 run and the chaos run one after
     another on a second. They start with the session, and each test then waits for its own and checks
     what it checked before. A session's tests keep about one core of this 2-core machine busy (one
     torch thread, above): this work fills the other one (the agents' servers and workers mostly wait)
@@ -245,6 +248,12 @@ def early(request, tmp_path_factory) -> dict[str, Early]:
         request.getfixturevalue("prefect_server")
         root = tmp_path_factory.mktemp("quick_run")
         return python_job(root, "conftest", "run_pipeline", config=str(quick_config(root)))
+
+    def tiny_job():
+        request.getfixturevalue("prefect_server")
+        root = tmp_path_factory.mktemp("tiny_run")
+        return python_job(root, "conftest", "run_pipeline", config=str(tiny_config(root)),
+                          upstream_from=str(jobs["quick_run"].root))
 
     def agents_job():
         """benchmarks/agents.py with quick_run (the lane's job before it) as its reference run."""
@@ -279,8 +288,11 @@ def early(request, tmp_path_factory) -> dict[str, Early]:
         return python_job(root, "test_reliability", "chaos_run", workdir=str(root / "chaos"),
                           config=str(quick_config(root / "chaos", experiment="slmflow-chaos")))
 
-    if any("quick_run" in item.fixturenames for item in items) or any(n.startswith("tests/test_agents.py::") for n in names):
+    tiny = any("tiny_run" in item.fixturenames for item in items)
+    if tiny or any("quick_run" in item.fixturenames for item in items) or any(n.startswith("tests/test_agents.py::") for n in names):
         add("quick_run", quick_job)
+    if tiny:
+        add("tiny_run", tiny_job)
     if any(n.startswith("tests/test_agents.py::") for n in names):
         add("agents", agents_job)
     if "tests/test_faults.py::test_faults_benchmark_fast_cases" in names:
@@ -296,8 +308,9 @@ def early(request, tmp_path_factory) -> dict[str, Early]:
         for name in names:
             jobs[name].run()
 
-    # two lanes: the agents' topology after the quick run it compares with, and the other jobs beside it
-    first = [n for n in ("quick_run", "agents") if n in jobs]
+    # two lanes: the quick run, the tiny run that starts from its data and the agents' topology that compares
+    # with it, and the other jobs beside them
+    first = [n for n in ("quick_run", "tiny_run", "agents") if n in jobs]
     for names in (first, [n for n in jobs if n not in first]):
         threading.Thread(target=lane, args=(names,), name="early-tests", daemon=True).start()
     try:
@@ -308,17 +321,13 @@ def early(request, tmp_path_factory) -> dict[str, Early]:
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory, quick_run) -> tuple[Path, dict]:
+def tiny_run(early) -> tuple[Path, dict]:
     """The whole tiny pipeline at tiny.yaml's full training length, for the checks of learning (pretrain
     below the unigram entropy, SFT above the base, RL's reward rising): (root, pipeline result). Its data
     stages and references are quick_run's outputs, copied (the same keys): it computes the training
-    stages and what reads them, once per session. Shared read-only."""
-    from flows.pipeline import pipeline
-
-    root = tmp_path_factory.mktemp("tiny_run")
-    config = tiny_config(root)
-    copy_outputs(quick_run[0], config, ["pack"])
-    return root, pipeline(str(config))
+    stages and what reads them, once per session, in `early`'s first lane. Shared read-only."""
+    job = early["tiny_run"]
+    return job.root, job.result(timeout=3600)
 
 
 def quick_config(root: Path, **run) -> Path:
