@@ -166,9 +166,12 @@ def test_zero_or_negative_sizes(project, setting):
 
 
 def test_a_learning_rate_that_makes_the_loss_nan(quick_run, tmp_path):
-    root, _ = quick_run  # its data stages are cache hits; the weights go to a store of this test's own
-    result = runner.invoke(app, ["run", "-c", str(root / "tiny.yaml"), "--only", "pretrain", "--set", "pretrain.lr=1e6",
-                                 "--set", f"run.models_root={tmp_path / 'models'}"])
+    """A store of this test's own with quick_run's outputs up to pack (cache hits): pretrain alone runs."""
+    from conftest import QUICK, copy_outputs, tiny_config
+
+    config = tiny_config(tmp_path, training=QUICK)
+    copy_outputs(quick_run[0], config, ["pack"])
+    result = runner.invoke(app, ["run", "-c", str(config), "--only", "pretrain", "--set", "pretrain.lr=1e6"])
     assert result.exit_code == 1
     lines = [ln for ln in result.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: pretrain: loss became nan at step "), result.output
@@ -176,8 +179,8 @@ def test_a_learning_rate_that_makes_the_loss_nan(quick_run, tmp_path):
     from flows.config import load_config
     from flows.pipeline import make_plan
 
-    key = make_plan(load_config(root / "tiny.yaml", ["pretrain.lr=1e6"])).stages["pretrain"].key
-    assert not (tmp_path / "models" / "pretrain" / key).exists()  # nothing committed (the references were)
+    key = make_plan(load_config(config, ["pretrain.lr=1e6"])).stages["pretrain"].key
+    assert not (tmp_path / "models" / "pretrain" / key).exists()  # nothing committed
 
 
 @pytest.mark.parametrize("args,needles", [

@@ -16,6 +16,7 @@ beside its pipeline, never meet `database is locked`, nor race to create the tab
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -36,6 +37,8 @@ from tasks.core.locks import FileLock
 from tasks.core.settings import identity, runtime_settings
 from tasks.core.store import Artifact
 
+# a new SQLite store announces creating its tables at INFO on stderr: a user's first run prints only ours
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 # MLflow 3's UI opens an experiment without this tag in its GenAI (traces) view
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
