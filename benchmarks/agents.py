@@ -19,6 +19,10 @@ checkout): no agent reads the checkout or a store directory on local disk; both 
   once (dedup with another seed; this process holds the key's lease until both wait for it, so they
   surely race); one computes it, the other waits for its lease and takes the hit.
 
+Besides (under "checks", "deployments"): the pools and schedule `slmflow deploy` made, the README's
+commands that resume and pause the nightly schedule, one stage rerun through its stage deployment,
+and `slmflow serve` refusing names that deployments already have.
+
 Prints ONE JSON object: {"identical", "resumed", "computed_once", "checks": {...}, "seconds": {...}}.
 
   python benchmarks/agents.py                      # configs/tiny.yaml; ~5 minutes on 2 cores
@@ -438,6 +442,48 @@ def check_mlflow(top: Topology, config: dict) -> dict:
             "artifacts_in_store": listed.get("KeyCount", 0)}
 
 
+def check_deployments(top: Topology, config_url: str, config: dict) -> dict:
+    """What `slmflow deploy` registered (the pools, each deployment's pool, the paused nightly schedule
+    that the README's commands turn on and off again), a rerun of one stage through its stage deployment
+    (`slmflow-stage/eval`, names=[eval_rl], force), and `slmflow serve` refusing to take over the names."""
+    from mlflow import MlflowClient
+
+    prefect, name = str(BIN / "prefect"), "slmflow-pipeline/pipeline"
+    pools = {p["name"]: p for p in top.api("POST", "/work_pools/filter", json={})}
+    by_name = {d["name"]: d for d in top.api("POST", "/deployments/filter", json={})}
+    [schedule] = by_name["pipeline"]["schedules"]
+    listed = schedule["id"] in top.run(prefect, "deployment", "schedule", "ls", name)
+    try:
+        top.run(prefect, "deployment", "schedule", "resume", name, schedule["id"])
+        resumed = top.api("GET", f"/deployments/{by_name['pipeline']['id']}")["schedules"][0]["active"]
+    finally:  # no 03:00 run during a benchmark
+        top.run(prefect, "deployment", "schedule", "pause", name, schedule["id"])
+    paused = not top.api("GET", f"/deployments/{by_name['pipeline']['id']}")["schedules"][0]["active"]
+
+    before = manifests(config)
+    top.deployment_run("slmflow-stage/eval", {"config": config_url, "names": ["eval_rl"], "force": True})
+    after = manifests(config)
+    rerun = after["eval_rl"]
+    client = MlflowClient(top.urls["mlflow"])
+    parent = client.get_run(client.get_run(rerun["mlflow_run_id"]).data.tags["mlflow.parentRunId"])
+    served = subprocess.run([str(BIN / "slmflow"), "serve", "-c", config_url], cwd=top.home("operator"),
+                            env=top.operator_env(), capture_output=True, text=True, timeout=300)
+    return {
+        "pools": {n: {"type": p["type"], "concurrency_limit": p["concurrency_limit"]} for n, p in pools.items()},
+        "deployment_pools": {n: d["work_pool_name"] for n, d in by_name.items()},
+        "sft_env": by_name["sft"]["job_variables"].get("env", {}),
+        "pipeline_overrides": by_name["pipeline"]["parameters"].get("overrides"),
+        "schedule": {"cron": schedule["schedule"]["cron"], "active": schedule["active"], "listed": listed,
+                     "resumed": resumed, "paused_again": paused},
+        "rerun": {"same_key_and_files": (rerun["key"], rerun["files"]) == (before["eval_rl"]["key"], before["eval_rl"]["files"]),
+                  "new_mlflow_run": rerun["mlflow_run_id"] != before["eval_rl"]["mlflow_run_id"],
+                  "others_untouched": [n for n in before if n != "eval_rl" and after[n] != before[n]],
+                  "parent_family": parent.data.tags.get("family"), "parent_status": parent.info.status,
+                  "pool": top.api("GET", f"/flow_runs/{rerun['prefect']['prefect.flow_run_id']}")["work_pool_name"]},
+        "serve": {"exit": served.returncode, "said": served.stderr.strip().splitlines()[-3:]},
+    }
+
+
 def checkpoint_markers(prefix: str) -> list[str]:
     """Checkpoints committed to the object store under a stage key's work prefix (their marker objects)."""
     import boto3
@@ -583,6 +629,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "dask-scheduler"))
             checks["isolation"] = "mount namespaces" if ISOLATION else "none (needs root or CAP_SYS_ADMIN)"
             checks["agents"] = {p.name: top.code_from(p.name) for p in top.agent_dirs()}
+        with timed("deployments"):  # after check_mlflow: the rerun adds a parent run
+            checks["deployments"] = check_deployments(top, config_url, config)
         with timed("resume_and_computed_once"), ThreadPoolExecutor(2) as pool:  # a gpu and a cpu matter: side by side
             resume = pool.submit(check_resume, top, config_url, config, reference)
             once = pool.submit(check_computed_once, top, config_url, config)

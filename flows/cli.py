@@ -67,7 +67,7 @@ def _check_tracking(configured: str | None) -> None:
              f"--port 5000) or point run.mlflow_uri / MLFLOW_TRACKING_URI at one (unset: sqlite:///mlflow.db here)")
 
 
-def _run(api: PrefectAPI, stop: Interrupts, config: Path, only: list[str], force: list[str], sets: list[str],
+def _run(api: PrefectAPI, stop: Interrupts, config: str | Path, only: list[str], force: list[str], sets: list[str],
          rerun_stale: bool = False) -> dict:
     """Plan and check the run, set MLflow up, then wait for Prefect's API and run the flow (off the main
     thread, which stays free for Ctrl-C: flows/interrupt.py)."""

@@ -17,8 +17,9 @@ from tasks.core.store import check_name
 out = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
-ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="pipeline YAML")]
-ReadConfigOpt = Annotated[Optional[Path], typer.Option(
+# str, not Path: a config may be a URL (s3://bucket/x.yaml), which Path would fold to s3:/bucket/x.yaml
+ConfigOpt = Annotated[str, typer.Option("--config", "-c", help="pipeline YAML (a path or a URL)")]
+ReadConfigOpt = Annotated[Optional[str], typer.Option(
     "--config", "-c", help="pipeline YAML (default: the last run's plan, recorded in <data root>/runs/last-run.json "
                            "(data root: $SLMFLOW_DATA_ROOT, else data), else configs/default.yaml)")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override: stage.field=value (repeatable)")]
@@ -31,7 +32,7 @@ def fail(message: str) -> None:
     raise typer.Exit(1)
 
 
-def load_plan(config: Path, sets: list[str] | None):
+def load_plan(config: str | Path, sets: list[str] | None):
     from flows.config import ConfigError, load_config
     from flows.pipeline import make_plan
 
@@ -42,7 +43,7 @@ def load_plan(config: Path, sets: list[str] | None):
         fail(str(e))
 
 
-def read_plan(config: Path | None, sets: list[str] | None) -> RunRecord:
+def read_plan(config: str | Path | None, sets: list[str] | None) -> RunRecord:
     """The plan a read command reads, said on stderr with its stores: --config's; else the last run's,
     as recorded in the configured data root ($SLMFLOW_DATA_ROOT, else data) (with --set: its config file
     and overrides plus these); else configs/default.yaml."""
@@ -56,7 +57,7 @@ def read_plan(config: Path | None, sets: list[str] | None) -> RunRecord:
         if not sets:
             _say_reading(f"the plan of the last run ({record.describe()}, {record.created}) from {last}", record, hint)
             return record
-        config, sets = Path(record.config_file or DEFAULT_CONFIG), [*record.overrides, *sets]
+        config, sets = record.config_file or DEFAULT_CONFIG, [*record.overrides, *sets]
         what, hint = f"the plan of the last run's {config} --set {' --set '.join(sets)}", ""
     elif config is None:
         config, what = DEFAULT_CONFIG, f"the plan of {DEFAULT_CONFIG} (no run recorded in {last.parent})"

@@ -16,6 +16,10 @@ import threading
 # one setting everywhere keeps the byte-for-byte comparisons between processes like for like. Set before
 # torch is imported; a value from the environment wins.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The session's Prefect server takes every run's log lines otherwise (it used 60 CPU seconds, the most
+# of any process in the session): no test here reads them from it; the servers that do get them are
+# test_deployments' and the agents' own (their environments leave out this session's PREFECT_ settings).
+os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
 
 from pathlib import Path  # noqa: E402
 

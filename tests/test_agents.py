@@ -72,3 +72,23 @@ def test_two_agents_asking_for_one_key_compute_it_once(agents):
     assert c["waited"] == 2  # both queued behind the key's lease (the benchmark held it until they did)
     assert (c["computed"], c["hits"]) == (1, 1)  # then one computed it and the other took the hit
     assert agents["computed_once"]
+
+
+def test_deploy_makes_the_pools_a_paused_nightly_schedule_and_stage_reruns(agents):
+    """`slmflow deploy`'s pools and deployments, the README's commands that turn the nightly schedule on
+    and off again, `prefect deployment run slmflow-stage/eval -p names=[eval_rl] -p force=true` (a rerun
+    of one stage, on the gpu pool) and `slmflow serve` refusing the names deployments already have."""
+    d = agents["checks"]["deployments"]
+    assert d["pools"]["cpu"]["type"] == d["pools"]["gpu"]["type"] == "process"
+    assert d["pools"]["gpu"]["concurrency_limit"] == 1
+    assert d["deployment_pools"] == {"pipeline": "cpu", "data": "cpu", "pretrain": "gpu", "sft": "gpu", "rl": "gpu",
+                                     "eval": "gpu"}
+    assert d["sft_env"]["CUDA_VISIBLE_DEVICES"] == "0"
+    assert d["pipeline_overrides"] == ["run.execution=deployments"]
+    assert d["schedule"] == {"cron": "0 3 * * *", "active": False, "listed": True, "resumed": True, "paused_again": True}
+    r = d["rerun"]
+    assert r["same_key_and_files"] and r["new_mlflow_run"] and r["others_untouched"] == []  # only the named stage ran
+    assert (r["parent_family"], r["parent_status"], r["pool"]) == ("eval", "FINISHED", "gpu")
+    said = "\n".join(d["serve"]["said"])
+    assert d["serve"]["exit"] == 1, said
+    assert "already has" in said and "slmflow-pipeline/pipeline" in said and "prefect deployment delete" in said

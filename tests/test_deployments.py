@@ -1,9 +1,8 @@
-"""Deployments, work pools, `slmflow serve` and the Dask runner, with real components on 127.0.0.1.
+"""`slmflow serve` and the Dask runner, with real components on 127.0.0.1.
 
-The deployment tests start their own Prefect server (its own database), register
-deployments/prefect.yaml with `slmflow deploy`, start process workers on the `cpu` and `gpu` pools,
-and drive everything with the commands a user types. Training stages then run in worker
-subprocesses, and their outputs must equal a local run's byte for byte.
+The serve test starts its own Prefect server (its own database) and drives it with the commands a
+user types. `slmflow deploy`, its work pools and schedule, process workers on the `cpu` and `gpu`
+pools and a stage rerun through its deployment are tests/test_agents.py's, on the agents' topology.
 """
 
 from __future__ import annotations
@@ -19,8 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import copy_outputs, quick_config, tiny_config
-from mlflow import MlflowClient
+from conftest import tiny_config
 
 from flows.config import load_config
 from flows.pipeline import make_plan
@@ -100,7 +98,6 @@ def server(tmp_path_factory):
 
 
 def test_serve_serves_every_deployment_with_the_configured_schedule(server, tmp_path):
-    """Runs before `deployed` registers the same names on work pools (see the refusal test below)."""
     config = tiny_config(tmp_path / "served")
     proc = server.start("serve", str(BIN / "slmflow"), "serve", "-c", str(config), "--set", "run.schedule=0 4 * * 1")
     try:
@@ -127,30 +124,6 @@ def test_serve_serves_every_deployment_with_the_configured_schedule(server, tmp_
             server.api("DELETE", f"/deployments/{d['id']}")
 
 
-@dataclass
-class Deployed:
-    server: Server
-    remote: Path  # tiny.yaml of a store the workers read and write (a copy of the session's quick_run)
-
-
-@pytest.fixture(scope="module")
-def deployed(server, quick_run, tmp_path_factory):
-    """`slmflow deploy` on this server, a worker per pool (in a directory of their own) and a store holding
-    the session's quick_run. The whole pipeline through its deployment, on agents that share nothing but
-    the servers and an object store, is tests/test_agents.py."""
-    base = tmp_path_factory.mktemp("deployed")
-    remote = quick_config(base / "remote")
-    server.run(str(BIN / "slmflow"), "deploy")  # from the project root
-    workers = [server.start(f"worker_{pool}", str(BIN / "prefect"), "worker", "start", "--pool", pool, cwd=base)
-               for pool in ("cpu", "gpu")]
-    try:
-        copy_outputs(quick_run[0], remote, list(make_plan(load_config(remote)).stages))
-        yield Deployed(server, remote)
-    finally:
-        for proc in workers:
-            stop(proc)
-
-
 def manifests(config: Path, only: tuple[str, ...] = ()) -> dict[str, dict]:
     """Every planned stage's manifest in the config's store (each must be there)."""
     cfg = load_config(config)
@@ -163,55 +136,6 @@ def manifests(config: Path, only: tuple[str, ...] = ()) -> dict[str, dict]:
         assert art is not None, f"{config}: {name} {p.key} missing"
         found[name] = art.manifest
     return found
-
-
-def test_deploy_makes_the_pools_and_a_paused_nightly_schedule_that_resumes(deployed):
-    srv = deployed.server
-    pools = {p["name"]: p for p in srv.api("POST", "/work_pools/filter", json={})}
-    assert pools["cpu"]["type"] == pools["gpu"]["type"] == "process" and pools["gpu"]["concurrency_limit"] == 1
-    by_name = {d["name"]: d for d in srv.api("POST", "/deployments/filter", json={})}
-    assert {n: d["work_pool_name"] for n, d in by_name.items()} == {
-        "pipeline": "cpu", "data": "cpu", "pretrain": "gpu", "sft": "gpu", "rl": "gpu", "eval": "gpu"}
-    assert by_name["sft"]["job_variables"]["env"]["CUDA_VISIBLE_DEVICES"] == "0"
-    assert by_name["pipeline"]["parameters"]["overrides"] == ["run.execution=deployments"]
-    [schedule] = by_name["pipeline"]["schedules"]
-    assert schedule["schedule"]["cron"] == "0 3 * * *" and not schedule["active"]
-    # the README's commands turn it on (then off again: no 03:00 run during a test)
-    prefect = str(BIN / "prefect")
-    assert schedule["id"] in srv.run(prefect, "deployment", "schedule", "ls", "slmflow-pipeline/pipeline")
-    try:
-        srv.run(prefect, "deployment", "schedule", "resume", "slmflow-pipeline/pipeline", schedule["id"])
-        [resumed] = srv.api("GET", f"/deployments/{by_name['pipeline']['id']}")["schedules"]
-        assert resumed["active"]
-    finally:
-        srv.run(prefect, "deployment", "schedule", "pause", "slmflow-pipeline/pipeline", schedule["id"])
-
-
-def test_stage_deployment_reruns_one_stage_from_the_store(deployed):
-    """`prefect deployment run slmflow-stage/eval -p names=[eval_rl] -p force=true`: a rerun of one stage."""
-    srv = deployed.server
-    everything = manifests(deployed.remote)
-    before = everything["eval_rl"]
-    srv.run(str(BIN / "prefect"), "deployment", "run", "slmflow-stage/eval", "--param", f"config={deployed.remote}",
-            "--param", 'names=["eval_rl"]', "--param", "force=true", "--watch")
-    after = manifests(deployed.remote)
-    assert after["eval_rl"]["key"] == before["key"] and after["eval_rl"]["files"] == before["files"]
-    assert after["eval_rl"]["mlflow_run_id"] != before["mlflow_run_id"]
-    assert after["eval_sft"] == everything["eval_sft"]  # only the named stage ran
-    cfg = load_config(deployed.remote)
-    client = MlflowClient(cfg.run.mlflow_uri)
-    parent = client.get_run(client.get_run(after["eval_rl"]["mlflow_run_id"]).data.tags["mlflow.parentRunId"])
-    assert parent.data.tags["family"] == "eval" and parent.info.status == "FINISHED"
-    flow_run = srv.api("GET", f"/flow_runs/{after['eval_rl']['prefect']['prefect.flow_run_id']}")
-    assert flow_run["work_pool_name"] == "gpu"
-
-
-def test_serve_refuses_to_take_over_deployed_names(deployed):
-    done = subprocess.run([str(BIN / "slmflow"), "serve", "-c", str(deployed.remote)], env=deployed.server.env,
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 1
-    assert "already has" in done.stderr and "slmflow-pipeline/pipeline" in done.stderr
-    assert "prefect deployment delete" in done.stderr
 
 
 @pytest.mark.usefixtures("prefect_server")
