@@ -209,6 +209,11 @@ def run_pipeline(out: str, config: str, upstream_from: str | None = None) -> Non
 FAULTS_CASES = ("cached_parquet_flipped", "source_gzip_truncated")
 
 
+# what makes a test slow: a session run it waits for, or servers and `slmflow run`s of its own
+SLOW_FIXTURES = {"quick_run", "tiny_run", "prefect_home"}  # and `early` asked for by name (it is autouse)
+SLOW_MODULES = {"test_agents", "test_deployments", "test_interrupt", "test_remote_dask", "test_remote_resume"}
+
+
 def pytest_collection_modifyitems(items):
     """The test modules that wait for the session's background work go after those that do not, which run
     meanwhile instead of waiting behind it: first the tests of no fixture of `early`'s, then those of
@@ -220,6 +225,10 @@ def pytest_collection_modifyitems(items):
         if "early" in item._fixtureinfo.argnames or "tiny_run" in item.fixturenames:  # ready minutes in
             return 2
         return int("quick_run" in item.fixturenames)
+    for item in items:  # `pytest -m "not slow"` leaves them out
+        if (SLOW_FIXTURES & set(item.fixturenames) or "early" in item._fixtureinfo.argnames
+                or item.module.__name__ in SLOW_MODULES):
+            item.add_marker(pytest.mark.slow)
     module = {}  # a module's tests stay together (its module fixtures start once): they go as its last one
     for item in items:
         module[item.module.__name__] = max(module.get(item.module.__name__, 0), waits(item))
