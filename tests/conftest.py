@@ -239,8 +239,8 @@ def pytest_collection_modifyitems(items):
 def early(request, tmp_path_factory) -> dict[str, Early]:
     """Slow work that is only subprocesses and needs nothing from the tests before it: `quick_run`'s
     pipeline, `tiny_run`'s from its data, then the agents' topology (benchmarks/agents.py, which compares
-    with quick_run) on one background thread; the faults benchmark's cases, two concurrent runs, the S3 run and the chaos run one after
-    another on a second. They start with the session, and each test then waits for its own and checks
+    with quick_run) on one background thread; the faults benchmark's cases, two concurrent runs, the S3
+    run and the chaos run one after another on a second. They start with the session, and each test then waits for its own and checks
     what it checked before. A session's tests keep about one core of this 2-core machine busy (one
     torch thread, above): this work fills the other one (the agents' servers and workers mostly wait)
     instead of running after everything else. Only for tests that will run; each subprocess sees this

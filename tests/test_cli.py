@@ -167,9 +167,9 @@ def test_zero_or_negative_sizes(project, setting):
 
 def test_a_learning_rate_that_makes_the_loss_nan(quick_run, tmp_path):
     """A store of this test's own with quick_run's outputs up to pack (cache hits): pretrain alone runs."""
-    from conftest import QUICK, copy_outputs, tiny_config
+    from conftest import copy_outputs, quick_config
 
-    config = tiny_config(tmp_path, training=QUICK)
+    config = quick_config(tmp_path)
     copy_outputs(quick_run[0], config, ["pack"])
     result = runner.invoke(app, ["run", "-c", str(config), "--only", "pretrain", "--set", "pretrain.lr=1e6"])
     assert result.exit_code == 1
