@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 
 # One torch (OpenMP) thread for the whole session, in-process and in every subprocess it starts (`slmflow
@@ -107,7 +109,34 @@ def tiny_config(root: Path, *, training: dict | None = None, **run) -> Path:
         raw[section].update(settings)
     root.mkdir(parents=True, exist_ok=True)
     (root / "tiny.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    if raw["run"]["mlflow_uri"] == f"sqlite:///{root / 'mlflow.db'}" and not (root / "mlflow.db").exists():
+        shutil.copyfile(empty_mlflow_store(), root / "mlflow.db")
     return root / "tiny.yaml"
+
+
+# where the session's empty MLflow store lies (its subprocesses read the variable, so they share it)
+if "SLMFLOW_TESTS_MLFLOW_STORE" not in os.environ:
+    STORE_DIR = Path(tempfile.mkdtemp(prefix="slmflow-tests-"))  # removed at the session's end
+    os.environ["SLMFLOW_TESTS_MLFLOW_STORE"] = str(STORE_DIR / "mlflow.db")
+
+
+def pytest_sessionfinish(session):
+    if "STORE_DIR" in globals():
+        shutil.rmtree(STORE_DIR, ignore_errors=True)
+
+
+def empty_mlflow_store() -> Path:
+    """An MLflow SQLite store as MLflow creates it, made once for the session: a new store otherwise runs
+    MLflow's schema migrations again (2 CPU-seconds each, for each of the ~30 stores the tests make). Runs
+    that create their store themselves remain (the benchmarks', the agents')."""
+    path = Path(os.environ["SLMFLOW_TESTS_MLFLOW_STORE"])
+    if not path.exists():
+        from mlflow import MlflowClient
+
+        made = path.with_name(f"made-{os.getpid()}.db")  # two processes may make it at once: the last one stays
+        MlflowClient(f"sqlite:///{made}").search_experiments()
+        os.replace(made, path)
+    return path
 
 
 @pytest.fixture
@@ -128,14 +157,17 @@ class Early:
     `stderr_apart`)."""
 
     def __init__(self, root: Path, args: list[str], env: dict[str, str], cwd: Path, count: int = 1,
-                 stderr_apart: bool = False):
+                 stderr_apart: bool = False, after: Early | None = None):
         self.root, self.args, self.env, self.cwd, self.stderr_apart = root, args, env, cwd, stderr_apart
+        self.after = after  # a job whose outputs this one reads: it starts once that one has ended
         self.files = [(root / f"stdout-{i}.txt", root / f"stderr-{i}.txt") for i in range(count)]
         self.procs: list[subprocess.Popen] = []
         self.ended, self.lock, self.stopped, self.error = threading.Event(), threading.Lock(), False, None
 
     def run(self) -> None:
         """Start the processes and wait for them all (on the background thread)."""
+        if self.after:
+            self.after.ended.wait()
         if self.error:  # it could not even be set up
             self.ended.set()
             return
@@ -168,6 +200,12 @@ class Early:
         assert code == 0, stderr[-3000:]
         return json.loads((self.root / "result.json").read_text())
 
+    def check(self, label: str, timeout: float = 3600) -> None:
+        """Fail the calling test with the traceback of this `checks_job`'s check `label`, if it raised."""
+        failed = self.result(timeout)[label]
+        if failed:
+            pytest.fail(failed, pytrace=False)
+
     def stop(self) -> None:
         """SIGTERM (a benchmark then stops the servers it started), SIGKILL after 30 s."""
         with self.lock:
@@ -182,13 +220,35 @@ class Early:
                     p.kill()
 
 
-def python_job(root: Path, module: str, function: str, **kwargs) -> Early:
+def python_job(root: Path, module: str, function: str, *, after: Early | None = None, **kwargs) -> Early:
     """`module.function(out=<root>/result.json, **kwargs)` of tests/ in a Python process of its own, with
     this session's environment (its Prefect server included), in `root` as its working directory (what a
     run writes there, such as a remote store's run records, stays out of the checkout)."""
     kwargs = {"out": str(root / "result.json"), **kwargs}
     code = f"import sys; sys.path.insert(0, {str(TESTS)!r}); import {module}; {module}.{function}(**{kwargs!r})"
-    return Early(root, [sys.executable, "-c", code], dict(os.environ), root, stderr_apart=True)
+    return Early(root, [sys.executable, "-c", code], dict(os.environ), root, stderr_apart=True, after=after)
+
+
+def checks_job(root: Path, module: str, checks: dict[str, tuple[str, dict]], after: Early | None = None) -> Early:
+    """Checks of a test module that only drive subprocesses (signals to `slmflow run`, say), run in the
+    background by `run_checks`: label -> (function of `module`, its keyword arguments). The module's
+    tests each wait for theirs (`Early.check`): the session's own process does not sit waiting on them."""
+    return python_job(root, "conftest", "run_checks", after=after, test_module=module, checks=checks)
+
+
+def run_checks(out: str, test_module: str, checks: dict[str, tuple[str, dict]]) -> None:
+    """`checks_job`'s process: each check in turn; to `out`, per label, None or the traceback it raised."""
+    import importlib
+    import traceback
+
+    found = {}
+    for label, (function, kwargs) in checks.items():
+        try:
+            getattr(importlib.import_module(test_module), function)(**kwargs)
+            found[label] = None
+        except Exception:  # noqa: BLE001 - the test waiting for this check fails with it
+            found[label] = traceback.format_exc()
+    write_json(out, found)
 
 
 def write_json(out: str, value) -> None:
@@ -210,21 +270,24 @@ FAULTS_CASES = ("cached_parquet_flipped", "source_gzip_truncated")
 
 
 # what makes a test slow: a session run it waits for, or servers and `slmflow run`s of its own
-SLOW_FIXTURES = {"quick_run", "tiny_run", "prefect_home"}  # and `early` asked for by name (it is autouse)
+SLOW_FIXTURES = {"quick_run", "tiny_run"}  # and `early` asked for by name (it is autouse)
 SLOW_MODULES = {"test_agents", "test_deployments", "test_interrupt", "test_remote_dask", "test_remote_resume"}
+# `early`'s two lanes, each job after the one before it, and the order the jobs are ready in (about)
+LANES = (("quick_run", "tiny_run", "agents"), ("two_runs", "faults", "interrupt", "s3", "chaos"))
+READY = ("quick_run", "two_runs", "faults", "tiny_run", "interrupt", "s3", "agents", "chaos")
+WAITS_FOR = {"test_faults": "faults", "test_interrupt": "interrupt", "test_object_store": "s3",
+             "test_reliability": "chaos", "test_agents": "agents"}  # the last job a module's tests wait for
 
 
 def pytest_collection_modifyitems(items):
     """The test modules that wait for the session's background work go after those that do not, which run
-    meanwhile instead of waiting behind it: first the tests of no fixture of `early`'s, then those of
-    `quick_run` (about a minute in), then those of `tiny_run` or another `early` job, last those that
-    only wait for the agents' topology (test_agents.py)."""
+    meanwhile instead of waiting behind it, and in the order their jobs are ready: first the tests of no
+    fixture of `early`'s, then those of `quick_run` (about a minute in), `tiny_run`, ..., last those of
+    the agents' topology (test_agents.py)."""
     def waits(item) -> int:
-        if item.nodeid.startswith("tests/test_agents.py::"):
-            return 3
-        if "early" in item._fixtureinfo.argnames or "tiny_run" in item.fixturenames:  # ready minutes in
-            return 2
-        return int("quick_run" in item.fixturenames)
+        jobs = [n for n in ("quick_run", "tiny_run") if n in item.fixturenames]
+        jobs += [WAITS_FOR[item.module.__name__]] if item.module.__name__ in WAITS_FOR else []
+        return max((1 + READY.index(n) for n in jobs), default=0)
     for item in items:  # `pytest -m "not slow"` leaves them out
         if (SLOW_FIXTURES & set(item.fixturenames) or "early" in item._fixtureinfo.argnames
                 or item.module.__name__ in SLOW_MODULES):
@@ -237,12 +300,12 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope="session", autouse=True)
 def early(request, tmp_path_factory) -> dict[str, Early]:
-    """Slow work that is only subprocesses and needs nothing from the tests before it: `quick_run`'s
-    pipeline, `tiny_run`'s from its data, then the agents' topology (benchmarks/agents.py, which compares
-    with quick_run) on one background thread; the faults benchmark's cases, two concurrent runs, the S3
-    run and the chaos run one after another on a second. They start with the session, and each test then waits for its own and checks
-    what it checked before. A session's tests keep about one core of this 2-core machine busy (one
-    torch thread, above): this work fills the other one (the agents' servers and workers mostly wait)
+    """Slow work that is only subprocesses and needs nothing from the tests before it: the pipeline runs
+    (`quick_run`, `tiny_run` from its data), the agents' topology (benchmarks/agents.py, which compares
+    with quick_run), the faults benchmark's cases, two concurrent runs, the S3 run, the chaos run and the
+    signals to `slmflow run` (`checks_job`), on two background lanes. They start with the session, and
+    each test then waits for its own and checks what it checked before. A session's tests keep about
+    one core of this 2-core machine busy (one torch thread, above): this work fills the other one
     instead of running after everything else. Only for tests that will run; each subprocess sees this
     session's environment (its Prefect server, as the tests' own runs did)."""
     items = request.session.items
@@ -265,7 +328,7 @@ def early(request, tmp_path_factory) -> dict[str, Early]:
     def tiny_job():
         request.getfixturevalue("prefect_server")
         root = tmp_path_factory.mktemp("tiny_run")
-        return python_job(root, "conftest", "run_pipeline", config=str(tiny_config(root)),
+        return python_job(root, "conftest", "run_pipeline", after=jobs["quick_run"], config=str(tiny_config(root)),
                           upstream_from=str(jobs["quick_run"].root))
 
     def agents_job():
@@ -274,7 +337,7 @@ def early(request, tmp_path_factory) -> dict[str, Early]:
         return Early(tmp_path_factory.mktemp("agents"), [sys.executable, str(ROOT / "benchmarks" / "agents.py"),
                                                           "--reference", str(quick), *QUICK_SETS,
                                                           "--seed", "ref_0", "ref_1", "ref_2"],
-                     dict(os.environ), ROOT, stderr_apart=True)
+                     dict(os.environ), ROOT, stderr_apart=True, after=jobs["quick_run"])
 
     def faults_job():
         request.getfixturevalue("prefect_server")
@@ -301,31 +364,57 @@ def early(request, tmp_path_factory) -> dict[str, Early]:
         return python_job(root, "test_reliability", "chaos_run", workdir=str(root / "chaos"),
                           config=str(quick_config(root / "chaos", experiment="slmflow-chaos")))
 
-    tiny = any("tiny_run" in item.fixturenames for item in items)
-    if tiny or any("quick_run" in item.fixturenames for item in items) or any(n.startswith("tests/test_agents.py::") for n in names):
-        add("quick_run", quick_job)
-    if tiny:
-        add("tiny_run", tiny_job)
-    if any(n.startswith("tests/test_agents.py::") for n in names):
-        add("agents", agents_job)
-    if "tests/test_faults.py::test_faults_benchmark_fast_cases" in names:
-        add("faults", faults_job)
-    if "tests/test_reliability.py::test_two_concurrent_runs_compute_each_stage_once" in names:
-        add("two_runs", two_runs_job)
-    if "tests/test_object_store.py::test_tiny_pipeline_on_s3_matches_the_local_run" in names:
-        add("s3", s3_job)
-    if "tests/test_reliability.py::test_chaos_kills_at_four_moments_then_matches_a_clean_run" in names:
-        add("chaos", chaos_job)
+    def interrupt_job():
+        """tests/test_interrupt.py's signals to `slmflow run`: one Prefect home for them all (the first run
+        creates its database, the later ones reuse it), a directory each."""
+        request.getfixturevalue("prefect_server")
+        root = tmp_path_factory.mktemp("interrupt")
+        home = {"prefect_home": str(root / "prefect-home")}
+        checks = {"ctrl_c_mid_pretrain_stops_at_once_and_the_rerun_resumes": {"quick_root": str(jobs["quick_run"].root)},
+                  "a_signal_to_the_process_alone_stops_it_and_its_server[SIGTERM]": {"sig": "SIGTERM"},
+                  "a_signal_to_the_process_alone_stops_it_and_its_server[SIGINT]": {"sig": "SIGINT"},
+                  "the_server_dies_with_a_run_killed_alone": {},
+                  "a_run_being_created_when_the_signal_comes_ends_killed": {}}
+        return checks_job(root, "test_interrupt", {
+            label: (label.split("[")[0], {"root": str(root / label.replace("[", "-").rstrip("]")), **home, **kwargs})
+            for label, kwargs in checks.items()}, after=jobs["quick_run"])
 
     def lane(names: list[str]) -> None:
         for name in names:
-            jobs[name].run()
+            if name not in jobs:
+                built.wait()
+            if name in jobs:
+                jobs[name].run()
 
-    # two lanes: the quick run, the tiny run that starts from its data and the agents' topology that compares
-    # with it, and the other jobs beside them
-    first = [n for n in ("quick_run", "tiny_run", "agents") if n in jobs]
-    for names in (first, [n for n in jobs if n not in first]):
-        threading.Thread(target=lane, args=(names,), name="early-tests", daemon=True).start()
+    # Two lanes beside the session's own tests: a third made every process slower (1 050 CPU-seconds
+    # instead of 870 for the same work), as the machine then has more to run than cores. They start
+    # with the job that needs no session server (its runs start their own), while that server starts.
+    built = threading.Event()
+    if "tests/test_reliability.py::test_two_concurrent_runs_compute_each_stage_once" in names:
+        add("two_runs", two_runs_job)
+    for lane_names in LANES:
+        threading.Thread(target=lane, args=(lane_names,), name="early-tests", daemon=True).start()
+    tiny = any("tiny_run" in item.fixturenames for item in items)
+    interrupt = any(item.nodeid.startswith("tests/test_interrupt.py::") and "early" in item._fixtureinfo.argnames
+                    for item in items)
+    try:
+        if (tiny or interrupt or any("quick_run" in item.fixturenames for item in items)
+                or any(n.startswith("tests/test_agents.py::") for n in names)):
+            add("quick_run", quick_job)
+        if tiny:
+            add("tiny_run", tiny_job)
+        if any(n.startswith("tests/test_agents.py::") for n in names):
+            add("agents", agents_job)
+        if "tests/test_faults.py::test_faults_benchmark_fast_cases" in names:
+            add("faults", faults_job)
+        if "tests/test_object_store.py::test_tiny_pipeline_on_s3_matches_the_local_run" in names:
+            add("s3", s3_job)
+        if "tests/test_reliability.py::test_chaos_kills_at_four_moments_then_matches_a_clean_run" in names:
+            add("chaos", chaos_job)
+        if interrupt:
+            add("interrupt", interrupt_job)
+    finally:
+        built.set()
     try:
         yield jobs
     finally:
@@ -351,8 +440,6 @@ def quick_config(root: Path, **run) -> Path:
 def copy_outputs(source: Path, config: Path, upto: list[str]) -> None:
     """Copy `upto` and everything upstream of it from the store under `source` (tiny_config's layout)
     into the stores `config` names: those stages are then cache hits there, under the same keys."""
-    import shutil
-
     from flows.config import load_config
     from flows.pipeline import make_plan
 

@@ -1,15 +1,14 @@
 """`slmflow serve` and the Dask runner, with real components on 127.0.0.1.
 
-The serve test starts its own Prefect server (its own database) and drives it with the commands a
-user types. `slmflow deploy`, its work pools and schedule, process workers on the `cpu` and `gpu`
-pools and a stage rerun through its deployment are tests/test_agents.py's, on the agents' topology.
+The serve test drives the session's Prefect server with the commands a user types. `slmflow deploy`,
+its work pools and schedule, process workers on the `cpu` and `gpu` pools and a stage rerun through its
+deployment are tests/test_agents.py's, on the agents' topology.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,12 +25,6 @@ from tasks.core.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the project's .venv: prefect and slmflow as a user runs them
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -72,29 +65,10 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """`prefect server start` on 127.0.0.1 with its own PREFECT_HOME, stopped at the end."""
-    home = tmp_path_factory.mktemp("prefect_home")
-    url = f"http://127.0.0.1:{free_port()}/api"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-    env.update(PREFECT_HOME=str(home), PREFECT_API_URL=url, PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_LOGGING_EXTRA_LOGGERS="slmflow",
-               PREFECT_WORKER_QUERY_SECONDS="1")  # workers poll every second, not every 10
-    srv = Server(url, env, home)
-    port = url.rsplit(":", 1)[1].split("/")[0]
-    proc = srv.start("server", str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", port)
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, (home / "server.log").read_text()[-3000:]
-        time.sleep(0.5)
-    yield srv
-    stop(proc)
+@pytest.fixture
+def server(prefect_server, tmp_path) -> Server:
+    """The session's Prefect server, as a user's shell has it (PREFECT_API_URL); logs under tmp_path."""
+    return Server(os.environ["PREFECT_API_URL"], dict(os.environ), tmp_path)
 
 
 def test_serve_serves_every_deployment_with_the_configured_schedule(server, tmp_path):

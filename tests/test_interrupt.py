@@ -1,6 +1,10 @@
 """Ctrl-C and SIGTERM during `slmflow run` (flows/interrupt.py): a real signal to a real run of the tiny
 pipeline ends it within seconds (130 / 143) with one line and no traceback, its MLflow runs KILLED and its
-Prefect server gone, and the same command run again resumes training from the last checkpoint."""
+Prefect server gone, and the same command run again resumes training from the last checkpoint.
+
+The checks that signal `slmflow run` only drive processes: they run in the background from the start of
+the session (conftest's `early`, `checks_job`), each in a directory of its own, and each test here waits
+for its check and fails with what it raised."""
 
 from __future__ import annotations
 
@@ -26,18 +30,13 @@ SLMFLOW = str(Path(sys.executable).with_name("slmflow"))
 STOP_S = 10  # how soon after the signal the run must be gone
 
 
-@pytest.fixture(scope="module")
-def prefect_home(tmp_path_factory) -> Path:
-    """One Prefect home for the module: the first run creates its database, the later ones reuse it."""
-    return tmp_path_factory.mktemp("prefect-home")
-
-
 class Run:
     """`slmflow run -c <root>/tiny.yaml ARGS` in its own process group, as a terminal starts it; its
     stderr is read on a thread so the test can wait for a line."""
 
     def __init__(self, root: Path, prefect_home: Path, *args: str):
         self.args = ["slmflow", "run", "-c", str(root / "tiny.yaml"), *args]
+        prefect_home.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
         # one torch thread: the tiny model's matmuls only spin on a second one on a busy machine (minutes)
         env.update(PREFECT_HOME=str(prefect_home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PYTHONUNBUFFERED="1",
@@ -129,63 +128,29 @@ def mlflow_runs(root: Path) -> list:
     return client.search_runs([client.get_experiment_by_name("slmflow-tiny").experiment_id], max_results=500)
 
 
-def test_ctrl_c_mid_pretrain_stops_at_once_and_the_rerun_resumes(tmp_path, prefect_home, quick_run):
+def test_ctrl_c_mid_pretrain_stops_at_once_and_the_rerun_resumes(early):
     """Ctrl-C in a terminal (SIGINT to the whole process group) once pretrain has checkpointed step 40 of
     120 (tiny.yaml's pretrain, shortened: the check is the stop and the resume). The store starts with the
     session's outputs upstream of pretrain (quick_run's, under the same keys: the run computes pretrain)."""
-    cfg = tiny_config(tmp_path, training={"pretrain": {"max_steps": 120, "eval_every": 120, "checkpoint_every": 40}})
-    copy_outputs(quick_run[0], cfg, ["pack"])
-    run = Run(tmp_path, prefect_home, "--only", "pretrain")
-    run.wait_for(r"train step [56]0/120")  # past its step-40 checkpoint, well before the step-80 one
-    servers = run.servers()
-    assert servers, "no Prefect server child found"
-    code, seconds = run.signal(signal.SIGINT, group=True)
-    last = assert_stopped(run, code, seconds, 130)
-    assert last.endswith("(pretrain resumes from step 40's checkpoint)"), last
-    assert gone(servers)
-    runs = mlflow_runs(tmp_path)
-    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
-    killed = {r.info.run_name for r in runs if r.info.status == "KILLED"}
-    assert "pretrain" in killed and any(name.startswith("pipeline-") for name in killed), killed
-    planned = make_plan(load_config(cfg)).stages["pretrain"]
-    models = Store(tmp_path / "models")
-    assert models.get("pretrain", planned.key) is None  # nothing half-done is visible
-    assert (tmp_path / "models" / "pretrain" / f".work-{planned.key}" / "ckpt-40").is_dir()
-
-    again = Run(tmp_path, prefect_home, "--only", "pretrain")  # the same command
-    assert again.finish() == 0, again.stderr()[-3000:]
-    assert "resuming from ckpt-40 (step 40)" in again.stderr()
-    assert models.get("pretrain", planned.key).manifest["metrics"]["resumed_from_step"] == 40
-    assert {r.info.status for r in mlflow_runs(tmp_path)} == {"FINISHED", "KILLED"}
+    early["interrupt"].check("ctrl_c_mid_pretrain_stops_at_once_and_the_rerun_resumes")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_to_the_process_alone_stops_it_and_its_server(tmp_path, prefect_home, sig):
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_process_alone_stops_it_and_its_server(early, sig):
     """SIGTERM (a process manager) or SIGINT to `slmflow run` alone, in a data stage: its server, in its
     own session, gets nothing, and is stopped by the run."""
-    tiny_config(tmp_path)
-    run = Run(tmp_path, prefect_home, "--only", "dedup")
-    run.wait_for(r"slmflow - ingest: ")  # ingest is computing
-    servers = run.servers()
-    assert servers, "no Prefect server child found"
-    code, seconds = run.signal(sig, group=False)
-    assert_stopped(run, code, seconds, 128 + sig)
-    assert gone(servers)
-    runs = mlflow_runs(tmp_path)
-    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
-    assert [r.info.status for r in runs if r.info.run_name.startswith("pipeline-")] == ["KILLED"]
+    early["interrupt"].check(f"a_signal_to_the_process_alone_stops_it_and_its_server[{sig}]")
 
 
-def test_the_server_dies_with_a_run_killed_alone(tmp_path, prefect_home):
+def test_the_server_dies_with_a_run_killed_alone(early):
     """SIGKILL to `slmflow run` alone: its server, in another session, goes too (PR_SET_PDEATHSIG)."""
-    tiny_config(tmp_path)
-    run = Run(tmp_path, prefect_home, "--only", "ingest")
-    run.wait_for(r"slmflow - ingest: ")
-    servers = run.servers()
-    assert servers, "no Prefect server child found"
-    run.proc.kill()
-    run.finish()
-    assert gone(servers, wait_s=15)  # SIGTERM from the kernel, then the server's own shutdown
+    early["interrupt"].check("the_server_dies_with_a_run_killed_alone")
+
+
+def test_a_run_being_created_when_the_signal_comes_ends_killed(early):
+    """The race behind a RUNNING run after an interrupt: a stage thread is inside MLflow's create_run when
+    the clean-up ends the open runs. The clean-up waits for it and ends it too; after it no run starts."""
+    early["interrupt"].check("a_run_being_created_when_the_signal_comes_ends_killed")
 
 
 def test_a_second_signal_exits_at_once(tmp_path):
@@ -217,9 +182,69 @@ def test_a_second_signal_exits_at_once(tmp_path):
         proc.kill()
 
 
-def test_a_run_being_created_when_the_signal_comes_ends_killed(tmp_path):
-    """The race behind a RUNNING run after an interrupt: a stage thread is inside MLflow's create_run when
-    the clean-up ends the open runs. The clean-up waits for it and ends it too; after it no run starts."""
+# -- the checks, run by `checks_job` (root: a directory of the check's own) ------------------------------
+
+def ctrl_c_mid_pretrain_stops_at_once_and_the_rerun_resumes(root: str, prefect_home: str, quick_root: str) -> None:
+    root, prefect_home = Path(root), Path(prefect_home)
+    cfg = tiny_config(root, training={"pretrain": {"max_steps": 120, "eval_every": 120, "checkpoint_every": 40}})
+    copy_outputs(Path(quick_root), cfg, ["pack"])
+    run = Run(root, prefect_home, "--only", "pretrain")
+    run.wait_for(r"train step [56]0/120")  # past its step-40 checkpoint, well before the step-80 one
+    servers = run.servers()
+    assert servers, "no Prefect server child found"
+    code, seconds = run.signal(signal.SIGINT, group=True)
+    last = assert_stopped(run, code, seconds, 130)
+    assert last.endswith("(pretrain resumes from step 40's checkpoint)"), last
+    assert gone(servers), servers
+    runs = mlflow_runs(root)
+    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"], [r.info for r in runs]
+    killed = {r.info.run_name for r in runs if r.info.status == "KILLED"}
+    assert "pretrain" in killed and any(name.startswith("pipeline-") for name in killed), killed
+    planned = make_plan(load_config(cfg)).stages["pretrain"]
+    models = Store(root / "models")
+    assert models.get("pretrain", planned.key) is None, "a half-done pretrain is visible"
+    assert (root / "models" / "pretrain" / f".work-{planned.key}" / "ckpt-40").is_dir(), "no ckpt-40"
+
+    again = Run(root, prefect_home, "--only", "pretrain")  # the same command
+    assert again.finish() == 0, again.stderr()[-3000:]
+    assert "resuming from ckpt-40 (step 40)" in again.stderr(), again.stderr()[-3000:]
+    resumed = models.get("pretrain", planned.key).manifest["metrics"]["resumed_from_step"]
+    assert resumed == 40, resumed
+    statuses = {r.info.status for r in mlflow_runs(root)}
+    assert statuses == {"FINISHED", "KILLED"}, statuses
+
+
+def a_signal_to_the_process_alone_stops_it_and_its_server(root: str, prefect_home: str, sig: str) -> None:
+    root, prefect_home, sig = Path(root), Path(prefect_home), signal.Signals[sig]
+    tiny_config(root)
+    run = Run(root, prefect_home, "--only", "dedup")
+    run.wait_for(r"slmflow - ingest: ")  # ingest is computing
+    servers = run.servers()
+    assert servers, "no Prefect server child found"
+    code, seconds = run.signal(sig, group=False)
+    assert_stopped(run, code, seconds, 128 + sig)
+    assert gone(servers), servers
+    runs = mlflow_runs(root)
+    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"], [r.info for r in runs]
+    parents = [r.info.status for r in runs if r.info.run_name.startswith("pipeline-")]
+    assert parents == ["KILLED"], parents
+
+
+def the_server_dies_with_a_run_killed_alone(root: str, prefect_home: str) -> None:
+    root, prefect_home = Path(root), Path(prefect_home)
+    tiny_config(root)
+    run = Run(root, prefect_home, "--only", "ingest")
+    run.wait_for(r"slmflow - ingest: ")
+    servers = run.servers()
+    assert servers, "no Prefect server child found"
+    run.proc.kill()
+    run.finish()
+    assert gone(servers, wait_s=15), servers  # SIGTERM from the kernel, then the server's own shutdown
+
+
+def a_run_being_created_when_the_signal_comes_ends_killed(root: str, prefect_home: str) -> None:
+    tmp_path = Path(root)
+    tmp_path.mkdir(parents=True, exist_ok=True)
     script = textwrap.dedent(f"""
         import threading, time
         from tasks.core import lineage
