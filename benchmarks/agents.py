@@ -442,12 +442,10 @@ def check_mlflow(top: Topology, config: dict) -> dict:
             "artifacts_in_store": listed.get("KeyCount", 0)}
 
 
-def check_deployments(top: Topology, config_url: str, config: dict) -> dict:
+def check_registered(top: Topology, config_url: str) -> dict:
     """What `slmflow deploy` registered (the pools, each deployment's pool, the paused nightly schedule
-    that the README's commands turn on and off again), a rerun of one stage through its stage deployment
-    (`slmflow-stage/eval`, names=[eval_rl], force), and `slmflow serve` refusing to take over the names."""
-    from mlflow import MlflowClient
-
+    that the README's commands turn on and off again) and `slmflow serve` refusing to take over the names.
+    Reads and writes nothing a run uses (the schedule is paused again at once): it goes beside the pipeline."""
     prefect, name = str(BIN / "prefect"), "slmflow-pipeline/pipeline"
     pools = {p["name"]: p for p in top.api("POST", "/work_pools/filter", json={})}
     by_name = {d["name"]: d for d in top.api("POST", "/deployments/filter", json={})}
@@ -459,13 +457,6 @@ def check_deployments(top: Topology, config_url: str, config: dict) -> dict:
     finally:  # no 03:00 run during a benchmark
         top.run(prefect, "deployment", "schedule", "pause", name, schedule["id"])
     paused = not top.api("GET", f"/deployments/{by_name['pipeline']['id']}")["schedules"][0]["active"]
-
-    before = manifests(config)
-    top.deployment_run("slmflow-stage/eval", {"config": config_url, "names": ["eval_rl"], "force": True})
-    after = manifests(config)
-    rerun = after["eval_rl"]
-    client = MlflowClient(top.urls["mlflow"])
-    parent = client.get_run(client.get_run(rerun["mlflow_run_id"]).data.tags["mlflow.parentRunId"])
     served = subprocess.run([str(BIN / "slmflow"), "serve", "-c", config_url], cwd=top.home("operator"),
                             env=top.operator_env(), capture_output=True, text=True, timeout=300)
     return {
@@ -475,13 +466,26 @@ def check_deployments(top: Topology, config_url: str, config: dict) -> dict:
         "pipeline_overrides": by_name["pipeline"]["parameters"].get("overrides"),
         "schedule": {"cron": schedule["schedule"]["cron"], "active": schedule["active"], "listed": listed,
                      "resumed": resumed, "paused_again": paused},
-        "rerun": {"same_key_and_files": (rerun["key"], rerun["files"]) == (before["eval_rl"]["key"], before["eval_rl"]["files"]),
-                  "new_mlflow_run": rerun["mlflow_run_id"] != before["eval_rl"]["mlflow_run_id"],
-                  "others_untouched": [n for n in before if n != "eval_rl" and after[n] != before[n]],
-                  "parent_family": parent.data.tags.get("family"), "parent_status": parent.info.status,
-                  "pool": top.api("GET", f"/flow_runs/{rerun['prefect']['prefect.flow_run_id']}")["work_pool_name"]},
         "serve": {"exit": served.returncode, "said": served.stderr.strip().splitlines()[-3:]},
     }
+
+
+def check_rerun(top: Topology, config_url: str, config: dict) -> dict:
+    """A rerun of one stage through its stage deployment (`slmflow-stage/eval`, names=[eval_rl], force):
+    the same key and files, a new MLflow run under a parent of its family, nothing else touched."""
+    from mlflow import MlflowClient
+
+    before = manifests(config)
+    top.deployment_run("slmflow-stage/eval", {"config": config_url, "names": ["eval_rl"], "force": True})
+    after = manifests(config)
+    rerun = after["eval_rl"]
+    client = MlflowClient(top.urls["mlflow"])
+    parent = client.get_run(client.get_run(rerun["mlflow_run_id"]).data.tags["mlflow.parentRunId"])
+    return {"same_key_and_files": (rerun["key"], rerun["files"]) == (before["eval_rl"]["key"], before["eval_rl"]["files"]),
+            "new_mlflow_run": rerun["mlflow_run_id"] != before["eval_rl"]["mlflow_run_id"],
+            "others_untouched": [n for n in before if n != "eval_rl" and after[n] != before[n]],
+            "parent_family": parent.data.tags.get("family"), "parent_status": parent.info.status,
+            "pool": top.api("GET", f"/flow_runs/{rerun['prefect']['prefect.flow_run_id']}")["work_pool_name"]}
 
 
 def checkpoint_markers(prefix: str) -> list[str]:
@@ -617,8 +621,10 @@ def main(argv: list[str] | None = None) -> dict:
             else:
                 reference = reference_run(top, write_config(Path(args.config), top.urls, args.overrides, base / "reference"))
             seed(args.reference, config, args.seed)
-        with timed("pipeline"):
+        with timed("pipeline"), ThreadPoolExecutor(1) as beside:
+            registered = beside.submit(check_registered, top, config_url)
             checks["pipeline"] = check_pipeline(top, config_url, config, reference, args.seed)
+            checks["deployments"] = registered.result()
         with timed("checks"):
             checks["mlflow"] = check_mlflow(top, config)
             checks["checkout_written"] = sorted(
@@ -629,8 +635,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "dask-scheduler"))
             checks["isolation"] = "mount namespaces" if ISOLATION else "none (needs root or CAP_SYS_ADMIN)"
             checks["agents"] = {p.name: top.code_from(p.name) for p in top.agent_dirs()}
-        with timed("deployments"):  # after check_mlflow: the rerun adds a parent run
-            checks["deployments"] = check_deployments(top, config_url, config)
+        with timed("rerun"):  # after check_mlflow: the rerun adds a parent run
+            checks["deployments"]["rerun"] = check_rerun(top, config_url, config)
         with timed("resume_and_computed_once"), ThreadPoolExecutor(2) as pool:  # a gpu and a cpu matter: side by side
             resume = pool.submit(check_resume, top, config_url, config, reference)
             once = pool.submit(check_computed_once, top, config_url, config)
