@@ -273,8 +273,8 @@ FAULTS_CASES = ("cached_parquet_flipped", "source_gzip_truncated")
 SLOW_FIXTURES = {"quick_run", "tiny_run"}  # and `early` asked for by name (it is autouse)
 SLOW_MODULES = {"test_agents", "test_deployments", "test_interrupt", "test_remote_dask", "test_remote_resume"}
 # `early`'s two lanes, each job after the one before it, and the order the jobs are ready in (about)
-LANES = (("quick_run", "tiny_run", "agents"), ("two_runs", "faults", "interrupt", "s3", "chaos"))
-READY = ("quick_run", "two_runs", "faults", "tiny_run", "interrupt", "s3", "agents", "chaos")
+LANES = (("two_runs", "quick_run", "tiny_run", "agents"), ("faults", "interrupt", "s3", "chaos"))
+READY = ("two_runs", "quick_run", "faults", "tiny_run", "interrupt", "s3", "agents", "chaos")
 WAITS_FOR = {"test_faults": "faults", "test_interrupt": "interrupt", "test_object_store": "s3",
              "test_reliability": "chaos", "test_agents": "agents"}  # the last job a module's tests wait for
 
