@@ -19,8 +19,8 @@ import threading
 # torch is imported; a value from the environment wins.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # The session's Prefect server takes every run's log lines otherwise (it used 60 CPU seconds, the most
-# of any process in the session): no test here reads them from it; the servers that do get them are
-# test_deployments' and the agents' own (their environments leave out this session's PREFECT_ settings).
+# of any process in the session): no test here reads them from it; the server that does get them is the
+# agents' own (its environment leaves out this session's PREFECT_ settings).
 os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
 
 from pathlib import Path  # noqa: E402
